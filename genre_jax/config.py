@@ -77,8 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Log every N steps; evaluate on dev every epoch.
   c.train.log_every = 50
   c.train.patience = 2
-  # Stop after this many steps in total (0 = no limit); for tests.
+  # Stop after this many steps in total (0 = no limit).
   c.train.max_steps = 0
+  # Save the latest state every N steps for resume (0 = only at epoch ends).
+  c.train.checkpoint_every = 500
 
   # --- Evaluation ---------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
@@ -86,3 +88,36 @@ def base_config() -> ml_collections.ConfigDict:
   # Split used for model selection.
   c.eval.dev_split = "dev"
   return c
+
+
+def apply_dataset(c: ml_collections.ConfigDict, arg: str | None) -> None:
+  """Data-specific settings a preset takes from `--config=configs/X.py:ARG`.
+
+  ARG is empty (the synthetic demo), "goodreads" (the GENRE/ONCE Goodreads
+  benchmark; set --config.data.path to its folder) or "mind" (the official
+  MIND release; --config.data.path is the folder with its zips).
+  """
+  arg = (arg or "").strip()
+  if arg in ("", "synthetic", "demo"):
+    c.data.name = "synthetic"
+    c.data.history_len = 30
+    c.data.max_len.title = 20
+    c.train.epochs = 3
+  elif arg == "goodreads":
+    # Goodreads histories hold at most 8 books and 95% of titles fit in 16
+    # MiniLM word pieces: padding to MIND's 50 x 30 would waste most compute.
+    c.data.name = "goodreads_genre"
+    c.data.path = "../shared/data/goodreads"
+    c.data.history_len = 8
+    c.data.max_len.title = 20
+    c.train.epochs = 8
+    c.train.patience = 3
+  elif arg == "mind":
+    c.data.name = "mind"
+    c.data.variant = "small"
+    c.data.fields = ("title",)
+    c.data.history_len = 50
+    c.data.max_len.title = 30
+  else:
+    raise ValueError(f"unknown dataset argument '{arg}' in --config=...:{arg}; "
+                     "use goodreads, mind or nothing (synthetic demo)")

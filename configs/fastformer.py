@@ -1,0 +1,19 @@
+r"""Fastformer: Wu et al., "Fastformer: Additive Attention Can Be All You
+Need" (2021), used as news and user encoder as in its news-recommendation
+experiments (Fastformer-NR). Click score: dot product.
+
+  python run.py --config=configs/fastformer.py --workdir=/tmp/fastformer
+"""
+
+from genre_jax.config import apply_dataset, base_config
+
+
+def get_config(arg=None):
+  c = base_config()
+  c.model.item_encoder = "fastformer"
+  c.model.user_encoder = "fastformer"
+  c.model.predictor = "dot"
+  c.model.fastformer.num_layers = 1
+  c.model.num_heads = 16
+  apply_dataset(c, arg)
+  return c

@@ -1,0 +1,567 @@
+"""Training, fast evaluation and resume for the configurable recommender.
+
+One jit-compiled, data-parallel train step (softmax cross-entropy over the
+1+K candidates of each clicked item), AdamW with warm-up, decay and clipping,
+Orbax checkpoints with exact resume, early stopping on dev AUC, and a fast
+evaluator that encodes every item once per evaluation.
+
+The step is a pure function of (state, batch, item inputs): the model is kept
+as an NNX graphdef plus its parameter state (`nnx.split`), merged inside the
+compiled function. The state is replicated and the batch is sharded over a
+one-axis ("data") mesh of every device, so the same code runs on one CPU, on
+several fake CPU devices, on one GPU, or on several hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from genre_jax import checkpoint as ckpt_lib
+from genre_jax import metrics as metrics_lib
+from genre_jax.data import batching
+from genre_jax.data.types import Behaviors, Dataset, ItemInputSpec
+from genre_jax.errors import ConfigError
+from genre_jax.models import recommender
+
+P = jax.sharding.PartitionSpec
+
+
+# --- Mesh and device placement ----------------------------------------------
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  """A one-axis mesh over every device of every process ("data" parallel)."""
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def maybe_initialize_distributed() -> None:
+  """Joins a multi-process run when launched as one (env set by the launcher).
+
+  `jax.distributed.initialize()` reads the coordinator address, process count
+  and index from the cluster environment (SLURM, TPU pods, or the
+  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables).
+  """
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get(
+      "SLURM_NTASKS", "1") != "1":
+    jax.distributed.initialize()
+
+
+def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  """This process's rows of a batch -> global arrays sharded on the batch axis."""
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in batch.items()}
+
+
+# --- Model, optimizer, state ------------------------------------------------
+
+
+def item_input_spec(config: ml_collections.ConfigDict,
+                    dataset: Dataset) -> ItemInputSpec:
+  fields = tuple(config.data.fields)
+  lengths = tuple(int(dataset.items.tokens[f].shape[1]) for f in fields)
+  vocab = int(dataset.info.get("vocab_size", 0))
+  if not vocab:
+    vocab = int(max(dataset.items.tokens[f].max() for f in fields)) + 1
+  return ItemInputSpec(vocab_size=vocab, fields=fields, lengths=lengths,
+                       num_users=len(dataset.user_vocab))
+
+
+def item_inputs(config: ml_collections.ConfigDict,
+                dataset: Dataset) -> dict[str, dict[str, np.ndarray]]:
+  """The token table of every item: {"tokens": {field: [N+1, L]}, "masks": ...}."""
+  fields = tuple(config.data.fields)
+  return {"tokens": {f: dataset.items.tokens[f] for f in fields},
+          "masks": {f: dataset.items.masks[f] for f in fields}}
+
+
+def make_schedule(config: ml_collections.ConfigDict,
+                  total_steps: int) -> optax.Schedule:
+  """Linear warm-up to train.lr, then cosine/linear decay or constant."""
+  tc = config.train
+  warmup = min(int(tc.warmup_steps), max(total_steps - 1, 0))
+  decay_steps = max(total_steps - warmup, 1)
+  if tc.decay == "cosine":
+    after = optax.cosine_decay_schedule(tc.lr, decay_steps, alpha=0.0)
+  elif tc.decay == "linear":
+    after = optax.linear_schedule(tc.lr, 0.0, decay_steps)
+  elif tc.decay == "constant":
+    after = optax.constant_schedule(tc.lr)
+  else:
+    raise ConfigError(f"config.train.decay: unknown schedule '{tc.decay}'; "
+                      "choose cosine, linear or constant")
+  if warmup == 0:
+    return after
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, tc.lr, warmup), after], [warmup])
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   total_steps: int) -> optax.GradientTransformation:
+  tc = config.train
+  return optax.chain(
+      optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0
+      else optax.identity(),
+      optax.adamw(make_schedule(config, total_steps),
+                  weight_decay=tc.weight_decay))
+
+
+@dataclasses.dataclass
+class Parts:
+  """The static pieces of a run: how to rebuild the model from its state."""
+  train_graphdef: Any
+  eval_graphdef: Any
+  rest: Any  # non-parameter model state (RNG streams), constant between steps
+  tx: optax.GradientTransformation
+
+
+def init_model(config, spec: ItemInputSpec, total_steps: int):
+  """Builds the model and optimizer; returns (Parts, initial train state)."""
+  model = recommender.build_model(config, spec, seed=int(config.train.seed))
+  model.eval()
+  eval_graphdef, _, _ = nnx.split(model, nnx.Param, ...)
+  model.train()
+  train_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = make_optimizer(config, total_steps)
+  state = {"params": params, "opt": tx.init(params),
+           "step": jnp.zeros((), jnp.int32)}
+  return Parts(train_graphdef, eval_graphdef, rest, tx), state
+
+
+def _merge(graphdef, params, rest):
+  return nnx.merge(graphdef, params, rest)
+
+
+def compute_loss(params, rest, graphdef, batch, items, dropout_key):
+  """Weighted softmax cross-entropy over candidates; padding rows weigh 0."""
+  model = _merge(graphdef, params, rest)
+  nnx.reseed(model, dropout=dropout_key)
+  logits, aux = model(batch, items["tokens"], items["masks"])  # [B, C]
+  logits = logits.astype(jnp.float32)
+  labels = batch["labels"]
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  ce = -jnp.sum(jnp.where(batch["candidate_mask"], labels * log_probs, 0.0), -1)
+  weights = batch["weights"]
+  loss = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  total = loss + aux.get("aux_loss", 0.0)
+  return total, {"loss": loss}
+
+
+def train_step(state, batch, items, *, parts: Parts, seed: int):
+  """One optimizer step. Pure: (state, batch, items) -> (state, metrics)."""
+  dropout_key = jax.random.fold_in(jax.random.key(seed), state["step"])
+  grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+  (_, aux), grads = grad_fn(state["params"], parts.rest, parts.train_graphdef,
+                            batch, items, dropout_key)
+  updates, opt = parts.tx.update(grads, state["opt"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  new_state = {"params": params, "opt": opt, "step": state["step"] + 1}
+  return new_state, {"loss": aux["loss"],
+                     "grad_norm": optax.global_norm(grads)}
+
+
+def compile_train_step(parts: Parts, state, batch_shapes, items, mesh,
+                       seed: int):
+  """AOT-compiles the step for one batch shape; a different shape is an error.
+
+  Compiling ahead of time (rather than letting jit trace on first call) makes
+  "compile once" a guarantee: the compiled executable only accepts the shapes
+  it was built for, so an unexpected shape fails loudly instead of silently
+  recompiling every step.
+  """
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  data = jax.sharding.NamedSharding(mesh, P("data"))
+  step = jax.jit(functools.partial(train_step, parts=parts, seed=seed),
+                 in_shardings=(replicated, data, replicated),
+                 out_shardings=(replicated, replicated),
+                 donate_argnums=(0,))
+  batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data)
+                    for k, v in batch_shapes.items()}
+  compiled = step.lower(state, batch_abstract, items).compile()
+  memory = compiled.memory_analysis()
+  if memory is not None:
+    logging.info("Compiled train step: temp %.1f MiB, arguments %.1f MiB, "
+                 "outputs %.1f MiB", memory.temp_size_in_bytes / 2**20,
+                 memory.argument_size_in_bytes / 2**20,
+                 memory.output_size_in_bytes / 2**20)
+  return compiled
+
+
+# --- Fast evaluation --------------------------------------------------------
+
+
+def padded_candidates(behaviors: Behaviors, width: int):
+  """Labels and mask of every impression padded to `width`: ([M, C], [M, C])."""
+  counts = behaviors.num_candidates()
+  column = np.arange(len(behaviors.cand_items)) - np.repeat(
+      behaviors.cand_offsets[:-1], counts)
+  row = np.repeat(np.arange(len(behaviors)), counts)
+  labels = np.zeros((len(behaviors), width), np.float32)
+  masks = np.zeros((len(behaviors), width), bool)
+  labels[row, column] = behaviors.cand_labels
+  masks[row, column] = True
+  return labels, masks
+
+
+class Evaluator:
+  """Encodes every item once, then each impression's user, then scores.
+
+  Item vectors are computed in fixed-size chunks by one compiled function, so
+  evaluation costs one item-encoder pass over the catalogue plus a user pass
+  per impression, instead of re-encoding every candidate of every impression.
+  """
+
+  def __init__(self, config, parts: Parts, items, mesh, num_items: int):
+    self.config = config
+    self.parts = parts
+    self.items = items
+    self.mesh = mesh
+    self.num_rows = num_items + 1  # with the padding item
+    self.batch_size = int(config.eval.batch_size)
+    if self.batch_size % jax.device_count():
+      raise ConfigError(
+          f"config.eval.batch_size={self.batch_size} must be divisible by the "
+          f"number of devices ({jax.device_count()})")
+    self.chunk = self.batch_size * 4
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    data = jax.sharding.NamedSharding(mesh, P("data"))
+    self._encode = jax.jit(self._encode_chunk,
+                           in_shardings=(replicated, replicated, replicated),
+                           out_shardings=replicated)
+    self._score = jax.jit(self._score_batch,
+                          in_shardings=(replicated, replicated, data),
+                          out_shardings=data)
+
+  def _encode_chunk(self, params, items, ids):
+    model = _merge(self.parts.eval_graphdef, params, self.parts.rest)
+    tokens = {f: jnp.take(t, ids, axis=0) for f, t in items["tokens"].items()}
+    masks = {f: jnp.take(m, ids, axis=0) for f, m in items["masks"].items()}
+    return model.encode_items(tokens, masks).astype(jnp.float32)  # [n, D]
+
+  def _score_batch(self, params, item_vecs, batch):
+    model = _merge(self.parts.eval_graphdef, params, self.parts.rest)
+    hist = jnp.take(item_vecs, batch["history"], axis=0)  # [B, H, D]
+    cands = jnp.take(item_vecs, batch["candidates"], axis=0)  # [B, C, D]
+    user = model.encode_users(hist, batch["history_mask"], batch["users"])
+    return model.score(user, cands, hist, batch["history_mask"]).astype(
+        jnp.float32)  # [B, C]
+
+  def _score_items(self, params, item_vecs, batch, ids):
+    model = _merge(self.parts.eval_graphdef, params, self.parts.rest)
+    hist = jnp.take(item_vecs, batch["history"], axis=0)  # [B, H, D]
+    user = model.encode_users(hist, batch["history_mask"], batch["users"])
+    cands = jnp.take(item_vecs, ids, axis=0)  # [n, D]
+    cands = jnp.broadcast_to(cands[None], (hist.shape[0],) + cands.shape)
+    return model.score(user, cands, hist, batch["history_mask"]).astype(
+        jnp.float32)  # [B, n]
+
+  def score_all_items(self, params, item_vecs, batch) -> np.ndarray:
+    """Scores of every item for each user row of a host batch: [B, N+1]."""
+    if not hasattr(self, "_score_items_jit"):
+      self._score_items_jit = jax.jit(self._score_items)
+    # Bound the [B, n, D] candidate block the predictor sees at once.
+    chunk = max(64, 65536 // self.batch_size)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    out = []
+    for start in range(0, self.num_rows, chunk):
+      ids = np.arange(start, start + chunk) % self.num_rows
+      out.append(np.asarray(self._score_items_jit(
+          params, item_vecs, batch, jnp.asarray(ids, jnp.int32))))
+    return np.concatenate(out, axis=1)[:, :self.num_rows]
+
+  def item_vectors(self, params) -> jax.Array:
+    """[N+1, D] vectors of every item (row 0: the padding item)."""
+    num_chunks = math.ceil(self.num_rows / self.chunk)
+    vecs = []
+    for c in range(num_chunks):
+      ids = np.arange(c * self.chunk, (c + 1) * self.chunk) % self.num_rows
+      vecs.append(self._encode(params, self.items, jnp.asarray(ids, jnp.int32)))
+    return jnp.concatenate(vecs)[:self.num_rows]
+
+  def scores(self, params, behaviors: Behaviors,
+             item_vecs: jax.Array | None = None):
+    """Scores of every impression: ([M, C] scores, [M, C] labels, [M, C] mask)."""
+    if item_vecs is None:
+      item_vecs = self.item_vectors(params)
+    batcher = batching.EvalBatcher(
+        behaviors, batch_size=self.batch_size,
+        history_len=int(self.config.data.history_len),
+        process_index=jax.process_index(), process_count=jax.process_count())
+    data = jax.sharding.NamedSharding(self.mesh, P("data"))
+    width = batcher.max_candidates
+    all_scores = np.zeros((len(behaviors), width), np.float32)
+    for batch in batcher:
+      device_batch = to_global(
+          {k: batch[k] for k in ("history", "history_mask", "candidates",
+                                 "users")}, data)
+      scores = self._score(params, item_vecs, device_batch)  # [B, C] global
+      scores = np.asarray(multihost_utils.process_allgather(scores, tiled=True))
+      rows = np.asarray(multihost_utils.process_allgather(
+          batch["impressions"], tiled=True))  # [B] global, -1 = padding
+      keep = rows >= 0
+      all_scores[rows[keep]] = scores[keep]
+    labels, masks = padded_candidates(behaviors, width)
+    return all_scores, labels, masks
+
+  def evaluate(self, params, behaviors: Behaviors,
+               item_vecs: jax.Array | None = None) -> dict[str, dict]:
+    """Metrics on all impressions and on cold users' impressions."""
+    scores, labels, masks = self.scores(params, behaviors, item_vecs)
+    per = metrics_lib.impression_metrics(scores, labels, masks)
+    cold = behaviors.history_lengths() <= int(self.config.data.cold_threshold)
+    return {"all": metrics_lib.summarize(per),
+            "cold": metrics_lib.summarize(per, select=cold)}
+
+
+# --- The training loop ------------------------------------------------------
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _abstract(tree):
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                     sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+def restore_params_from(workdir: str, target_params, *, which: str = "best"):
+  """Parameters of another run's best (or latest) checkpoint, shaped as target."""
+  checkpoints = ckpt_lib.Checkpoints(workdir)
+  try:
+    manager = checkpoints.best if which == "best" else checkpoints.latest
+    params = checkpoints.restore_params(manager, _abstract(target_params))
+  finally:
+    checkpoints.close()
+  if params is None:
+    raise ConfigError(f"{workdir}: no {which} checkpoint to load parameters "
+                      "from (was it trained with run.py --mode=train?)")
+  return params
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       dataset: Dataset | None = None,
+                       init_from: str = "",
+                       step_callback: Callable[[int], None] | None = None,
+                       wandb_mode: str = "disabled") -> dict[str, Any]:
+  """Trains with early stopping on dev AUC, resuming from `workdir` if it can.
+
+  Resume order: this workdir's latest checkpoint; else `init_from`'s best
+  parameters (fresh optimizer); else a fresh initialisation.
+
+  Args:
+    config: the full run config.
+    workdir: where checkpoints, config.json and metrics.json live.
+    dataset: an already loaded dataset (default: load config.data).
+    init_from: another run's workdir whose best weights start this run.
+    step_callback: called with the step number after every step (tests use it
+      to simulate a crash).
+    wandb_mode: disabled | offline | online.
+
+  Returns:
+    {"dev": ..., "test": ...} metrics of the best checkpoint, plus timings.
+  """
+  from genre_jax import data as data_lib  # heavy import, only when needed
+
+  os.makedirs(workdir, exist_ok=True)
+  if dataset is None:
+    dataset = data_lib.load_dataset(config.data)
+  ckpt_lib.save_config(workdir, config)
+  tc = config.train
+  mesh = make_mesh()
+  if tc.batch_size % jax.device_count():
+    raise ConfigError(f"config.train.batch_size={tc.batch_size} must be "
+                      f"divisible by the number of devices "
+                      f"({jax.device_count()})")
+
+  # --- Data ---
+  batcher = batching.TrainBatcher(
+      dataset.splits["train"], dataset.items, batch_size=int(tc.batch_size),
+      history_len=int(config.data.history_len),
+      num_negatives=int(config.data.num_negatives), seed=int(tc.seed),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  steps_per_epoch = batcher.steps_per_epoch()
+  total_steps = steps_per_epoch * int(tc.epochs)
+  if tc.max_steps:
+    total_steps = min(total_steps, int(tc.max_steps))
+  spec = item_input_spec(config, dataset)
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  data_sharding = jax.sharding.NamedSharding(mesh, P("data"))
+  items = jax.device_put(item_inputs(config, dataset), replicated)
+
+  # --- Model, optimizer, resume ---
+  parts, state = init_model(config, spec, total_steps)
+  state = jax.device_put(state, replicated)
+  checkpoints = ckpt_lib.Checkpoints(workdir)
+  progress = {"epoch": 0, "batch": 0, "step": 0, "best_auc": -1.0,
+              "best_step": -1, "bad_epochs": 0, "done": False}
+  restored = checkpoints.restore(checkpoints.latest, _abstract(state))
+  if restored is not None:
+    state, progress = restored
+    logging.info("Resumed %s at step %d (epoch %d, batch %d).", workdir,
+                 progress["step"], progress["epoch"], progress["batch"])
+  elif init_from:
+    params = restore_params_from(init_from, state["params"])
+    state = jax.device_put({"params": params, "opt": parts.tx.init(params),
+                            "step": state["step"]}, replicated)
+    logging.info("Initialised parameters from the best checkpoint of %s.",
+                 init_from)
+
+  # Global batch shapes: each process holds batch_size / process_count rows.
+  local = next(batcher.epoch(0))
+  global_shapes = {k: jax.ShapeDtypeStruct(
+      (v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
+                   for k, v in local.items()}
+  step_fn = compile_train_step(parts, state, global_shapes, items, mesh,
+                               int(tc.seed))
+  evaluator = Evaluator(config, parts, items, mesh, dataset.items.num_items)
+
+  # --- Train loop ---
+  run = _init_wandb(wandb_mode, config, workdir)
+  best = {"auc": progress["best_auc"], "step": progress["best_step"]}
+  bad_epochs = int(progress["bad_epochs"])
+  step, epoch = int(progress["step"]), int(progress["epoch"])
+  skip, done = int(progress["batch"]), bool(progress["done"])
+  samples_done, train_seconds, start_time = 0, 0.0, time.time()
+
+  def progress_record(batch, finished):
+    return {"epoch": epoch, "batch": batch, "step": step,
+            "best_auc": best["auc"], "best_step": best["step"],
+            "bad_epochs": bad_epochs, "done": finished}
+
+  while not done:
+    tick = time.time()
+    hit_step_limit = False
+    for batch_index, batch in enumerate(batcher.epoch(epoch)):
+      if batch_index < skip:  # already trained on before a resume
+        continue
+      if tc.max_steps and step >= tc.max_steps:
+        hit_step_limit = True
+        break
+      state, step_metrics = step_fn(state, to_global(batch, data_sharding),
+                                    items)
+      step += 1
+      skip = batch_index + 1
+      samples_done += int(batch["weights"].sum())
+      if step % int(tc.log_every) == 0 or step == 1:
+        loss = float(step_metrics["loss"])  # the only host sync of the loop
+        if not math.isfinite(loss):
+          raise FloatingPointError(
+              f"loss is {loss} at step {step}; lower config.train.lr or check "
+              "the data")
+        rate = samples_done / max(time.time() - start_time, 1e-9)
+        eta = (total_steps - step) * int(tc.batch_size) / max(rate, 1e-9)
+        logging.info("epoch %d step %d/%d loss %.4f  %.0f samples/s  ETA %s",
+                     epoch, step, total_steps, loss, rate, _format_seconds(eta))
+        if run is not None:
+          run.log({"train/loss": loss, "train/samples_per_s": rate}, step=step)
+      if tc.checkpoint_every and step % int(tc.checkpoint_every) == 0:
+        checkpoints.save(checkpoints.latest, step, state,
+                         progress_record(skip, False))
+      if step_callback is not None:
+        step_callback(step)
+    train_seconds += time.time() - tick
+
+    # --- Evaluate on dev, keep the best, early stopping ---
+    result = evaluator.evaluate(state["params"],
+                                dataset.splits[config.eval.dev_split])
+    record = {"step": step, "epoch": epoch, "split": config.eval.dev_split,
+              **result["all"], "cold": result["cold"]}
+    ckpt_lib.append_metrics(workdir, record)
+    logging.info("eval %s epoch %d step %d: auc %.4f mrr %.4f ndcg5 %.4f "
+                 "ndcg10 %.4f (cold users: auc %.4f)", record["split"], epoch,
+                 step, record["auc"], record["mrr"], record["ndcg5"],
+                 record["ndcg10"], record["cold"]["auc"])
+    if run is not None:
+      run.log({f"dev/{k}": record[k] for k in metrics_lib.METRIC_KEYS},
+              step=step)
+    if record["auc"] > best["auc"]:
+      best, bad_epochs = {"auc": record["auc"], "step": step}, 0
+      checkpoints.save(checkpoints.best, step, state, progress_record(0, False))
+    else:
+      bad_epochs += 1
+    if not hit_step_limit:
+      epoch, skip = epoch + 1, 0
+    done = (hit_step_limit or epoch >= int(tc.epochs) or
+            bad_epochs >= int(tc.patience) or
+            bool(tc.max_steps and step >= tc.max_steps))
+    if bad_epochs >= int(tc.patience):
+      logging.info("Early stopping: dev AUC has not improved for %d "
+                   "evaluations (best %.4f at step %d).", bad_epochs,
+                   best["auc"], best["step"])
+    checkpoints.save(checkpoints.latest, step, state,
+                     progress_record(skip, done))
+
+  # --- Final evaluation of the best checkpoint ---
+  checkpoints.close()
+  params = (restore_params_from(workdir, state["params"])
+            if best["step"] >= 0 else state["params"])
+  item_vecs = evaluator.item_vectors(params)
+  summary = {"best_step": best["step"], "steps": step,
+             "train_seconds": train_seconds,
+             "samples_per_s": samples_done / max(train_seconds, 1e-9)}
+  for split in ("dev", "test"):
+    if split in dataset.splits:
+      summary[split] = evaluator.evaluate(params, dataset.splits[split],
+                                          item_vecs)
+  if "oracle" in dataset.info:
+    summary["oracle"] = dataset.info["oracle"]
+  ckpt_lib.atomic_write_text(os.path.join(workdir, "final_metrics.json"),
+                             json.dumps(summary, indent=2))
+  if run is not None:
+    if "test" in summary:
+      run.summary.update({f"test/{k}": summary["test"]["all"][k]
+                          for k in metrics_lib.METRIC_KEYS})
+    run.finish()
+  return summary
+
+
+def _init_wandb(mode: str, config, workdir: str):
+  """A wandb run, or None when disabled (the default: no network, no files)."""
+  if mode == "disabled":
+    return None
+  if mode not in ("offline", "online"):
+    raise ConfigError(f"--wandb_mode={mode}: choose disabled, offline or online")
+  import wandb  # local import: wandb is slow to import and usually off
+
+  return wandb.init(mode=mode, dir=workdir, config=config.to_dict(),
+                    name=os.path.basename(os.path.abspath(workdir)))
+
+
+# --- Loading a trained run for eval / recommend ------------------------------
+
+
+def load_for_inference(workdir: str, *, dataset: Dataset | None = None):
+  """(config, dataset, evaluator, best params) of a trained workdir."""
+  from genre_jax import data as data_lib
+
+  config = ckpt_lib.load_config(workdir)
+  if dataset is None:
+    dataset = data_lib.load_dataset(config.data)
+  mesh = make_mesh()
+  spec = item_input_spec(config, dataset)
+  parts, state = init_model(config, spec, total_steps=1)
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  items = jax.device_put(item_inputs(config, dataset), replicated)
+  params = restore_params_from(workdir, jax.device_put(state["params"],
+                                                       replicated))
+  evaluator = Evaluator(config, parts, items, mesh, dataset.items.num_items)
+  return config, dataset, evaluator, params

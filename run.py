@@ -1,0 +1,183 @@
+r"""genre_jax entry point: train, eval, recommend (and the LLM data tools).
+
+  # Train a preset (on the built-in synthetic demo unless the config says so),
+  # evaluate its best checkpoint and write recommendations:
+  python run.py --mode=train --config=configs/nrms.py --workdir=/tmp/nrms
+
+  # Evaluate a trained run on a split or on any MIND-format behaviors file:
+  python run.py --mode=eval --workdir=/tmp/nrms --split=test
+  python run.py --mode=eval --workdir=/tmp/nrms --eval_file=path/behaviors.tsv
+
+  # Top-K items of the whole catalogue for some users, as JSONL:
+  python run.py --mode=recommend --workdir=/tmp/nrms --user_ids=U1,U2 \
+      --out=/tmp/recs.jsonl
+
+Any config field can be overridden: --config.model.user_encoder=gru.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Preset file, e.g. configs/nrms.py (train/generate).",
+    lock_config=True)
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "recommend", "generate", "pretrain"],
+    "What to do.")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: checkpoints, config.json, metrics.json.")
+_INIT_FROM = flags.DEFINE_string(
+    "init_from", "", "Start training from the best weights of this workdir.")
+_WANDB_MODE = flags.DEFINE_enum(
+    "wandb_mode", "disabled", ["disabled", "offline", "online"],
+    "Weights & Biases logging (disabled: no network, no files).")
+_SPLIT = flags.DEFINE_string("split", "test", "eval: split to evaluate.")
+_EVAL_FILE = flags.DEFINE_string(
+    "eval_file", "", "eval: a MIND-format behaviors.tsv to evaluate instead "
+    "of a split (users unseen in training are scored from their history).")
+_USER_IDS = flags.DEFINE_list("user_ids", [], "recommend: user ids.")
+_BEHAVIORS_FILE = flags.DEFINE_string(
+    "behaviors_file", "", "recommend: recommend for every user of this "
+    "MIND-format behaviors file (their last row's history).")
+_TOP_K = flags.DEFINE_integer("top_k", 10, "recommend: items per user.")
+_OUT = flags.DEFINE_string(
+    "out", "", "recommend: output JSONL (default WORKDIR/recommendations.jsonl).")
+_DEMO_USERS = flags.DEFINE_integer(
+    "demo_recommend_users", 100, "train: after training, write top-K "
+    "recommendations for this many test users (0 = none).")
+
+
+def metric_table(rows: list[tuple[str, str, dict]]) -> str:
+  """A readable table of (split, users, metrics) rows."""
+  header = (f"{'split':<8}{'users':<7}{'AUC':>8}{'MRR':>8}{'nDCG@5':>9}"
+            f"{'nDCG@10':>9}{'impressions':>13}")
+  lines = [header, "-" * len(header)]
+  for split, users, m in rows:
+    lines.append(f"{split:<8}{users:<7}{m['auc']:>8.4f}{m['mrr']:>8.4f}"
+                 f"{m['ndcg5']:>9.4f}{m['ndcg10']:>9.4f}"
+                 f"{m['num_impressions']:>13d}")
+  return "\n".join(lines)
+
+
+def _metrics_json(m: dict) -> str:
+  return json.dumps({k: m[k] for k in ("auc", "mrr", "ndcg5", "ndcg10",
+                                       "num_impressions")})
+
+
+def _train(config, workdir):
+  from genre_jax import recommend
+  from genre_jax import train
+
+  summary = train.train_and_evaluate(config, workdir,
+                                     init_from=_INIT_FROM.value,
+                                     wandb_mode=_WANDB_MODE.value)
+  rows = [(split, users, summary[split][key])
+          for split in ("dev", "test") if split in summary
+          for users, key in (("all", "all"), ("cold", "cold"))]
+  print(metric_table(rows))
+  if "oracle" in summary:
+    oracle = summary["oracle"]
+    parts = [f"{s} {oracle[s]['auc']:.4f}" for s in ("dev", "test")
+             if s in oracle]
+    print(f"Planted-model (oracle) AUC: {', '.join(parts)}; a random scorer: "
+          f"{oracle.get('random_auc', float('nan')):.4f}")
+  print(f"Trained {summary['steps']} steps in {summary['train_seconds']:.1f}s "
+        f"({summary['samples_per_s']:.0f} samples/s); best dev at step "
+        f"{summary['best_step']}.")
+  if _DEMO_USERS.value > 0:
+    from genre_jax import data as data_lib
+
+    split = "test" if "test" in summary else "dev"
+    dataset = data_lib.load_dataset(config.data)
+    users = list(dict.fromkeys(dataset.splits[split].user_ids))
+    out = os.path.join(workdir, "recommendations.jsonl")
+    recommend.recommend(workdir, out, user_ids=users[:_DEMO_USERS.value],
+                        top_k=_TOP_K.value)
+    print(f"Recommendations for {min(len(users), _DEMO_USERS.value)} {split} "
+          f"users: {out}")
+  final = summary.get("test", summary.get("dev"))
+  print(json.dumps({"workdir": os.path.abspath(workdir),
+                    "dev": summary.get("dev", {}).get("all"),
+                    "test": summary.get("test", {}).get("all"),
+                    "test_cold": summary.get("test", {}).get("cold"),
+                    "oracle": summary.get("oracle"),
+                    "train_seconds": summary["train_seconds"]}
+                   if final else {}))
+
+
+def _eval(workdir):
+  from genre_jax import train
+  from genre_jax.data import mind
+
+  config, dataset, evaluator, params = train.load_for_inference(workdir)
+  if _EVAL_FILE.value:
+    user_index = {u: i for i, u in enumerate(dataset.user_vocab) if i > 0}
+    behaviors, _ = mind.read_behaviors(_EVAL_FILE.value, dataset.items.index(),
+                                       dict(user_index))
+    behaviors.users[behaviors.users >= len(dataset.user_vocab)] = 0
+    name = os.path.basename(_EVAL_FILE.value)
+  else:
+    if _SPLIT.value not in dataset.splits:
+      raise app.UsageError(f"--split={_SPLIT.value}: the dataset has "
+                           f"{sorted(dataset.splits)}")
+    behaviors, name = dataset.splits[_SPLIT.value], _SPLIT.value
+  result = evaluator.evaluate(params, behaviors)
+  print(metric_table([(name[:8], "all", result["all"]),
+                      (name[:8], "cold", result["cold"])]))
+  print(_metrics_json(result["all"]))
+
+
+def _recommend(workdir):
+  from genre_jax import recommend
+
+  if not _USER_IDS.value and not _BEHAVIORS_FILE.value:
+    raise app.UsageError("recommend needs --user_ids or --behaviors_file")
+  out = _OUT.value or os.path.join(workdir, "recommendations.jsonl")
+  result = recommend.recommend(workdir, out, user_ids=_USER_IDS.value,
+                               behaviors_file=_BEHAVIORS_FILE.value,
+                               top_k=_TOP_K.value)
+  for user_id in result["unknown_users"]:
+    print(f"unknown user id '{user_id}': no history for it in the dataset; "
+          "pass --behaviors_file with its history to score a new user",
+          file=sys.stderr)
+  print(json.dumps(result))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from genre_jax import train
+  from genre_jax.errors import ConfigError, DataFormatError
+
+  train.maybe_initialize_distributed()
+  workdir = _WORKDIR.value
+  mode = _MODE.value
+  try:
+    if mode in ("train", "generate", "pretrain") and _CONFIG.value is None:
+      raise app.UsageError(f"--mode={mode} needs --config=configs/<preset>.py")
+    if mode in ("train", "eval", "recommend", "pretrain") and not workdir:
+      raise app.UsageError(f"--mode={mode} needs --workdir")
+    if mode == "train":
+      _train(_CONFIG.value, workdir)
+    elif mode == "eval":
+      _eval(workdir)
+    elif mode == "recommend":
+      _recommend(workdir)
+    else:
+      raise app.UsageError(f"--mode={mode} is not available in this build")
+  except (ConfigError, DataFormatError) as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
