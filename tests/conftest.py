@@ -1,0 +1,104 @@
+"""Shared pytest fixtures: shared real data and tiny hand-made MIND files."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Callable
+
+import pytest
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Five items; the title of N3 holds quotes and its abstract a tab-free comma
+# list, as real MIND rows do. Entity columns are raw JSON, kept unparsed.
+TINY_NEWS = [
+    ["N1", "sports", "golf", "Golf is back", "A round of golf.", "u1", "[]",
+     "[]"],
+    ["N2", "news", "politics", "Votes counted", "", "u2",
+     '[{"Label": "Vote", "Type": "O"}]', "[]"],
+    ["N3", "sports", "tennis", 'The "big" serve', "Aces, faults, lets.", "",
+     "[]", "[]"],
+    ["N4", "food", "", "Soup of the day", "Hot soup.", "", "[]", "[]"],
+    ["N5", "news", "world", "Rain everywhere", "Wet.", "", "[]", "[]"],
+]
+
+# behaviors.tsv rows per split: impression id, user, time, history, impressions.
+TINY_BEHAVIORS = {
+    "train": [
+        ["1", "U1", "11/11/2019 9:05:58 AM", "N1 N2", "N3-1 N4-0 N5-0"],
+        ["2", "U2", "", "", "N1-0 N3-1"],
+        ["3", "U1", "", "N1 N2 N3", "N5-1 N4-0"],
+    ],
+    "dev": [
+        ["4", "U3", "", "N4", "N1-1 N2-0"],
+        ["5", "U2", "", "N1", "N2-0 N5-1"],
+    ],
+    "test": [
+        ["6", "U1", "", "N1 N2 N3 N5", "N4-1 N2-0 N3-0"],
+    ],
+}
+
+
+def write_tsv(path: str | os.PathLike, rows: list[list[str]],
+              newline: str = "\n") -> str:
+  """Writes rows tab-separated (no quoting) and returns the path."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", encoding="utf-8", newline="") as f:
+    f.write("".join("\t".join(r) + newline for r in rows))
+  return str(path)
+
+
+@pytest.fixture
+def shared_data() -> pathlib.Path:
+  """The shared real data folder; skips the test when it is absent."""
+  if not SHARED_DATA.is_dir():
+    pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+  return SHARED_DATA
+
+
+@pytest.fixture
+def goodreads_dir(shared_data) -> pathlib.Path:
+  path = shared_data / "goodreads"
+  if not (path / "news.tsv").is_file():
+    pytest.skip(f"Goodreads release not found at {path}")
+  return path
+
+
+@pytest.fixture
+def mind_sample_dir(shared_data) -> pathlib.Path:
+  path = shared_data / "mind_sample"
+  if not (path / "news.tsv").is_file():
+    pytest.skip(f"MIND sample not found at {path}")
+  return path
+
+
+@pytest.fixture
+def make_tiny_mind() -> Callable[..., str]:
+  """Returns make(root, layout="goodreads", variant="small", splits=...).
+
+  layout "goodreads": root/news.tsv + root/<split>/behaviors.tsv.
+  layout "official": root/MIND<variant>_<split>/{news,behaviors}.tsv, with
+  the news rows spread over the splits (overlapping, as the real release).
+  """
+
+  def make(root, layout: str = "goodreads", variant: str = "small",
+           splits=("train", "dev", "test")) -> str:
+    root = pathlib.Path(root)
+    if layout == "goodreads":
+      write_tsv(root / "news.tsv", TINY_NEWS)
+      for split in splits:
+        write_tsv(root / split / "behaviors.tsv", TINY_BEHAVIORS[split])
+    elif layout == "official":
+      for k, split in enumerate(splits):
+        folder = root / f"MIND{variant}_{split}"
+        # Each split's news.tsv: all but one item, a different one each time.
+        write_tsv(folder / "news.tsv",
+                  [r for j, r in enumerate(TINY_NEWS) if j != 4 - k])
+        write_tsv(folder / "behaviors.tsv", TINY_BEHAVIORS[split])
+    else:
+      raise ValueError(f"unknown layout {layout!r}")
+    return str(root)
+
+  return make
