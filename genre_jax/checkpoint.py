@@ -91,12 +91,21 @@ class Checkpoints:
         options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
 
   @staticmethod
-  def save(manager, step: int, state, progress: dict) -> None:
-    """Saves {"params", "opt", "step"} state and a JSON progress record."""
-    manager.save(step, args=ocp.args.Composite(
+  def save(manager, state, progress: dict) -> None:
+    """Saves {"params", "opt", "step"} state and a JSON progress record.
+
+    Orbax keys are save numbers, not train steps: the same step may be saved
+    twice (mid-epoch, then at the epoch's end with new progress), and the
+    newer save must replace the older one without deleting it first (a crash
+    in between would leave no checkpoint). Orbax drops the old save only
+    after the new one is complete.
+    """
+    latest = manager.latest_step()
+    key = 0 if latest is None else latest + 1
+    manager.save(key, args=ocp.args.Composite(
         params=ocp.args.StandardSave(state["params"]),
         opt=ocp.args.StandardSave({"opt": state["opt"], "step": state["step"]}),
-        progress=ocp.args.JsonSave(progress)), force=True)
+        progress=ocp.args.JsonSave(progress)))
     manager.wait_until_finished()
 
   @staticmethod
@@ -127,6 +136,21 @@ class Checkpoints:
           f"{manager.directory}: the saved parameters do not fit this model "
           f"(was it trained with a different config.model?): {e}") from e
     return restored["params"]
+
+  @staticmethod
+  def restore_saved(manager):
+    """(params, progress) of the newest complete save, as saved; or None.
+
+    Needs no model: parameters come back as numpy/jax arrays shaped as they
+    were written (for inspection and tests).
+    """
+    key = manager.latest_step()
+    if key is None:
+      return None
+    restored = manager.restore(key, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(),
+        progress=ocp.args.JsonRestore()))
+    return restored["params"], restored["progress"]
 
   def close(self) -> None:
     self.latest.close()

@@ -71,23 +71,31 @@ def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
 # --- Model, optimizer, state ------------------------------------------------
 
 
-def item_input_spec(config: ml_collections.ConfigDict,
-                    dataset: Dataset) -> ItemInputSpec:
+def model_inputs(config: ml_collections.ConfigDict, dataset: Dataset):
+  """The item table the model reads, and what the model must know about it.
+
+  Returns ({"tokens": {field: [N+1, ...]}, "masks": {field: [N+1, L]}},
+  ItemInputSpec). Word-embedding encoders read the tokenized data fields; the
+  LM encoder reads its own tokenization of the joined text, or the cached
+  hidden states of its frozen layers.
+  """
+  if config.model.item_encoder == "lm":
+    from genre_jax.models import lm_encoder
+
+    return lm_encoder.item_inputs(config, dataset)
   fields = tuple(config.data.fields)
+  for f in fields:
+    if f not in dataset.items.tokens:
+      raise ConfigError(f"config.data.fields: the dataset has no tokenized "
+                        f"field '{f}' (have {sorted(dataset.items.tokens)})")
   lengths = tuple(int(dataset.items.tokens[f].shape[1]) for f in fields)
   vocab = int(dataset.info.get("vocab_size", 0))
   if not vocab:
     vocab = int(max(dataset.items.tokens[f].max() for f in fields)) + 1
-  return ItemInputSpec(vocab_size=vocab, fields=fields, lengths=lengths,
+  spec = ItemInputSpec(vocab_size=vocab, fields=fields, lengths=lengths,
                        num_users=len(dataset.user_vocab))
-
-
-def item_inputs(config: ml_collections.ConfigDict,
-                dataset: Dataset) -> dict[str, dict[str, np.ndarray]]:
-  """The token table of every item: {"tokens": {field: [N+1, L]}, "masks": ...}."""
-  fields = tuple(config.data.fields)
-  return {"tokens": {f: dataset.items.tokens[f] for f in fields},
-          "masks": {f: dataset.items.masks[f] for f in fields}}
+  return ({"tokens": {f: dataset.items.tokens[f] for f in fields},
+           "masks": {f: dataset.items.masks[f] for f in fields}}, spec)
 
 
 def make_schedule(config: ml_collections.ConfigDict,
@@ -107,18 +115,34 @@ def make_schedule(config: ml_collections.ConfigDict,
                       "choose cosine, linear or constant")
   if warmup == 0:
     return after
+  # Warm-up starts at lr / warmup rather than 0, so step 0 is not wasted.
   return optax.join_schedules(
-      [optax.linear_schedule(0.0, tc.lr, warmup), after], [warmup])
+      [optax.linear_schedule(tc.lr / warmup, tc.lr, warmup), after], [warmup])
 
 
 def make_optimizer(config: ml_collections.ConfigDict,
                    total_steps: int) -> optax.GradientTransformation:
+  """Clipped AdamW; with an LM item encoder, its own rate and frozen parts.
+
+  The LM's trainable weights get config.model.lm.lr (default train.lr) and
+  frozen ones no update and no optimizer state (optax.multi_transform).
+  """
   tc = config.train
-  return optax.chain(
-      optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0
-      else optax.identity(),
-      optax.adamw(make_schedule(config, total_steps),
-                  weight_decay=tc.weight_decay))
+  clip = (optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0
+          else optax.identity())
+  adamw = optax.adamw(make_schedule(config, total_steps),
+                      weight_decay=tc.weight_decay)
+  if config.model.item_encoder != "lm":
+    return optax.chain(clip, adamw)
+  from genre_jax.models import lm_encoder
+
+  lm_config = config.copy_and_resolve_references()
+  lm_config.train.lr = float(config.model.lm.lr or tc.lr)
+  lm_adamw = optax.adamw(make_schedule(lm_config, total_steps),
+                         weight_decay=tc.weight_decay)
+  return optax.chain(clip, optax.multi_transform(
+      {"rec": adamw, "lm": lm_adamw, "frozen": optax.set_to_zero()},
+      functools.partial(lm_encoder.param_labels, config)))
 
 
 @dataclasses.dataclass
@@ -144,7 +168,8 @@ def init_model(config, spec: ItemInputSpec, total_steps: int):
 
 
 def _merge(graphdef, params, rest):
-  return nnx.merge(graphdef, params, rest)
+  # copy=True: fresh Variables inside the trace, so reseeding them is legal.
+  return nnx.merge(graphdef, params, rest, copy=True)
 
 
 def compute_loss(params, rest, graphdef, batch, items, dropout_key):
@@ -172,7 +197,7 @@ def train_step(state, batch, items, *, parts: Parts, seed: int):
   params = optax.apply_updates(state["params"], updates)
   new_state = {"params": params, "opt": opt, "step": state["step"] + 1}
   return new_state, {"loss": aux["loss"],
-                     "grad_norm": optax.global_norm(grads)}
+                     "grad_norm": optax.tree.norm(grads)}
 
 
 def compile_train_step(parts: Parts, state, batch_shapes, items, mesh,
@@ -402,10 +427,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total_steps = steps_per_epoch * int(tc.epochs)
   if tc.max_steps:
     total_steps = min(total_steps, int(tc.max_steps))
-  spec = item_input_spec(config, dataset)
+  host_items, spec = model_inputs(config, dataset)
   replicated = jax.sharding.NamedSharding(mesh, P())
   data_sharding = jax.sharding.NamedSharding(mesh, P("data"))
-  items = jax.device_put(item_inputs(config, dataset), replicated)
+  items = jax.device_put(host_items, replicated)
 
   # --- Model, optimizer, resume ---
   parts, state = init_model(config, spec, total_steps)
@@ -474,7 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if run is not None:
           run.log({"train/loss": loss, "train/samples_per_s": rate}, step=step)
       if tc.checkpoint_every and step % int(tc.checkpoint_every) == 0:
-        checkpoints.save(checkpoints.latest, step, state,
+        checkpoints.save(checkpoints.latest, state,
                          progress_record(skip, False))
       if step_callback is not None:
         step_callback(step)
@@ -495,7 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
               step=step)
     if record["auc"] > best["auc"]:
       best, bad_epochs = {"auc": record["auc"], "step": step}, 0
-      checkpoints.save(checkpoints.best, step, state, progress_record(0, False))
+      checkpoints.save(checkpoints.best, state, progress_record(0, False))
     else:
       bad_epochs += 1
     if not hit_step_limit:
@@ -507,7 +532,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("Early stopping: dev AUC has not improved for %d "
                    "evaluations (best %.4f at step %d).", bad_epochs,
                    best["auc"], best["step"])
-    checkpoints.save(checkpoints.latest, step, state,
+    checkpoints.save(checkpoints.latest, state,
                      progress_record(skip, done))
 
   # --- Final evaluation of the best checkpoint ---
@@ -557,10 +582,10 @@ def load_for_inference(workdir: str, *, dataset: Dataset | None = None):
   if dataset is None:
     dataset = data_lib.load_dataset(config.data)
   mesh = make_mesh()
-  spec = item_input_spec(config, dataset)
+  host_items, spec = model_inputs(config, dataset)
   parts, state = init_model(config, spec, total_steps=1)
   replicated = jax.sharding.NamedSharding(mesh, P())
-  items = jax.device_put(item_inputs(config, dataset), replicated)
+  items = jax.device_put(host_items, replicated)
   params = restore_params_from(workdir, jax.device_put(state["params"],
                                                        replicated))
   evaluator = Evaluator(config, parts, items, mesh, dataset.items.num_items)

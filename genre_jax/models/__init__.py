@@ -1,0 +1,12 @@
+"""Recommender models; importing this package registers every part by name."""
+
+from genre_jax.models import item_encoders
+from genre_jax.models import layers
+from genre_jax.models import predictors
+from genre_jax.models import user_encoders
+from genre_jax.models.recommender import build_model
+from genre_jax.models.recommender import Recommender
+from genre_jax.models.recommender import set_training
+
+__all__ = ["Recommender", "build_model", "set_training", "item_encoders",
+           "layers", "predictors", "user_encoders"]

@@ -1,0 +1,244 @@
+"""Item encoders: token ids of an item's text fields -> one item vector.
+
+Every encoder is called as
+
+  encoder(tokens: dict[field, [N, L_f] int32], masks: dict[field, [N, L_f] bool])
+    -> [N, D] with D = config.model.hidden_dim
+
+and is registered in ITEM_ENCODERS under its config name. Token embeddings of
+padded positions are zeroed before anything else, so padding token ids never
+reach the output. All encoders except `cnn` (NAML, one CNN per field) read the
+configured fields concatenated along the token axis, in spec.fields order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from genre_jax.data.types import ItemInputSpec
+from genre_jax.errors import ConfigError
+from genre_jax.models import layers
+from genre_jax.registry import ITEM_ENCODERS
+
+
+def field_inputs(tokens: dict[str, jax.Array], masks: dict[str, jax.Array],
+                 fields: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
+  """Concatenates the fields' tokens [N, sum L_f] and bool masks [N, sum L_f]."""
+  missing = [f for f in fields if f not in tokens or f not in masks]
+  if missing:
+    raise ConfigError(
+        f"config.data.fields: the item encoder reads {missing}, but the item "
+        f"table only has token fields {sorted(tokens)}")
+  ids = jnp.concatenate([tokens[f] for f in fields], axis=1)
+  mask = jnp.concatenate([masks[f].astype(bool) for f in fields], axis=1)
+  return ids, mask
+
+
+class WordEmbedding(nnx.Module):
+  """The word-embedding table shared by all fields; zero on padded tokens."""
+
+  def __init__(self, spec: ItemInputSpec, dim: int, *, dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    self.table = nnx.Embed(spec.vocab_size, dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """ids [N, L] int32, mask [N, L] bool -> [N, L, E]."""
+    x = self.table(ids)
+    return x * mask[..., None].astype(x.dtype)
+
+
+class PositionEmbedding(nnx.Module):
+  """Learned absolute positions for sequences of up to `max_len` tokens."""
+
+  def __init__(self, max_len: int, dim: int, *, dtype: jnp.dtype,
+               rngs: nnx.Rngs):
+    init = nnx.initializers.normal(0.02)
+    self.table = nnx.Param(init(rngs.params(), (max_len, dim)))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Adds positions to x [N, L, D]."""
+    length, max_len = x.shape[1], self.table.shape[0]
+    if length > max_len:
+      raise ConfigError(
+          f"config.data.max_len: items have {length} tokens but the encoder "
+          f"was built for at most {max_len} (sum of spec.lengths)")
+    return x + self.table[:length].astype(self.dtype)
+
+
+def _hidden_projection(in_dim: int, out_dim: int, dtype: jnp.dtype,
+                       rngs: nnx.Rngs) -> nnx.Linear | None:
+  """A Linear in_dim -> out_dim, or None when the sizes already agree."""
+  if in_dim == out_dim:
+    return None
+  return nnx.Linear(in_dim, out_dim, dtype=dtype, rngs=rngs)
+
+
+@ITEM_ENCODERS.register("cnn")
+class CNNItemEncoder(nnx.Module):
+  """NAML (Wu et al. 2019): a word CNN + additive attention per field, then
+  additive attention across the fields.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
+               *, rngs: nnx.Rngs):
+    m = config.model
+    dtype = layers.compute_dtype(config)
+    filters = m.cnn.num_filters
+    self.fields = tuple(spec.fields)
+    self.embed = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
+    self.convs = nnx.List([
+        nnx.Conv(m.embed_dim, filters, m.cnn.kernel_size, padding="SAME",
+                 dtype=dtype, rngs=rngs) for _ in self.fields])
+    self.word_pools = nnx.List([
+        layers.AdditiveAttention(filters, m.attention_dim, dtype=dtype,
+                                 rngs=rngs) for _ in self.fields])
+    self.field_pool = layers.AdditiveAttention(filters, m.attention_dim,
+                                               dtype=dtype, rngs=rngs)
+    self.proj = _hidden_projection(filters, m.hidden_dim, dtype, rngs)
+    self.dropout = nnx.Dropout(m.dropout, rngs=rngs)
+
+  def __call__(self, tokens: dict[str, jax.Array],
+               masks: dict[str, jax.Array]) -> jax.Array:
+    field_vecs, field_masks = [], []
+    for i, field in enumerate(self.fields):
+      ids, mask = field_inputs(tokens, masks, (field,))  # [N, L]
+      x = self.dropout(self.embed(ids, mask))  # [N, L, E]
+      # Zero padded outputs so they stay zero for the next CNN window too.
+      h = jax.nn.relu(self.convs[i](x)) * mask[..., None].astype(x.dtype)
+      field_vecs.append(self.word_pools[i](self.dropout(h), mask))  # [N, F]
+      field_masks.append(mask.any(-1))  # [N]
+    vecs = jnp.stack(field_vecs, axis=1)  # [N, num_fields, F]
+    out = self.field_pool(vecs, jnp.stack(field_masks, axis=1))  # [N, F]
+    return out if self.proj is None else self.proj(out)
+
+
+@ITEM_ENCODERS.register("self_attention")
+class SelfAttentionItemEncoder(nnx.Module):
+  """NRMS (Wu et al. 2019): word embeddings -> multi-head self-attention ->
+  additive attention pooling, with dropout after embedding and attention.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
+               *, rngs: nnx.Rngs):
+    m = config.model
+    dtype = layers.compute_dtype(config)
+    self.fields = tuple(spec.fields)
+    self.embed = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
+    self.attention = layers.MultiHeadSelfAttention(
+        m.embed_dim, m.hidden_dim, m.num_heads, dtype=dtype, rngs=rngs)
+    self.pool = layers.AdditiveAttention(m.hidden_dim, m.attention_dim,
+                                         dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(m.dropout, rngs=rngs)
+
+  def __call__(self, tokens: dict[str, jax.Array],
+               masks: dict[str, jax.Array]) -> jax.Array:
+    ids, mask = field_inputs(tokens, masks, self.fields)  # [N, L]
+    x = self.dropout(self.embed(ids, mask))  # [N, L, E]
+    h = self.dropout(self.attention(x, mask))  # [N, L, D]
+    return self.pool(h, mask)  # [N, D]
+
+
+@ITEM_ENCODERS.register("fastformer")
+class FastformerItemEncoder(nnx.Module):
+  """Fastformer news encoder: embeddings + positions -> Fastformer layers ->
+  additive attention pooling.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
+               *, rngs: nnx.Rngs):
+    m = config.model
+    dtype = layers.compute_dtype(config)
+    mlp_dim = m.fastformer.get("mlp_dim", m.transformer.mlp_dim)
+    self.fields = tuple(spec.fields)
+    self.embed = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
+    self.proj = _hidden_projection(m.embed_dim, m.hidden_dim, dtype, rngs)
+    self.positions = PositionEmbedding(sum(spec.lengths), m.hidden_dim,
+                                       dtype=dtype, rngs=rngs)
+    self.norm = nnx.LayerNorm(m.hidden_dim, epsilon=1e-12, dtype=dtype,
+                              rngs=rngs)
+    self.blocks = nnx.List([
+        layers.FastformerBlock(m.hidden_dim, m.num_heads, mlp_dim, m.dropout,
+                               dtype=dtype, rngs=rngs)
+        for _ in range(m.fastformer.num_layers)])
+    self.pool = layers.AdditiveAttention(m.hidden_dim, m.attention_dim,
+                                         dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(m.dropout, rngs=rngs)
+
+  def __call__(self, tokens: dict[str, jax.Array],
+               masks: dict[str, jax.Array]) -> jax.Array:
+    ids, mask = field_inputs(tokens, masks, self.fields)  # [N, L]
+    x = self.embed(ids, mask)  # [N, L, E]
+    if self.proj is not None:
+      x = self.proj(x)  # [N, L, D]
+    x = self.dropout(self.norm(self.positions(x)))
+    for block in self.blocks:
+      x = block(x, mask)
+    return self.pool(x, mask)  # [N, D]
+
+
+@ITEM_ENCODERS.register("pooling")
+class PoolingItemEncoder(nnx.Module):
+  """Masked mean of the word embeddings followed by a linear layer."""
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
+               *, rngs: nnx.Rngs):
+    m = config.model
+    dtype = layers.compute_dtype(config)
+    self.fields = tuple(spec.fields)
+    self.embed = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
+    self.proj = nnx.Linear(m.embed_dim, m.hidden_dim, dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(m.dropout, rngs=rngs)
+
+  def __call__(self, tokens: dict[str, jax.Array],
+               masks: dict[str, jax.Array]) -> jax.Array:
+    ids, mask = field_inputs(tokens, masks, self.fields)  # [N, L]
+    x = self.dropout(self.embed(ids, mask))  # [N, L, E]
+    return self.proj(layers.masked_mean(x, mask))  # [N, D]
+
+
+@ITEM_ENCODERS.register("transformer")
+class TransformerItemEncoder(nnx.Module):
+  """A small Transformer trained from scratch: embeddings + learned positions
+  -> pre-LN encoder layers -> final norm -> masked mean or first-token pooling
+  (config.model.transformer.pooling: "mean" | "first").
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
+               *, rngs: nnx.Rngs):
+    m = config.model
+    dtype = layers.compute_dtype(config)
+    self.pooling = m.transformer.get("pooling", "mean")
+    if self.pooling not in ("mean", "first"):
+      raise ConfigError(
+          f"config.model.transformer.pooling: '{self.pooling}' is not one of "
+          "['first', 'mean']")
+    self.fields = tuple(spec.fields)
+    self.embed = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
+    self.proj = _hidden_projection(m.embed_dim, m.hidden_dim, dtype, rngs)
+    self.positions = PositionEmbedding(sum(spec.lengths), m.hidden_dim,
+                                       dtype=dtype, rngs=rngs)
+    self.blocks = nnx.List([
+        layers.TransformerLayer(m.hidden_dim, m.num_heads,
+                                m.transformer.mlp_dim, m.dropout, dtype=dtype,
+                                rngs=rngs)
+        for _ in range(m.transformer.num_layers)])
+    self.norm = nnx.LayerNorm(m.hidden_dim, dtype=dtype, rngs=rngs)
+    self.dropout = nnx.Dropout(m.dropout, rngs=rngs)
+
+  def __call__(self, tokens: dict[str, jax.Array],
+               masks: dict[str, jax.Array]) -> jax.Array:
+    ids, mask = field_inputs(tokens, masks, self.fields)  # [N, L]
+    x = self.embed(ids, mask)  # [N, L, E]
+    if self.proj is not None:
+      x = self.proj(x)  # [N, L, D]
+    x = self.dropout(self.positions(x))
+    for block in self.blocks:
+      x = block(x, mask)
+    x = self.norm(x)  # [N, L, D]
+    if self.pooling == "first":
+      return x[:, 0] * mask[:, :1].astype(x.dtype)  # [N, D]
+    return layers.masked_mean(x, mask)  # [N, D]

@@ -1,0 +1,375 @@
+"""A pretrained language model as the item encoder (PLM-NR / ONCE's DIRE).
+
+Item text is the configured fields joined into one sequence (or worded by a
+template), tokenized with the LM's own tokenizer, encoded by a BERT- or
+Llama-family model, pooled (cls | mean | last) and projected to the
+recommender's hidden size.
+
+Fine-tuning modes: full (`lm.tune_from=0`); frozen lower layers
+(`lm.tune_from=N`: embeddings and layers 0..N-1 frozen, run without dropout,
+so that they are a fixed function of the text); LoRA adapters
+(`lm.lora.rank>0`: the LM's weights frozen, adapters on the tuned layers).
+With frozen layers and `lm.cache=True`, the hidden states entering layer N are
+computed once for every item, stored on disk (memory-mapped) under a key that
+hashes the frozen weights themselves, the token ids (so the text, template,
+tokenizer and truncation) and N, and the recommender then runs only layers
+N..L-1 from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from genre_jax.data.types import Dataset, ItemInputSpec
+from genre_jax.errors import ConfigError
+from genre_jax.registry import ITEM_ENCODERS
+
+TEXT_FIELD = "lm_text"  # token ids [N+1, L] of the joined item text
+HIDDEN_FIELD = "lm_hidden"  # cached hidden states [N+1, L, D_lm]
+
+
+# --- Loading the language model ---------------------------------------------
+
+
+def lm_path(config: ml_collections.ConfigDict) -> str:
+  from genre_jax.lm import hf
+
+  return config.model.lm.path or hf.default_lm_path()
+
+
+def lm_kind(config: ml_collections.ConfigDict) -> str:
+  from genre_jax.lm import hf
+
+  kind = config.model.lm.kind
+  if kind == "auto":
+    kind = hf.model_kind(lm_path(config))
+  if kind not in ("bert", "llama"):
+    raise ConfigError(f"config.model.lm.kind: '{kind}' is not bert, llama "
+                      "or auto")
+  return kind
+
+
+def load_lm(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  """The pretrained LM of config.model.lm (weights from disk), and its kind.
+
+  With `lm.init` set, the weights of a masked-LM pretraining run replace the
+  directory's (the directory still gives the architecture and tokenizer).
+  """
+  from genre_jax.models.layers import compute_dtype
+
+  kind = lm_kind(config)
+  dtype = compute_dtype(config)
+  if kind == "bert":
+    from genre_jax.lm import bert
+
+    lm, _ = bert.load_bert(lm_path(config), dtype=dtype,
+                           param_dtype=jnp.float32, rngs=rngs)
+  else:
+    from genre_jax.lm import llama
+
+    lm, _ = llama.load_llama(lm_path(config), dtype=dtype,
+                             param_dtype=jnp.float32, rngs=rngs)
+  if config.model.lm.init:
+    from genre_jax.lm import mlm
+
+    mlm.load_encoder_weights(config.model.lm.init, lm)
+  return lm, kind
+
+
+def tune_from(config: ml_collections.ConfigDict, num_layers: int) -> int:
+  n = int(config.model.lm.tune_from)
+  if not 0 <= n <= num_layers:
+    raise ConfigError(f"config.model.lm.tune_from={n}: must be in "
+                      f"0..{num_layers} (the LM has {num_layers} layers)")
+  return n
+
+
+def uses_cache(config: ml_collections.ConfigDict) -> bool:
+  return bool(config.model.lm.cache) and int(config.model.lm.tune_from) > 0
+
+
+def _freeze_dropout(module: nnx.Module) -> None:
+  """Frozen parts run without dropout: a fixed function of the text."""
+  for _, m in nnx.iter_modules(module):
+    if isinstance(m, nnx.Dropout):
+      m.rate = 0.0
+
+
+def _frozen_parts(lm, n: int):
+  return [lm.embeddings if hasattr(lm, "embeddings") else lm.embed_tokens,
+          *list(lm.layers)[:n]]
+
+
+def _final_norm(lm, hidden):
+  """Llama's last hidden state is RMS-normed; BERT's is already post-norm."""
+  norm = getattr(lm, "norm", None)
+  return norm(hidden) if norm is not None else hidden
+
+
+# --- The encoder ------------------------------------------------------------
+
+
+def pool(hidden: jax.Array, mask: jax.Array, how: str) -> jax.Array:
+  """[N, L, D] hidden states, [N, L] mask -> [N, D] by cls | mean | last."""
+  mask = mask.astype(bool)
+  if how == "cls":
+    return hidden[:, 0]
+  if how == "mean":
+    weights = mask.astype(hidden.dtype)[..., None]  # [N, L, 1]
+    total = jnp.sum(hidden * weights, axis=1)
+    return total / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+  if how == "last":
+    last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)  # [N], right padding
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  raise ConfigError(f"config.model.lm.pooling: '{how}' is not cls, mean or "
+                    "last")
+
+
+@ITEM_ENCODERS.register("lm")
+class LMItemEncoder(nnx.Module):
+  """Pretrained LM -> pooled item vector -> projection to hidden_dim."""
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
+               *, rngs: nnx.Rngs):
+    from genre_jax.lm import lora
+    from genre_jax.models.layers import compute_dtype
+
+    lc = config.model.lm
+    self.lm, self.kind = load_lm(config, rngs=rngs)
+    num_layers = len(self.lm.layers)
+    self.tune_from = tune_from(config, num_layers)
+    self.num_layers = num_layers
+    self.cached = tuple(spec.fields) == (HIDDEN_FIELD,)
+    if tuple(spec.fields) not in ((TEXT_FIELD,), (HIDDEN_FIELD,)):
+      raise ConfigError(
+          f"item_encoder=lm reads '{TEXT_FIELD}' or '{HIDDEN_FIELD}' inputs, "
+          f"got fields {spec.fields}; build them with "
+          "genre_jax.models.lm_encoder.item_inputs")
+    for part in _frozen_parts(self.lm, self.tune_from) if self.tune_from else ():
+      _freeze_dropout(part)
+    if int(lc.lora.rank) > 0:
+      for layer in list(self.lm.layers)[self.tune_from:]:
+        lora.apply_lora(layer, tuple(lc.lora.targets), rank=int(lc.lora.rank),
+                        alpha=float(lc.lora.alpha),
+                        dropout=float(lc.lora.dropout), rngs=rngs)
+    self.pooling = lc.pooling
+    self.dtype = compute_dtype(config)
+    width = int(self.lm.config.hidden_size)
+    self.projection = nnx.Linear(width, int(config.model.hidden_dim),
+                                 dtype=self.dtype, param_dtype=jnp.float32,
+                                 rngs=rngs)
+
+  def lower(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """Hidden states entering layer tune_from (what the cache stores)."""
+    hidden = self.lm.embed(ids)  # [N, L, D]
+    return self.lm.run_layers(hidden, mask, 0, self.tune_from)
+
+  def __call__(self, tokens: dict[str, jax.Array],
+               masks: dict[str, jax.Array]) -> jax.Array:
+    if self.cached:
+      mask = masks[HIDDEN_FIELD].astype(bool)  # [N, L]
+      hidden = tokens[HIDDEN_FIELD].astype(self.dtype)  # [N, L, D_lm]
+    else:
+      mask = masks[TEXT_FIELD].astype(bool)
+      hidden = self.lower(tokens[TEXT_FIELD], mask)
+      if self.tune_from > 0:
+        hidden = jax.lax.stop_gradient(hidden)
+    hidden = self.lm.run_layers(hidden, mask, self.tune_from, self.num_layers)
+    hidden = _final_norm(self.lm, hidden)
+    pooled = pool(hidden, mask, self.pooling)  # [N, D_lm]
+    return self.projection(pooled.astype(self.dtype))  # [N, hidden_dim]
+
+
+# --- Optimizer labels ---------------------------------------------------------
+
+
+def param_labels(config: ml_collections.ConfigDict, params):
+  """"rec" | "lm" | "frozen" for every parameter leaf (optax multi_transform)."""
+  n = int(config.model.lm.tune_from)
+  use_lora = int(config.model.lm.lora.rank) > 0
+
+  def label(path, _):
+    # Dict keys and list indices only: a Variable's own ".value" is dropped.
+    names = [str(k.key) if hasattr(k, "key") else str(k.idx)
+             for k in path if hasattr(k, "key") or hasattr(k, "idx")]
+    if len(names) < 2 or names[:2] != ["item_encoder", "lm"]:
+      return "rec"
+    if use_lora:
+      return "lm" if names[-1] in ("lora_a", "lora_b") else "frozen"
+    if "layers" in names:
+      layer = int(names[names.index("layers") + 1])
+      return "lm" if layer >= n else "frozen"
+    if names[2] in ("norm", "lm_head"):  # Llama's final norm / head
+      return "lm"
+    return "lm" if n == 0 else "frozen"  # embeddings
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+# --- Item inputs and the cache ----------------------------------------------
+
+
+def item_text(config: ml_collections.ConfigDict, dataset: Dataset) -> np.ndarray:
+  """[N+1] strings: each item's fields joined, or worded by lm.template."""
+  items = dataset.items
+  fields = tuple(config.data.fields)
+  for f in fields:
+    if f not in items.text:
+      raise ConfigError(f"config.data.fields: no item field '{f}' (have "
+                        f"{sorted(items.text)})")
+  template = config.model.lm.template
+  if template:
+    named = set(re.findall(r"{(\w+)}", template))
+    missing = named - set(items.text)
+    if missing:
+      raise ConfigError(f"config.model.lm.template names unknown fields "
+                        f"{sorted(missing)} (have {sorted(items.text)})")
+  out = np.empty(len(items.ids), dtype=object)
+  for i in range(len(items.ids)):
+    if i == 0:
+      out[i] = ""
+    elif template:
+      out[i] = template.format_map({f: items.text[f][i] for f in items.text})
+    else:
+      out[i] = ". ".join(t for t in (items.text[f][i] for f in fields) if t)
+  return out
+
+
+def tokenize_text(config: ml_collections.ConfigDict,
+                  texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids [N+1, L] and mask with the LM's tokenizer and special tokens.
+
+  Row 0 (the padding item) is all padding. Long texts are truncated keeping
+  the closing special token, so BERT still sees [CLS] ... [SEP].
+  """
+  from genre_jax.lm import hf
+
+  tokenizer = hf.load_tokenizer(lm_path(config))
+  tokenizer.no_padding()
+  tokenizer.no_truncation()
+  max_len = int(config.model.lm.max_len)
+  ids = np.zeros((len(texts), max_len), np.int32)
+  mask = np.zeros((len(texts), max_len), bool)
+  encodings = tokenizer.encode_batch([str(t) for t in texts[1:]],
+                                     add_special_tokens=True)
+  for row, enc in enumerate(encodings, start=1):
+    tokens = enc.ids
+    if len(tokens) > max_len:
+      specials = enc.special_tokens_mask
+      tail = tokens[-1:] if specials and specials[-1] else []
+      tokens = tokens[:max_len - len(tail)] + tail
+    ids[row, :len(tokens)] = tokens
+    mask[row, :len(tokens)] = True
+  return ids, mask
+
+
+def _weights_digest(arrays) -> str:
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(arrays):
+    a = np.asarray(leaf)
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(str((a.shape, a.dtype)).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def cache_key(config, kind: str, frozen_state, ids: np.ndarray,
+              mask: np.ndarray, n: int) -> str:
+  """Hash of everything the cached hidden states depend on."""
+  h = hashlib.sha256()
+  h.update(json.dumps({"kind": kind, "layer": n,
+                       "dtype": config.model.lm.cache_dtype,
+                       "compute": config.model.dtype}).encode())
+  h.update(_weights_digest(frozen_state).encode())
+  h.update(ids.tobytes())
+  h.update(mask.tobytes())
+  return h.hexdigest()[:24]
+
+
+_CACHE_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16}
+
+
+def _load_cache(path: str, dtype: str) -> np.ndarray:
+  return np.load(path, mmap_mode="r").view(_CACHE_DTYPES[dtype])
+
+
+def build_cache(config: ml_collections.ConfigDict, ids: np.ndarray,
+                mask: np.ndarray, cache_dir: str) -> np.ndarray:
+  """Hidden states entering layer tune_from for every item, memory-mapped.
+
+  Reused when the key (frozen weights, token ids, layer, dtype) matches a
+  finished cache file; written to a temporary name and renamed, so an
+  interrupted build is never mistaken for a finished one.
+  """
+  lc = config.model.lm
+  if lc.cache_dtype not in _CACHE_DTYPES:
+    raise ConfigError(f"config.model.lm.cache_dtype: '{lc.cache_dtype}' is "
+                      "not float32 or bfloat16")
+  lm, kind = load_lm(config, rngs=nnx.Rngs(0))
+  n = tune_from(config, len(lm.layers))
+  lm.eval()
+  frozen = [nnx.state(part, nnx.Param) for part in _frozen_parts(lm, n)]
+  key = cache_key(config, kind, frozen, ids, mask, n)
+  os.makedirs(cache_dir, exist_ok=True)
+  path = os.path.join(cache_dir, f"{kind}_layer{n}_{key}.npy")
+  if os.path.exists(path):
+    logging.info("LM cache hit: %s", path)
+    return _load_cache(path, lc.cache_dtype)
+  width = int(lm.config.hidden_size)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  # .npy has no bfloat16: store its bits as uint16 and view them on load.
+  out = np.lib.format.open_memmap(
+      tmp, mode="w+", shape=ids.shape + (width,),
+      dtype=np.float32 if lc.cache_dtype == "float32" else np.uint16)
+  graphdef, state = nnx.split(lm)
+
+  @jax.jit
+  def lower(state, ids, mask):
+    model = nnx.merge(graphdef, state)
+    return model.run_layers(model.embed(ids), mask, 0, n)
+
+  chunk = 256
+  logging.info("Building the LM cache (%d items, layers 0..%d) at %s",
+               len(ids), n - 1, path)
+  for start in range(0, len(ids), chunk):
+    stop = min(start + chunk, len(ids))
+    rows = np.arange(start, start + chunk) % len(ids)  # fixed shape
+    hidden = lower(state, jnp.asarray(ids[rows]), jnp.asarray(mask[rows]))
+    hidden = np.asarray(hidden.astype(_CACHE_DTYPES[lc.cache_dtype]))
+    out[start:stop] = hidden[:stop - start].view(out.dtype)
+  out.flush()
+  del out
+  os.replace(tmp, path)
+  return _load_cache(path, lc.cache_dtype)
+
+
+def default_cache_dir(config: ml_collections.ConfigDict) -> str:
+  return config.model.lm.cache_dir or os.path.join(
+      os.path.expanduser(config.data.data_dir), "lm_cache")
+
+
+def item_inputs(config: ml_collections.ConfigDict, dataset: Dataset):
+  """({"tokens": {field: ...}, "masks": {...}}, ItemInputSpec) for the LM.
+
+  The field is TEXT_FIELD (token ids) or, with cached frozen layers,
+  HIDDEN_FIELD (the cached hidden states [N+1, L, D_lm]).
+  """
+  ids, mask = tokenize_text(config, item_text(config, dataset))
+  if uses_cache(config):
+    hidden = build_cache(config, ids, mask, default_cache_dir(config))
+    field, table = HIDDEN_FIELD, hidden
+  else:
+    field, table = TEXT_FIELD, ids
+  spec = ItemInputSpec(vocab_size=0, fields=(field,), lengths=(ids.shape[1],),
+                       num_users=len(dataset.user_vocab))
+  return {"tokens": {field: table}, "masks": {field: mask}}, spec

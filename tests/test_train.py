@@ -1,0 +1,291 @@
+"""End-to-end behaviour of training, evaluation, resume and recommend.
+
+Everything runs on a tiny synthetic dataset on CPU through the public entry
+points (train_and_evaluate, run.py).
+"""
+
+import glob
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from genre_jax import checkpoint as ckpt_lib
+from genre_jax import data as data_lib
+from genre_jax import train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_preset(name, arg=None):
+  spec = importlib.util.spec_from_file_location(
+      name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def shrink(config, data_dir, **train_overrides):
+  """A tiny version of a preset, so a run takes seconds on a CPU."""
+  config.data.data_dir = str(data_dir)
+  config.data.synthetic.num_users = 150
+  config.data.synthetic.num_items = 200
+  config.data.synthetic.num_topics = 4
+  config.data.history_len = 10
+  for field in config.data.max_len:
+    config.data.max_len[field] = min(config.data.max_len[field], 8)
+  config.model.embed_dim = 16
+  config.model.hidden_dim = 16
+  config.model.num_heads = 2
+  config.model.attention_dim = 8
+  config.model.cnn.num_filters = 16
+  config.model.transformer.mlp_dim = 32
+  config.model.poly.num_interests = 4
+  config.model.poly.code_dim = 8
+  config.model.mlp.hidden = (16,)
+  config.model.dcn.hidden = (16,)
+  config.train.batch_size = 16
+  config.train.epochs = 1
+  config.train.log_every = 1000
+  config.train.warmup_steps = 2
+  config.eval.batch_size = 32
+  for key, value in train_overrides.items():
+    config.train[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+  """One short NRMS run shared by the eval/recommend/resume tests."""
+  workdir = tmp_path_factory.mktemp("run") / "nrms"
+  config = shrink(load_preset("nrms"), data_dir, max_steps=6,
+                  checkpoint_every=3)
+  summary = train.train_and_evaluate(config, str(workdir))
+  return config, str(workdir), summary
+
+
+PRESETS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
+                 if not p.stem.startswith(("bert", "llama", "mlm")))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_builds_and_trains(preset, data_dir, tmp_path):
+  config = shrink(load_preset(preset), data_dir, max_steps=2)
+  summary = train.train_and_evaluate(config, str(tmp_path / preset))
+  for split in ("dev", "test"):
+    for key in ("auc", "mrr", "ndcg5", "ndcg10"):
+      assert np.isfinite(summary[split]["all"][key]), (preset, split, key)
+  assert summary["steps"] == 2
+
+
+def test_summary_and_metrics_file(trained):
+  _, workdir, summary = trained
+  records = ckpt_lib.read_metrics(workdir)
+  assert records and records[-1]["step"] == 6
+  assert {"auc", "mrr", "ndcg5", "ndcg10", "cold"} <= set(records[-1])
+  assert summary["test"]["all"]["num_impressions"] > 0
+  assert 0.0 <= summary["test"]["cold"]["auc"] <= 1.0
+  assert "oracle" in summary and summary["oracle"]["test"]["auc"] > 0.6
+  assert json.loads(pathlib.Path(workdir, "config.json").read_text())
+
+
+def test_train_step_compiles_once_with_padded_last_batch(data_dir, tmp_path,
+                                                         monkeypatch):
+  traces = []
+  original = train.compute_loss
+
+  def counting(*args, **kwargs):
+    traces.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(train, "compute_loss", counting)
+  config = shrink(load_preset("nrms"), data_dir)
+  dataset = data_lib.load_dataset(config.data)
+  num_samples = int(dataset.splits["train"].cand_labels.sum())
+  # A batch size that leaves a partial last batch.
+  batch_size = next(b for b in (48, 40, 56, 36, 44) if num_samples % b)
+  config.train.batch_size = batch_size
+  summary = train.train_and_evaluate(config, str(tmp_path / "w"),
+                                     dataset=dataset)
+  # Every batch was trained on, the last one padded, with one compilation.
+  assert summary["steps"] == -(-num_samples // batch_size)
+  assert len(traces) == 1
+
+
+def _final_params(workdir):
+  checkpoints = ckpt_lib.Checkpoints(workdir)
+  try:
+    params, progress = checkpoints.restore_saved(checkpoints.latest)
+  finally:
+    checkpoints.close()
+  return progress["step"], params
+
+
+def test_interrupt_and_resume_matches_uninterrupted_run(data_dir, tmp_path):
+  def config():
+    return shrink(load_preset("nrms"), data_dir, max_steps=8,
+                  checkpoint_every=3)
+
+  straight = str(tmp_path / "straight")
+  train.train_and_evaluate(config(), straight)
+
+  class Crash(Exception):
+    pass
+
+  def crash_at_five(step):
+    if step == 5:
+      raise Crash()
+
+  resumed = str(tmp_path / "resumed")
+  with pytest.raises(Crash):
+    train.train_and_evaluate(config(), resumed, step_callback=crash_at_five)
+  steps_seen = []
+  train.train_and_evaluate(config(), resumed, step_callback=steps_seen.append)
+  assert steps_seen[0] == 4, "must resume after the step-3 checkpoint"
+  step_a, params_a = _final_params(straight)
+  step_b, params_b = _final_params(resumed)
+  assert step_a == step_b == 8
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_half_written_checkpoint_is_never_restored(trained):
+  config, workdir, _ = trained
+  latest = pathlib.Path(workdir, "checkpoints", "latest")
+  good = ckpt_lib.Checkpoints(workdir)
+  good_step = good.latest.latest_step()
+  good.close()
+  # What a process killed in the middle of saving step 999 leaves behind.
+  partial = latest / "999.orbax-checkpoint-tmp-1234567"
+  (partial / "params").mkdir(parents=True)
+  (partial / "params" / "garbage").write_bytes(b"\x00" * 10)
+  checkpoints = ckpt_lib.Checkpoints(workdir)
+  try:
+    assert checkpoints.latest.latest_step() == good_step
+  finally:
+    checkpoints.close()
+
+
+def test_init_from_starts_from_best_weights(trained, tmp_path):
+  config, workdir, _ = trained
+  config = config.copy_and_resolve_references()
+  config.train.max_steps = 1
+  new = str(tmp_path / "finetune")
+  summary = train.train_and_evaluate(config, new, init_from=workdir)
+  assert summary["steps"] == 1
+  with pytest.raises(Exception, match="no best checkpoint"):
+    train.train_and_evaluate(config, str(tmp_path / "x"),
+                             init_from=str(tmp_path / "nothing"))
+
+
+def _run(*args, env=None):
+  return subprocess.run([sys.executable, str(ROOT / "run.py"), *args],
+                        capture_output=True, text=True, cwd=ROOT, env=env,
+                        timeout=600)
+
+
+def test_eval_mode_prints_table_and_json(trained):
+  _, workdir, summary = trained
+  result = _run("--mode=eval", f"--workdir={workdir}", "--split=test")
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads(result.stdout.strip().splitlines()[-1])
+  assert set(metrics) == {"auc", "mrr", "ndcg5", "ndcg10", "num_impressions"}
+  np.testing.assert_allclose(metrics["auc"], summary["test"]["all"]["auc"],
+                             rtol=1e-5)
+
+
+def test_eval_file_with_unseen_users(trained, tmp_path):
+  config, workdir, _ = trained
+  source = glob.glob(os.path.join(config.data.data_dir, "**", "test",
+                                  "behaviors.tsv"), recursive=True)
+  assert source, "synthetic source files not found under the data dir"
+  rows = pathlib.Path(source[0]).read_text().splitlines()[:20]
+  renamed = ["\t".join([f"x{i}", f"NEWUSER{i}"] + r.split("\t")[2:])
+             for i, r in enumerate(rows)]
+  path = tmp_path / "behaviors.tsv"
+  path.write_text("\n".join(renamed) + "\n")
+  result = _run("--mode=eval", f"--workdir={workdir}", f"--eval_file={path}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads(result.stdout.strip().splitlines()[-1])
+  assert metrics["num_impressions"] > 0
+
+
+def test_recommend_known_and_unknown_users(trained, tmp_path):
+  config, workdir, _ = trained
+  dataset = data_lib.load_dataset(config.data)
+  known = str(dataset.splits["test"].user_ids[0])
+  out = tmp_path / "recs.jsonl"
+  result = _run("--mode=recommend", f"--workdir={workdir}",
+                f"--user_ids={known},NO_SUCH_USER", "--top_k=5", f"--out={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "NO_SUCH_USER" in result.stderr
+  lines = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [l["user_id"] for l in lines] == [known]
+  items = lines[0]["items"]
+  assert len(items) == 5
+  scores = [i["score"] for i in items]
+  assert scores == sorted(scores, reverse=True)
+  test = dataset.splits["test"]
+  row = list(test.user_ids).index(known)
+  history = {dataset.items.ids[j] for j in test.history_items[
+      test.history_offsets[row]:test.history_offsets[row + 1]]}
+  assert not history & {i["item_id"] for i in items}
+
+
+_LOSS_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, {root!r})
+import jax, numpy as np
+from genre_jax import data as data_lib, train
+from tests.test_train import load_preset, shrink
+config = shrink(load_preset("nrms"), {data_dir!r})
+config.model.dropout = 0.0
+dataset = data_lib.load_dataset(config.data)
+mesh = train.make_mesh()
+host_items, spec = train.model_inputs(config, dataset)
+parts, state = train.init_model(config, spec, total_steps=10)
+from genre_jax.data import batching
+batcher = batching.TrainBatcher(dataset.splits["train"], dataset.items,
+    batch_size=16, history_len=10, num_negatives=4, seed=0)
+rep = jax.sharding.NamedSharding(mesh, train.P())
+dat = jax.sharding.NamedSharding(mesh, train.P("data"))
+items = jax.device_put(host_items, rep)
+state = jax.device_put(state, rep)
+batches = [b for _, b in zip(range(3), batcher.epoch(0))]
+shapes = {{k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batches[0].items()}}
+step = train.compile_train_step(parts, state, shapes, items, mesh, 0)
+losses = []
+for b in batches:
+  state, m = step(state, train.to_global(b, dat), items)
+  losses.append(float(m["loss"]))
+print(json.dumps({{"devices": jax.device_count(), "losses": losses}}))
+"""
+
+
+def test_two_devices_give_the_same_loss_as_one(data_dir):
+  # Prepare the dataset once in this process so both children only read it.
+  data_lib.load_dataset(shrink(load_preset("nrms"), data_dir).data)
+  script = _LOSS_SCRIPT.format(root=str(ROOT), data_dir=str(data_dir))
+  results = {}
+  for count in (1, 2):
+    env = dict(os.environ,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
+               JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results[count] = json.loads(out.stdout.strip().splitlines()[-1])
+  assert results[2]["devices"] == 2
+  np.testing.assert_allclose(results[1]["losses"], results[2]["losses"],
+                             rtol=1e-5, atol=1e-6)
