@@ -151,6 +151,25 @@ def _recommend(workdir):
   print(json.dumps(result))
 
 
+def _pretrain(config, workdir):
+  from genre_jax.lm import mlm
+
+  if "pretrain" not in config:
+    raise app.UsageError("--mode=pretrain needs a pretraining preset, e.g. "
+                         "--config=configs/mlm_minilm.py")
+  summary = mlm.pretrain(config, workdir)
+  first, last = summary["losses"][0], summary["losses"][-1]
+  print(f"{'step':>8}{'MLM loss':>10}")
+  for record in summary["losses"]:
+    print(f"{record['step']:>8}{record['loss']:>10.4f}")
+  print(f"Pretrained {summary['steps']} steps on {summary['num_texts']} item "
+        f"texts in {summary['seconds']:.1f}s; use it with "
+        f"--config.model.lm.init={os.path.abspath(workdir)}")
+  print(json.dumps({"workdir": os.path.abspath(workdir),
+                    "first_loss": first["loss"], "last_loss": last["loss"],
+                    "steps": summary["steps"]}))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -171,6 +190,8 @@ def main(argv):
       _eval(workdir)
     elif mode == "recommend":
       _recommend(workdir)
+    elif mode == "pretrain":
+      _pretrain(_CONFIG.value, workdir)
     else:
       raise app.UsageError(f"--mode={mode} is not available in this build")
   except (ConfigError, DataFormatError) as e:

