@@ -1,0 +1,1 @@
+"""GENRE generation: prompt schemes, reply parsing, LLM providers, driver."""

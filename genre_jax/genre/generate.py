@@ -1,0 +1,228 @@
+"""The GENRE generation driver: dataset -> prompts -> provider -> JSONL file.
+
+run_generation builds one prompt per item (summarizer) or per user (profiler:
+every user with a history; generator and chain: cold users only), asks the
+provider in chunks while logging progress, parses every reply, and writes
+{"item_id"|"user_id", "response", "status"} rows atomically, the layout of
+the Goodreads GENRE release, so a written file can be served back by the
+`replay` provider.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, Sequence
+
+from absl import logging
+
+from genre_jax.data.types import Dataset
+from genre_jax.genre import parsing
+from genre_jax.genre import prompts as prompts_lib
+from genre_jax.genre import providers as providers_lib
+
+# Seconds between two progress lines.
+_LOG_EVERY_S = 5.0
+
+
+def item_dicts(dataset: Dataset) -> list[dict[str, str]]:
+  """Row index -> {field: raw text} for every item (row 0 is padding)."""
+  text = dataset.items.text
+  return [{name: str(values[i] or "") for name, values in text.items()}
+          for i in range(len(dataset.items.ids))]
+
+
+def user_histories(dataset: Dataset) -> dict[str, list[int]]:
+  """User id -> their longest history (item rows, oldest first) over splits.
+
+  Users appear in order of first sight over the train, dev and test splits;
+  a longer history seen later replaces a shorter one.
+  """
+  histories: dict[str, list[int]] = {}
+  names = [s for s in ("train", "dev", "test") if s in dataset.splits]
+  names += sorted(set(dataset.splits) - set(names))
+  for name in names:
+    behaviors = dataset.splits[name]
+    offsets = behaviors.history_offsets
+    lengths = behaviors.history_lengths()
+    for row, user in enumerate(behaviors.user_ids):
+      user = str(user)
+      if lengths[row] > len(histories.get(user, ())):
+        histories[user] = behaviors.history_items[
+            offsets[row]:offsets[row + 1]].tolist()
+      else:
+        histories.setdefault(user, [])
+  return histories
+
+
+class _Progress:
+  """Logs done/total, rate and ETA at most every few seconds."""
+
+  def __init__(self, name: str, total: int):
+    self.name = name
+    self.total = total
+    self.start = time.monotonic()
+    self._last = self.start
+
+  def update(self, done: int) -> None:
+    now = time.monotonic()
+    if now - self._last < _LOG_EVERY_S and done < self.total:
+      return
+    self._last = now
+    elapsed = max(now - self.start, 1e-9)
+    rate = done / elapsed
+    eta = (self.total - done) / rate if rate > 0 else float("inf")
+    logging.info("%s: %d/%d (%.1f%%) %.1f/s, ETA %s", self.name, done,
+                 self.total, 100.0 * done / max(self.total, 1), rate,
+                 _fmt_seconds(eta))
+
+
+def _fmt_seconds(seconds: float) -> str:
+  if seconds == float("inf"):
+    return "?"
+  minutes, secs = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m{secs:02d}s"
+  return f"{minutes}m{secs:02d}s"
+
+
+def _ask(scheme: prompts_lib.Scheme, provider: providers_lib.Provider,
+         subjects: Sequence[str], user_texts: Sequence[str],
+         chunk_size: int) -> list[str]:
+  """The provider's replies to one scheme's prompts, asked in chunks."""
+  progress = _Progress(f"{scheme.name}:{scheme.domain}", len(subjects))
+  replies: list[str] = []
+  for start in range(0, len(subjects), chunk_size):
+    chunk = [providers_lib.Prompt(scheme.key(s), scheme.system, text)
+             for s, text in zip(subjects[start:start + chunk_size],
+                                user_texts[start:start + chunk_size])]
+    replies += provider.generate(chunk)
+    progress.update(len(replies))
+  return replies
+
+
+def write_generations(path: str, id_field: str, subjects: Sequence[str],
+                      replies: Sequence[str],
+                      parsed: Sequence[parsing.Parsed]) -> None:
+  """Writes JSONL rows {id_field, "response", "status"} atomically."""
+  path = pathlib.Path(path).expanduser()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      for subject, reply, result in zip(subjects, replies, parsed):
+        f.write(json.dumps({id_field: subject, "response": reply,
+                            "status": result.status.value},
+                           ensure_ascii=False) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _run_step(scheme: prompts_lib.Scheme, provider: providers_lib.Provider,
+              subjects: Sequence[str], user_texts: Sequence[str],
+              out_path: str, chunk_size: int) -> tuple[list[parsing.Parsed],
+                                                       dict[str, Any]]:
+  """Asks, parses and writes one scheme step; its parses and summary."""
+  start = time.monotonic()
+  replies = _ask(scheme, provider, subjects, user_texts, chunk_size)
+  summary = parsing.ParseSummary(f"{scheme.name}:{scheme.domain}")
+  parsed = [summary.add(scheme.parse(r)) for r in replies]
+  id_field = "item_id" if scheme.target == "item" else "user_id"
+  write_generations(out_path, id_field, subjects, replies, parsed)
+  summary.log()
+  return parsed, {
+      "scheme": scheme.name,
+      "domain": scheme.domain,
+      "out_path": str(out_path),
+      "count": len(subjects),
+      "statuses": summary.as_dict(),
+      "usable_rate": summary.usable_rate,
+      "seconds": time.monotonic() - start,
+  }
+
+
+def profile_path(out_path: str) -> str:
+  """Where a chain run writes its profiler step: `<out>.profiler.jsonl`."""
+  path = pathlib.Path(out_path)
+  stem = path.name
+  if stem.endswith(".jsonl"):
+    stem = stem[:-len(".jsonl")]
+  return str(path.with_name(f"{stem}.profiler.jsonl"))
+
+
+def run_generation(scheme: str, domain: str,
+                   provider: providers_lib.Provider, dataset: Dataset,
+                   out_path: str, *, cold_threshold: int = 5, limit: int = 0,
+                   chunk_size: int = 64,
+                   scheme_options: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
+  """Runs one GENRE scheme over a dataset and writes its generations file.
+
+  Args:
+    scheme: "summarizer" | "profiler" | "generator" | "chain".
+    domain: "news" | "book" (prompt wording and fields).
+    provider: answers the prompts.
+    dataset: items and behaviour splits.
+    out_path: the JSONL to write; a chain run also writes its profiler step
+      to `profile_path(out_path)`.
+    cold_threshold: generator/chain users have a longest history of at most
+      this many items (users with no history are skipped: nothing to go on).
+    limit: ask for at most this many subjects (0 = all).
+    chunk_size: prompts per provider call.
+    scheme_options: keyword arguments of prompts.get_scheme (max_history, ...).
+
+  Returns:
+    A summary dict: counts, parse statuses, usable rate, seconds, provider
+    stats (and the profiler step's summary under "profiler" for chain).
+  """
+  start = time.monotonic()
+  steps = prompts_lib.steps(scheme, domain, **(scheme_options or {}))
+  items = item_dicts(dataset)
+  final = steps[-1]
+  if final.target == "item":
+    subjects = [str(i) for i in dataset.items.ids[1:]]
+    user_texts = [final.build(item) for item in items[1:]]
+    subjects, user_texts = _limit(subjects, limit), _limit(user_texts, limit)
+    _, summary = _run_step(final, provider, subjects, user_texts, out_path,
+                           chunk_size)
+  else:
+    histories = user_histories(dataset)
+    skipped = sum(1 for h in histories.values() if not h)
+    users = [u for u, h in histories.items() if h]
+    if final.name in ("generator", "chain"):
+      users = [u for u in users if len(histories[u]) <= cold_threshold]
+    users = _limit(users, limit)
+    history_items = {u: [items[i] for i in histories[u]] for u in users}
+    profiles: dict[str, Any] = {u: None for u in users}
+    profiler_summary = None
+    if len(steps) == 2:
+      first = steps[0]
+      texts = [first.build(history_items[u]) for u in users]
+      parsed, profiler_summary = _run_step(first, provider, users, texts,
+                                           profile_path(out_path), chunk_size)
+      profiles = {u: p.value for u, p in zip(users, parsed)}
+    texts = [final.build(history_items[u], profiles[u]) for u in users]
+    _, summary = _run_step(final, provider, users, texts, out_path,
+                           chunk_size)
+    summary["users_without_history"] = skipped
+    if final.name in ("generator", "chain"):
+      summary["cold_threshold"] = cold_threshold
+    if profiler_summary is not None:
+      summary["profiler"] = profiler_summary
+  summary["provider_stats"] = dict(provider.stats)
+  summary["seconds"] = time.monotonic() - start
+  return summary
+
+
+def _limit(values: list, limit: int) -> list:
+  return values[:limit] if limit > 0 else values

@@ -1,0 +1,380 @@
+"""Tests of the GENRE providers: replay, openai (against a local HTTP server
+that fails on purpose) and local (a tiny random Llama from transformers)."""
+
+import collections
+import http.server
+import json
+import pathlib
+import threading
+import time
+
+import pytest
+
+from genre_jax.errors import ConfigError, DataFormatError
+from genre_jax.genre import providers
+from genre_jax.genre.providers import Prompt
+
+DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
+GENRE = DATA / "goodreads" / "genre"
+
+
+# --- a fake OpenAI-compatible server ------------------------------------------
+
+
+class FakeServer:
+  """Answers chat completions with "echo: <user text>", misbehaving on cue.
+
+  The user text picks the behaviour: "500-once:..." and "429-once:..." fail
+  the first request; "sleep-once:..." first sleeps past the client timeout;
+  "broken:..." fails with 500 while `broken` is set; "bad:..." is a 400.
+  Every request's user text is logged; in-flight requests are counted.
+  """
+
+  def __init__(self):
+    self.log = []
+    self.auth = []
+    self.broken = True
+    self.in_flight = 0
+    self.max_in_flight = 0
+    self.lock = threading.Lock()
+    self.seen = collections.Counter()
+    server = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+
+      def log_message(self, *args):
+        del args
+
+      def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        user = body["messages"][1]["content"]
+        with server.lock:
+          server.log.append(user)
+          server.auth.append(self.headers.get("Authorization"))
+          server.seen[user] += 1
+          first = server.seen[user] == 1
+          server.in_flight += 1
+          server.max_in_flight = max(server.max_in_flight, server.in_flight)
+        try:
+          self._answer(user, first)
+        except (BrokenPipeError, ConnectionResetError):
+          pass
+        finally:
+          with server.lock:
+            server.in_flight -= 1
+
+      def _answer(self, user, first):
+        kind = user.split(":", 1)[0]
+        if kind == "sleep-once" and first:
+          time.sleep(0.5)
+        elif (kind == "500-once" and first) or (
+            kind == "broken" and server.broken):
+          return self._send(500, {"error": "boom"})
+        elif kind == "429-once" and first:
+          return self._send(429, {"error": "slow down"})
+        elif kind == "bad":
+          return self._send(400, {"error": "bad request"})
+        time.sleep(0.03)
+        self._send(200, {"choices": [
+            {"message": {"role": "assistant", "content": f"echo: {user}"}}]})
+
+      def _send(self, code, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    self.httpd.daemon_threads = True
+    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+    self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                   daemon=True)
+    self.thread.start()
+
+  def close(self):
+    self.httpd.shutdown()
+    self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+  fake = FakeServer()
+  yield fake
+  fake.close()
+
+
+def _openai(server, **kwargs):
+  options = dict(base_url=server.url, api_key_env="GENRE_TEST_KEY",
+                 concurrency=2, max_retries=3, timeout=0.25, backoff=0.01,
+                 max_backoff=0.05)
+  options.update(kwargs)
+  return providers.get_provider("openai", model="test-model", **options)
+
+
+def _prompts(texts):
+  return [Prompt(f"generator:book:U{i}", "system", t)
+          for i, t in enumerate(texts)]
+
+
+def test_openai_retries_timeouts_and_bounded_concurrency(server, monkeypatch):
+  monkeypatch.setenv("GENRE_TEST_KEY", "sk-test-secret")
+  texts = ([f"ok:{i}" for i in range(8)] +
+           ["500-once:a", "429-once:b", "sleep-once:c"])
+  provider = _openai(server)
+  replies = provider.generate(_prompts(texts))
+  assert replies == [f"echo: {t}" for t in texts]
+  counts = collections.Counter(server.log)
+  assert all(counts[t] == 1 for t in texts[:8])
+  assert counts["500-once:a"] == counts["429-once:b"] == 2
+  assert counts["sleep-once:c"] == 2
+  assert provider.stats["retries"] == 3
+  assert provider.stats["requests"] == len(texts) + 3
+  assert 1 <= server.max_in_flight <= 2
+  assert set(server.auth) == {"Bearer sk-test-secret"}
+
+
+def test_openai_gives_up_and_does_not_retry_client_errors(server):
+  provider = _openai(server, max_retries=2, raise_on_failure=False)
+  replies = provider.generate(_prompts(["broken:x", "bad:y", "ok:z"]))
+  assert replies == ["", "", "echo: ok:z"]
+  counts = collections.Counter(server.log)
+  assert counts["broken:x"] == 3 and counts["bad:y"] == 1
+  assert provider.stats["failures"] == 2
+  assert server.auth[0] is None  # GENRE_TEST_KEY unset: no header.
+
+
+def test_openai_resumes_from_cache_after_a_crash(server, tmp_path):
+  cache = tmp_path / "cache.jsonl"
+  texts = ["ok:a", "ok:b", "broken:c", "ok:d"]
+  first = _openai(server, cache_path=str(cache), max_retries=1)
+  with pytest.raises(providers.ProviderError) as error:
+    first.generate(_prompts(texts))
+  first.close()
+  assert error.value.failed == ["generator:book:U2"]
+  lines = [json.loads(l) for l in cache.read_text().splitlines()]
+  assert sorted(l["key"] for l in lines) == [
+      "generator:book:U0", "generator:book:U1", "generator:book:U3"]
+  # A crash mid-write leaves a torn last line.
+  with open(cache, "a") as f:
+    f.write('{"key": "generator:book:U9", "respo')
+  server.broken = False
+  del server.log[:]
+  second = _openai(server, cache_path=str(cache))
+  assert second.stats["torn_cache_lines"] == 1
+  replies = second.generate(_prompts(texts + ["ok:e"]))
+  second.close()
+  assert replies == [f"echo: {t}" for t in texts + ["ok:e"]]
+  assert sorted(server.log) == ["broken:c", "ok:e"]
+  assert second.stats["cache_hits"] == 3
+  # Nothing is asked a third time, and the torn line did not eat an answer.
+  del server.log[:]
+  third = _openai(server, cache_path=str(cache))
+  assert third.generate(_prompts(texts + ["ok:e"])) == replies
+  third.close()
+  assert not server.log
+  assert third.stats["torn_cache_lines"] == 1
+
+
+def test_cache_rejects_rows_without_fields(tmp_path):
+  cache = tmp_path / "cache.jsonl"
+  cache.write_text('{"key": "k", "response": "r"}\n{"key": "k2"}\n')
+  with pytest.raises(DataFormatError,
+                     match=r"cache.jsonl:2: field 'response'"):
+    providers.ReplyCache(str(cache))
+
+
+def test_token_bucket_limits_rate():
+  bucket = providers.TokenBucket(rate=50.0, burst=1.0)
+  start = time.monotonic()
+  for _ in range(11):
+    bucket.acquire()
+  assert time.monotonic() - start >= 0.18
+
+
+# --- replay -------------------------------------------------------------------
+
+
+def test_replay_files_missing_keys_and_strict(tmp_path):
+  (tmp_path / "summarizer.jsonl").write_text(
+      '{"item_id": "B1", "response": "[description] one"}\n'
+      '{"item_id": "B1", "response": "[description] two"}\n')
+  (tmp_path / "profiler.tsv").write_text("U1\t['x', 'y']\n")
+  replay = providers.get_provider("replay", path=str(tmp_path))
+  replies = replay.generate([
+      Prompt("summarizer:book:B1", "", ""),
+      Prompt("summarizer:book:B2", "", ""),
+      Prompt("profiler:book:U1", "", "")])
+  assert replies == ["[description] two", "", "['x', 'y']"]
+  assert replay.stats == {"served": 2, "missing": 1}
+  strict = providers.get_provider("replay", path=str(tmp_path), strict=True)
+  with pytest.raises(KeyError, match="summarizer:book:B2"):
+    strict.generate([Prompt("summarizer:book:B2", "", "")])
+  with pytest.raises(ConfigError, match="no generation file"):
+    replay.generate([Prompt("generator:book:U1", "", "")])
+
+
+def test_replay_goodreads_release():
+  if not GENRE.is_dir():
+    pytest.skip(f"GENRE release not found at {GENRE} (../shared/data absent)")
+  replay = providers.get_provider("replay", path=str(GENRE))
+  replies = replay.generate([Prompt("profiler:book:U0", "", ""),
+                             Prompt("generator:book:U0", "", ""),
+                             Prompt("summarizer:book:B89376", "", "")])
+  assert json.loads(replies[0]) == ["ballet", "love", "disabilities",
+                                    "family", "animals"]
+  assert json.loads(replies[1])["title"] == "Educated"  # generator_v1.jsonl
+  assert replies[2].startswith("[description] Heaven is a book")
+  v2 = providers.get_provider("replay", path=str(GENRE),
+                              files={"generator": "generator_v2.jsonl"})
+  assert json.loads(v2.generate([Prompt("generator:book:U0", "", "")])[0])[
+      "title"] == "The Kite Runner"
+
+
+# --- local --------------------------------------------------------------------
+
+_SENTENCES = [
+    "you recommend books to a reader",
+    "books liked : the hobbit , dune , emma",
+    "reply with a json object with title and description",
+    "assistant : a new book about dragons and the sea",
+]
+
+
+def build_tiny_llama(model_dir: pathlib.Path) -> pathlib.Path:
+  """Saves a tiny random LlamaForCausalLM and a WordLevel tokenizer.json."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+      unk_token="<unk>"))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  trainer = tokenizers.trainers.WordLevelTrainer(
+      special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+  tokenizer.train_from_iterator(_SENTENCES, trainer)
+  tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", 1)])
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=tokenizer.get_vocab_size(), hidden_size=32,
+      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+      intermediate_size=64,
+      max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+      eos_token_id=2, tie_word_embeddings=False)
+  model = transformers.LlamaForCausalLM(config).eval()
+  model.save_pretrained(model_dir, safe_serialization=True)
+  tokenizer.save(str(model_dir / "tokenizer.json"))
+  return model_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+  return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+_LOCAL_PROMPTS = [
+    Prompt("generator:book:U1", "you recommend books", "books liked : dune"),
+    Prompt("generator:book:U2", "you recommend books to a reader",
+           "books liked : the hobbit , dune , emma , the sea and the dragons"),
+    Prompt("generator:book:U3", "reply with json", "books liked : emma"),
+]
+
+
+def _hf_greedy(model_dir, prompts, max_new_tokens):
+  """Reference replies from transformers' own greedy generate."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+  model = transformers.LlamaForCausalLM.from_pretrained(model_dir).eval()
+  encodings = [tokenizer.encode(providers.render_plain(p.system, p.user)).ids
+               for p in prompts]
+  length = max(map(len, encodings))
+  ids = torch.zeros((len(prompts), length), dtype=torch.long)
+  mask = torch.zeros((len(prompts), length), dtype=torch.long)
+  for row, tokens in enumerate(encodings):
+    ids[row, length - len(tokens):] = torch.tensor(tokens)
+    mask[row, length - len(tokens):] = 1
+  with torch.no_grad():
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                         max_new_tokens=max_new_tokens, eos_token_id=2,
+                         pad_token_id=0)
+  replies = []
+  for row in out[:, length:].tolist():
+    row = row[:row.index(2)] if 2 in row else row
+    replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+  return replies
+
+
+def test_local_greedy_matches_transformers(tiny_llama):
+  provider = providers.get_provider("local", model_dir=str(tiny_llama),
+                                    batch_size=2, max_new_tokens=6)
+  replies = provider.generate(_LOCAL_PROMPTS)
+  assert replies == _hf_greedy(tiny_llama, _LOCAL_PROMPTS, 6)
+  assert provider.generate(_LOCAL_PROMPTS[::-1]) == replies[::-1]
+  assert provider.stats["generated_tokens"] == 2 * 3 * 6  # No EOS drawn.
+
+
+def test_local_stops_at_eos_and_stop_strings(tiny_llama, tmp_path):
+  base = providers.get_provider("local", model_dir=str(tiny_llama),
+                                batch_size=2, max_new_tokens=6)
+  words = base.generate(_LOCAL_PROMPTS[:1])[0].split()
+  stop = providers.get_provider(
+      "local", model_dir=str(tiny_llama), batch_size=2, max_new_tokens=6,
+      stop=[" " + words[2]], stop_check_every=1)
+  assert stop.generate(_LOCAL_PROMPTS[:1]) == [" ".join(words[:2])]
+  assert stop.stats["generated_tokens"] == 3
+  # Make the reply's third word an end-of-sequence token.
+  eos_dir = tmp_path / "eos"
+  eos_dir.mkdir()
+  for f in tiny_llama.iterdir():
+    (eos_dir / f.name).symlink_to(f)
+  vocab = json.loads((tiny_llama / "tokenizer.json").read_text())
+  eos_id = vocab["model"]["vocab"][words[2]]
+  (eos_dir / "generation_config.json").unlink()
+  (eos_dir / "generation_config.json").write_text(
+      json.dumps({"eos_token_id": [2, eos_id]}))
+  eos = providers.get_provider("local", model_dir=str(eos_dir), batch_size=2,
+                               max_new_tokens=6)
+  assert eos.generate(_LOCAL_PROMPTS[:1]) == [" ".join(words[:2])]
+  assert eos.stats["generated_tokens"] == 3
+
+
+def test_local_top_p_sampling_runs(tiny_llama):
+  provider = providers.get_provider("local", model_dir=str(tiny_llama),
+                                    batch_size=2, max_new_tokens=6,
+                                    temperature=1.0, top_p=0.9, seed=3)
+  replies = provider.generate(_LOCAL_PROMPTS)
+  assert len(replies) == 3 and all(r.strip() for r in replies)
+  again = providers.get_provider("local", model_dir=str(tiny_llama),
+                                 batch_size=2, max_new_tokens=6,
+                                 temperature=1.0, top_p=0.9, seed=3)
+  assert again.generate(_LOCAL_PROMPTS) == replies
+
+
+def test_sample_next_top_p_keeps_the_nucleus():
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  logits = np.log(np.array([[0.1, 0.4, 0.2, 0.3]] * 400, np.float32))
+  draws = np.asarray(providers.sample_next(
+      logits, jax.random.key(0), temperature=1.0, top_p=0.6))
+  assert set(draws.tolist()) == {1, 3}  # 0.4 + 0.3 reaches 0.6.
+  assert abs((draws == 1).mean() - 0.4 / 0.7) < 0.1
+  greedy = providers.sample_next(logits[:2], jax.random.key(0),
+                                 temperature=0.0, top_p=1.0)
+  assert np.asarray(greedy).tolist() == [1, 1]
+
+
+def test_chat_template_renders_and_falls_back(tmp_path):
+  template = ("{{ bos_token }}{% for m in messages %}<{{ m.role }}>"
+              "{{ m.content }}\n{% endfor %}"
+              "{% if add_generation_prompt %}<assistant>{% endif %}")
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"chat_template": template, "bos_token": "<s>"}))
+  render = providers.chat_renderer(tmp_path)
+  assert render("S", "U") == "<s><system>S\n<user>U\n<assistant>"
+  refusing = "{{ raise_exception('no system role') }}"
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+      {"chat_template": refusing}))
+  assert providers.chat_renderer(tmp_path) is None
