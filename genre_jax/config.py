@@ -36,6 +36,20 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_negatives = 4
   # Users with a history of at most this many items are "cold".
   c.data.cold_threshold = 5
+  # GENRE augmentation with LLM generations (genre_jax/genre/augment.py).
+  # Each source: "" (off), "release" / "release:<table>" (the dataset's own
+  # GENRE tables, e.g. Goodreads) or a generations file.
+  c.data.genre = ml_collections.ConfigDict(dict(
+      # Item descriptions -> the item text field summary_field.
+      summarizer="",
+      # "summary" (a new field; list it in data.fields) or "title" (replace).
+      summary_field="summary",
+      # User interest profiles, encoded as items and fused into the user.
+      profiler="",
+      # Generated items appended to their (cold) users' histories.
+      generator=(),
+      # Reply format: auto (book for Goodreads, else news) | news | book.
+      domain="auto"))
   # Sizes of the synthetic demo dataset (see genre_jax/data/synthetic.py).
   c.data.synthetic = ml_collections.ConfigDict(dict(
       num_users=2000, num_items=3000, num_topics=12, seed=0))
@@ -109,6 +123,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.patience = 2
   # Stop after this many steps in total (0 = no limit).
   c.train.max_steps = 0
+  # Encode each distinct item of a batch once (history and candidates share
+  # many items); the result is the same, the step cheaper.
+  c.train.dedup_items = True
   # Save the latest state every N steps for resume (0 = only at epoch ends).
   c.train.checkpoint_every = 500
 

@@ -251,8 +251,11 @@ class Evaluator:
   per impression, instead of re-encoding every candidate of every impression.
   """
 
-  def __init__(self, config, parts: Parts, items, mesh, num_items: int):
+  def __init__(self, config, parts: Parts, items, mesh, num_items: int,
+               synthetic: np.ndarray | None = None):
     self.config = config
+    # [N+1] bool: LLM-generated items, not counted in a cold user's history.
+    self.synthetic = synthetic
     self.parts = parts
     self.items = items
     self.mesh = mesh
@@ -278,22 +281,29 @@ class Evaluator:
     masks = {f: jnp.take(m, ids, axis=0) for f, m in items["masks"].items()}
     return model.encode_items(tokens, masks).astype(jnp.float32)  # [n, D]
 
+  @staticmethod
+  def _user(model, item_vecs, batch):
+    """History vectors (with the profile in front), mask and user repr."""
+    profile = batch.get("profile")
+    hist, mask = model.with_profile(
+        jnp.take(item_vecs, batch["history"], axis=0),  # [B, H, D]
+        batch["history_mask"],
+        None if profile is None else jnp.take(item_vecs, profile, axis=0),
+        profile)
+    return hist, mask, model.encode_users(hist, mask, batch["users"])
+
   def _score_batch(self, params, item_vecs, batch):
     model = _merge(self.parts.eval_graphdef, params, self.parts.rest)
-    hist = jnp.take(item_vecs, batch["history"], axis=0)  # [B, H, D]
+    hist, mask, user = self._user(model, item_vecs, batch)
     cands = jnp.take(item_vecs, batch["candidates"], axis=0)  # [B, C, D]
-    user = model.encode_users(hist, batch["history_mask"], batch["users"])
-    return model.score(user, cands, hist, batch["history_mask"]).astype(
-        jnp.float32)  # [B, C]
+    return model.score(user, cands, hist, mask).astype(jnp.float32)  # [B, C]
 
   def _score_items(self, params, item_vecs, batch, ids):
     model = _merge(self.parts.eval_graphdef, params, self.parts.rest)
-    hist = jnp.take(item_vecs, batch["history"], axis=0)  # [B, H, D]
-    user = model.encode_users(hist, batch["history_mask"], batch["users"])
+    hist, mask, user = self._user(model, item_vecs, batch)
     cands = jnp.take(item_vecs, ids, axis=0)  # [n, D]
     cands = jnp.broadcast_to(cands[None], (hist.shape[0],) + cands.shape)
-    return model.score(user, cands, hist, batch["history_mask"]).astype(
-        jnp.float32)  # [B, n]
+    return model.score(user, cands, hist, mask).astype(jnp.float32)  # [B, n]
 
   def score_all_items(self, params, item_vecs, batch) -> np.ndarray:
     """Scores of every item for each user row of a host batch: [B, N+1]."""
@@ -333,7 +343,7 @@ class Evaluator:
     for batch in batcher:
       device_batch = to_global(
           {k: batch[k] for k in ("history", "history_mask", "candidates",
-                                 "users")}, data)
+                                 "users", "profile") if k in batch}, data)
       scores = self._score(params, item_vecs, device_batch)  # [B, C] global
       scores = np.asarray(multihost_utils.process_allgather(scores, tiled=True))
       rows = np.asarray(multihost_utils.process_allgather(
@@ -348,7 +358,8 @@ class Evaluator:
     """Metrics on all impressions and on cold users' impressions."""
     scores, labels, masks = self.scores(params, behaviors, item_vecs)
     per = metrics_lib.impression_metrics(scores, labels, masks)
-    cold = behaviors.history_lengths() <= int(self.config.data.cold_threshold)
+    cold = (behaviors.real_history_lengths(self.synthetic) <=
+            int(self.config.data.cold_threshold))
     return {"all": metrics_lib.summarize(per),
             "cold": metrics_lib.summarize(per, select=cold)}
 
@@ -380,6 +391,19 @@ def restore_params_from(workdir: str, target_params, *, which: str = "best"):
     raise ConfigError(f"{workdir}: no {which} checkpoint to load parameters "
                       "from (was it trained with run.py --mode=train?)")
   return params
+
+
+def dedup_capacity(batcher: batching.TrainBatcher, total_steps: int) -> int:
+  """The fixed number of distinct items encoded per step (deduplication).
+
+  The exact maximum over every batch the run will see (batches are
+  deterministic in seed and epoch), rounded up so that it splits evenly
+  over the devices: no batch ever overflows it, so the step compiles once.
+  """
+  epochs = -(-total_steps // max(batcher.steps_per_epoch(), 1))
+  most = batcher.max_unique_items(range(epochs))
+  multiple = math.lcm(64, jax.local_device_count())
+  return -(-most // multiple) * multiple
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -427,6 +451,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   total_steps = steps_per_epoch * int(tc.epochs)
   if tc.max_steps:
     total_steps = min(total_steps, int(tc.max_steps))
+  if tc.dedup_items:
+    batcher.unique_items = dedup_capacity(batcher, total_steps)
   host_items, spec = model_inputs(config, dataset)
   replicated = jax.sharding.NamedSharding(mesh, P())
   data_sharding = jax.sharding.NamedSharding(mesh, P("data"))
@@ -457,7 +483,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    for k, v in local.items()}
   step_fn = compile_train_step(parts, state, global_shapes, items, mesh,
                                int(tc.seed))
-  evaluator = Evaluator(config, parts, items, mesh, dataset.items.num_items)
+  evaluator = Evaluator(config, parts, items, mesh, dataset.items.num_items,
+                        synthetic=dataset.items.synthetic)
 
   # --- Train loop ---
   run = _init_wandb(wandb_mode, config, workdir)
@@ -465,15 +492,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   bad_epochs = int(progress["bad_epochs"])
   step, epoch = int(progress["step"]), int(progress["epoch"])
   skip, done = int(progress["batch"]), bool(progress["done"])
+  # Totals over every session of this run (a resumed run keeps counting).
+  samples_before = int(progress.get("samples", 0))
+  seconds_before = float(progress.get("train_seconds", 0.0))
   samples_done, train_seconds, start_time = 0, 0.0, time.time()
 
   def progress_record(batch, finished):
     return {"epoch": epoch, "batch": batch, "step": step,
             "best_auc": best["auc"], "best_step": best["step"],
-            "bad_epochs": bad_epochs, "done": finished}
+            "bad_epochs": bad_epochs, "done": finished,
+            "samples": samples_before + samples_done,
+            "train_seconds": seconds_before + train_seconds +
+                             (time.time() - tick if in_epoch else 0.0)}
 
+  tick, in_epoch = time.time(), False
   while not done:
-    tick = time.time()
+    tick, in_epoch = time.time(), True
     hit_step_limit = False
     for batch_index, batch in enumerate(batcher.epoch(epoch)):
       if batch_index < skip:  # already trained on before a resume
@@ -504,6 +538,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step_callback is not None:
         step_callback(step)
     train_seconds += time.time() - tick
+    in_epoch = False
 
     # --- Evaluate on dev, keep the best, early stopping ---
     result = evaluator.evaluate(state["params"],
@@ -540,9 +575,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   params = (restore_params_from(workdir, state["params"])
             if best["step"] >= 0 else state["params"])
   item_vecs = evaluator.item_vectors(params)
+  total_seconds = seconds_before + train_seconds
   summary = {"best_step": best["step"], "steps": step,
-             "train_seconds": train_seconds,
-             "samples_per_s": samples_done / max(train_seconds, 1e-9)}
+             "train_seconds": total_seconds,
+             "samples_per_s": (samples_before + samples_done) /
+                              max(total_seconds, 1e-9)}
   for split in ("dev", "test"):
     if split in dataset.splits:
       summary[split] = evaluator.evaluate(params, dataset.splits[split],
@@ -588,5 +625,6 @@ def load_for_inference(workdir: str, *, dataset: Dataset | None = None):
   items = jax.device_put(host_items, replicated)
   params = restore_params_from(workdir, jax.device_put(state["params"],
                                                        replicated))
-  evaluator = Evaluator(config, parts, items, mesh, dataset.items.num_items)
+  evaluator = Evaluator(config, parts, items, mesh, dataset.items.num_items,
+                        synthetic=dataset.items.synthetic)
   return config, dataset, evaluator, params

@@ -14,7 +14,7 @@ depend on P.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -117,8 +117,20 @@ class TrainBatcher:
   def __init__(self, behaviors: types.Behaviors, items: types.ItemTable, *,
                batch_size: int, history_len: int, num_negatives: int,
                seed: int, process_index: int = 0, process_count: int = 1,
-               drop_remainder: bool = False):
+               drop_remainder: bool = False, unique_items: int = 0):
+    """Args as the attributes; unique_items > 0 adds the deduplicated layout.
+
+    With unique_items = U, every batch also carries item_ids [U] (this
+    process's distinct items, 0-padded) and history_pos [B, H] /
+    candidate_pos [B, 1+K], positions into the global item_ids (the
+    concatenation over processes), so the model encodes each distinct item
+    once per batch. U is a fixed capacity (one compiled shape); see
+    max_unique_items for the smallest that fits.
+    """
     _check_sizes(batch_size, history_len, process_index, process_count)
+    if unique_items < 0:
+      raise ConfigError(f"unique_items must be >= 0, got {unique_items}")
+    self.unique_items = unique_items
     if num_negatives < 0:
       raise ConfigError(
           f"data.num_negatives must be >= 0, got {num_negatives}")
@@ -192,6 +204,24 @@ class TrainBatcher:
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self.epoch(0)
 
+  def max_unique_items(self, epochs: Iterable[int]) -> int:
+    """The most distinct items (padding item included) any local batch of
+    these epochs holds: the smallest unique_items capacity that fits them.
+    """
+    saved, self.unique_items = self.unique_items, 0
+    try:
+      most = 0
+      for epoch in epochs:
+        for batch in self.epoch(epoch):
+          ids = np.concatenate([batch["history"].ravel(),
+                                batch["candidates"].ravel(),
+                                batch.get("profile", np.zeros(0, np.int32)),
+                                [0]])
+          most = max(most, len(np.unique(ids)))
+      return most
+    finally:
+      self.unique_items = saved
+
   def _batch(self, global_rows: np.ndarray, epoch: int, step: int,
              lo: int) -> dict[str, np.ndarray]:
     b, k = self.local_batch_size, self.num_negatives
@@ -221,7 +251,7 @@ class TrainBatcher:
     labels[pad] = 0.0
     users = self._b.users[imp].astype(np.int32)
     users[pad] = 0
-    return {
+    batch = {
         "history": history,
         "history_mask": history_mask,
         "candidates": candidates.astype(np.int32),
@@ -230,6 +260,38 @@ class TrainBatcher:
         "users": users,
         "weights": real.astype(np.float32),
     }
+    if self._b.profiles is not None:
+      batch["profile"] = np.where(real, self._b.profiles[imp], 0).astype(
+          np.int32)  # [B]
+    if self.unique_items:
+      batch.update(self._deduplicate(history, batch["candidates"],
+                                     batch.get("profile")))
+    return batch
+
+  def _deduplicate(self, history: np.ndarray, candidates: np.ndarray,
+                   profile: np.ndarray | None) -> dict[str, np.ndarray]:
+    """item_ids [U] and positions of every history/candidate/profile slot."""
+    u = self.unique_items
+    parts = [history.ravel(), candidates.ravel()]
+    if profile is not None:
+      parts.append(profile)
+    slots = np.concatenate(parts)
+    ids, inverse = np.unique(slots, return_inverse=True)
+    if len(ids) > u:
+      raise ConfigError(
+          f"a batch holds {len(ids)} distinct items but the deduplication "
+          f"capacity is {u}; raise it (or use max_unique_items)")
+    item_ids = np.zeros(u, np.int32)
+    item_ids[:len(ids)] = ids
+    # Positions index the global item_ids: process p's block starts at p * U.
+    pos = (inverse + self.process_index * u).astype(np.int32)
+    split, end = history.size, history.size + candidates.size
+    out = {"item_ids": item_ids,
+           "history_pos": pos[:split].reshape(history.shape),  # [B, H]
+           "candidate_pos": pos[split:end].reshape(candidates.shape)}  # [B, C]
+    if profile is not None:
+      out["profile_pos"] = pos[end:]  # [B]
+    return out
 
   def _impression_negatives(self, imp: np.ndarray, epoch: int, step: int,
                             lo: int) -> tuple[np.ndarray, np.ndarray]:
@@ -329,7 +391,7 @@ class EvalBatcher:
       labels = np.where(candidate_mask, self._b.cand_labels[idx], 0)
       history[~real] = 0
       history_mask[~real] = False
-      yield {
+      batch = {
           "history": history,
           "history_mask": history_mask,
           "candidates": candidates.astype(np.int32),  # [B, C]
@@ -339,3 +401,7 @@ class EvalBatcher:
           "weights": real.astype(np.float32),
           "impressions": np.where(real, global_rows, -1).astype(np.int64),
       }
+      if self._b.profiles is not None:
+        batch["profile"] = np.where(real, self._b.profiles[rows], 0).astype(
+            np.int32)  # [B]
+      yield batch

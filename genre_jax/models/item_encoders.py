@@ -129,7 +129,8 @@ class SelfAttentionItemEncoder(nnx.Module):
     self.fields = tuple(spec.fields)
     self.embed = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
     self.attention = layers.MultiHeadSelfAttention(
-        m.embed_dim, m.hidden_dim, m.num_heads, dtype=dtype, rngs=rngs)
+        m.embed_dim, m.hidden_dim, m.num_heads, dtype=dtype, rngs=rngs,
+        output_projection=False)
     self.pool = layers.AdditiveAttention(m.hidden_dim, m.attention_dim,
                                          dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(m.dropout, rngs=rngs)

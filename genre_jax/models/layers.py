@@ -82,14 +82,21 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 class MultiHeadSelfAttention(nnx.Module):
-  """Multi-head self-attention with a fused QKV projection (NRMS, Transformer)."""
+  """Multi-head self-attention with a fused QKV projection (NRMS, Transformer).
+
+  NRMS (Wu et al. 2019) concatenates the heads without an output projection
+  (`output_projection=False`); a Transformer layer mixes them with one.
+  """
 
   def __init__(self, in_dim: int, out_dim: int, num_heads: int, *,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
+               dtype: jnp.dtype, rngs: nnx.Rngs,
+               output_projection: bool = True):
     self.num_heads = num_heads
     self.head_dim = num_heads_for(out_dim, num_heads, "attention output")
     self.qkv = nnx.Linear(in_dim, 3 * out_dim, dtype=dtype, rngs=rngs)
-    self.out = nnx.Linear(out_dim, out_dim, dtype=dtype, rngs=rngs)
+    self.out = nnx.data(None)
+    if output_projection:
+      self.out = nnx.Linear(out_dim, out_dim, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     """x [B, L, Din], mask [B, L] -> [B, L, Dout], zero on padded positions."""
@@ -97,7 +104,9 @@ class MultiHeadSelfAttention(nnx.Module):
     qkv = self.qkv(x).reshape(b, l, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, N, Dh]
     heads = masked_attention(q, k, v, mask)  # [B, L, N, Dh]
-    out = self.out(heads.reshape(b, l, self.num_heads * self.head_dim))
+    out = heads.reshape(b, l, self.num_heads * self.head_dim)  # [B, L, D]
+    if self.out is not None:
+      out = self.out(out)
     return out * mask[..., None].astype(out.dtype)
 
 

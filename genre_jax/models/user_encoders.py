@@ -51,7 +51,8 @@ class SelfAttentionUserEncoder(nnx.Module):
     m = config.model
     dtype = layers.compute_dtype(config)
     self.attention = layers.MultiHeadSelfAttention(
-        m.hidden_dim, m.hidden_dim, m.num_heads, dtype=dtype, rngs=rngs)
+        m.hidden_dim, m.hidden_dim, m.num_heads, dtype=dtype, rngs=rngs,
+        output_projection=False)
     self.pool = layers.AdditiveAttention(m.hidden_dim, m.attention_dim,
                                          dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(m.dropout, rngs=rngs)
