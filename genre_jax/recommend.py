@@ -28,18 +28,24 @@ def _latest_rows(behaviors: Behaviors) -> dict[str, int]:
   return {user: row for row, user in enumerate(behaviors.user_ids)}
 
 
+def _row(behaviors: Behaviors, row: int):
+  """(user_id, user index, history items, profile item) of one row."""
+  hist = behaviors.history_items[behaviors.history_offsets[row]:
+                                 behaviors.history_offsets[row + 1]]
+  profile = 0 if behaviors.profiles is None else int(behaviors.profiles[row])
+  return (str(behaviors.user_ids[row]), int(behaviors.users[row]), hist,
+          profile)
+
+
 def _user_histories(dataset, user_ids: Sequence[str]):
-  """(found [(user_id, user_index, history items)], unknown ids)."""
+  """(found [(user_id, user_index, history, profile)], unknown ids)."""
   found, unknown = [], []
   by_split = [(name, dataset.splits[name], _latest_rows(dataset.splits[name]))
               for name in ("test", "dev", "train") if name in dataset.splits]
   for user_id in user_ids:
     for _, behaviors, rows in by_split:
       if user_id in rows:
-        row = rows[user_id]
-        hist = behaviors.history_items[behaviors.history_offsets[row]:
-                                       behaviors.history_offsets[row + 1]]
-        found.append((user_id, int(behaviors.users[row]), hist))
+        found.append(_row(behaviors, rows[user_id]))
         break
     else:
       unknown.append(user_id)
@@ -47,12 +53,7 @@ def _user_histories(dataset, user_ids: Sequence[str]):
 
 
 def _file_histories(behaviors: Behaviors):
-  out = []
-  for user_id, row in _latest_rows(behaviors).items():
-    hist = behaviors.history_items[behaviors.history_offsets[row]:
-                                   behaviors.history_offsets[row + 1]]
-    out.append((user_id, int(behaviors.users[row]), hist))
-  return out
+  return [_row(behaviors, row) for row in _latest_rows(behaviors).values()]
 
 
 def recommend(workdir: str, out_path: str, *, user_ids: Sequence[str] = (),
@@ -63,6 +64,7 @@ def recommend(workdir: str, out_path: str, *, user_ids: Sequence[str] = (),
   reported with a clear message, never a crash).
   """
   from genre_jax.data import mind  # reader for --behaviors_file
+  from genre_jax.genre import augment
 
   config, dataset, evaluator, params = train_lib.load_for_inference(workdir)
   if behaviors_file:
@@ -72,6 +74,7 @@ def recommend(workdir: str, out_path: str, *, user_ids: Sequence[str] = (),
     # Users unseen in training are scored from their history (inductive), with
     # the unknown-user index for any user-id embedding.
     behaviors.users[behaviors.users >= len(dataset.user_vocab)] = 0
+    augment.extend_behaviors(behaviors, dataset)
     users, unknown = _file_histories(behaviors), []
   else:
     users, unknown = _user_histories(dataset, user_ids)
@@ -92,14 +95,18 @@ def recommend(workdir: str, out_path: str, *, user_ids: Sequence[str] = (),
   for start in range(0, len(users), batch_size):
     chunk = users[start:start + batch_size]
     history = np.zeros((batch_size, history_len), np.int32)
-    for i, (_, _, hist) in enumerate(chunk):
+    profile = np.zeros(batch_size, np.int32)
+    for i, (_, _, hist, prof) in enumerate(chunk):
       kept = hist[-history_len:]
       history[i, :len(kept)] = kept
+      profile[i] = prof
     batch = {"history": history, "history_mask": history > 0,
-             "users": np.array([u for _, u, _ in chunk] +
+             "users": np.array([u for _, u, _, _ in chunk] +
                                [0] * (batch_size - len(chunk)), np.int32)}
+    if dataset.info.get("genre_users", {}).get("profile_of"):
+      batch["profile"] = profile
     scores = evaluator.score_all_items(params, item_vecs, batch)  # [B, N+1]
-    for i, (user_id, _, hist) in enumerate(chunk):
+    for i, (user_id, _, hist, _) in enumerate(chunk):
       row = np.where(never, -np.inf, scores[i])
       row[hist] = -np.inf
       k = min(top_k, int(np.isfinite(row).sum()))

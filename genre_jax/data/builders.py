@@ -42,6 +42,7 @@ from genre_jax.data import synthetic
 from genre_jax.data import tokenize
 from genre_jax.data import types
 from genre_jax.errors import ConfigError, DataFormatError
+from genre_jax.genre import augment
 
 # Bump when the .npz cache layout or the record -> array conversion changes.
 _CACHE_FORMAT = 1
@@ -687,6 +688,7 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> types.Dataset:
   data_dir = os.path.abspath(os.path.expanduser(str(data_config.data_dir)))
   os.makedirs(data_dir, exist_ok=True)
   source = builder_cls.source(data_config, data_dir)
+  tfds.disable_progress_bar()  # one bar per record file floods the logs
   builders = {}
   for table in source.tables:
     builder = builder_cls(data_dir=data_dir, source=source,
@@ -708,6 +710,10 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> types.Dataset:
           "tfds_dirs": {t: os.fspath(b.data_dir) for t, b in builders.items()}}
   if "oracle" in metadata:
     info["oracle"] = dict(metadata["oracle"])
+  dataset = types.Dataset(name=name, items=items, user_vocab=user_vocab,
+                          splits=splits, side_tables=side_tables, info=info)
+  genre_config = data_config.get("genre")
+  if augment.enabled(genre_config):
+    augment.augment(dataset, genre_config)
   info["vocab_size"] = _tokenize(items, builders["items"], data_config)
-  return types.Dataset(name=name, items=items, user_vocab=user_vocab,
-                       splits=splits, side_tables=side_tables, info=info)
+  return dataset

@@ -61,6 +61,8 @@ class Behaviors:
     cand_offsets: [M+1] int64.
     cand_items: [sum_c] int32 item indices (never 0).
     cand_labels: [sum_c] int8, 1 clicked, 0 not.
+    profiles: optional [M] int32 item index of the row user's GENRE profile
+      (a synthetic pseudo-item of the item table; 0 = no profile).
   """
 
   impression_ids: np.ndarray
@@ -71,6 +73,7 @@ class Behaviors:
   cand_offsets: np.ndarray
   cand_items: np.ndarray
   cand_labels: np.ndarray
+  profiles: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.impression_ids)
@@ -80,6 +83,18 @@ class Behaviors:
 
   def num_candidates(self) -> np.ndarray:
     return np.diff(self.cand_offsets)
+
+  def real_history_lengths(self, synthetic: np.ndarray | None) -> np.ndarray:
+    """[M] history lengths not counting synthetic (LLM-generated) items.
+
+    This is what makes a user "cold": generated items appended to a cold
+    user's history must not make them warm.
+    """
+    if synthetic is None or not np.any(synthetic):
+      return self.history_lengths()
+    real = ~np.asarray(synthetic, bool)[self.history_items]
+    rows = np.repeat(np.arange(len(self)), self.history_lengths())
+    return np.bincount(rows[real], minlength=len(self)).astype(np.int64)
 
 
 @dataclasses.dataclass

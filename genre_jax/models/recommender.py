@@ -63,15 +63,36 @@ class Recommender(nnx.Module):
     return self.predictor(user_repr, cand_vecs, hist_vecs,
                           hist_mask.astype(bool))
 
+  @staticmethod
+  def with_profile(hist_vecs: jax.Array, hist_mask: jax.Array,
+                   profile_vecs: jax.Array | None,
+                   profile_ids: jax.Array | None
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Puts each user's GENRE profile vector in front of their history.
+
+    hist_vecs [B, H, D], hist_mask [B, H], profile_vecs [B, D], profile_ids
+    [B] (0 = no profile) -> [B, 1+H, D], [B, 1+H]; unchanged without
+    profiles. The user encoder then weighs the profile like a history item.
+    """
+    if profile_vecs is None:
+      return hist_vecs, hist_mask
+    hist = jnp.concatenate([profile_vecs[:, None].astype(hist_vecs.dtype),
+                            hist_vecs], axis=1)
+    mask = jnp.concatenate([(profile_ids > 0)[:, None],
+                            hist_mask.astype(bool)], axis=1)
+    return hist, mask
+
   def _item_vectors(self, batch: dict[str, jax.Array],
                     item_tokens: dict[str, jax.Array],
-                    item_masks: dict[str, jax.Array]
-                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Encodes the batch's items once; returns history [B, H, D], candidate
-    [B, C, D] and all encoded [N, D] vectors.
+                    item_masks: dict[str, jax.Array]):
+    """Encodes the batch's items once.
+
+    Returns history [B, H, D], candidate [B, C, D] and profile [B, D] (None
+    without profiles) vectors, and all encoded [N, D] vectors.
     """
     b, h = batch["history"].shape
     c = batch["candidates"].shape[1]
+    has_profile = "profile" in batch
     if "item_ids" in batch:
       # Deduplicated: encode the U distinct items, then gather by position.
       ids = batch["item_ids"]  # [U]
@@ -79,14 +100,19 @@ class Recommender(nnx.Module):
                                _gather_rows(item_masks, ids))  # [U, D]
       hist = jnp.take(vecs, batch["history_pos"], axis=0)  # [B, H, D]
       cands = jnp.take(vecs, batch["candidate_pos"], axis=0)  # [B, C, D]
-      return hist, cands, vecs
-    ids = jnp.concatenate([batch["history"].reshape(-1),
-                           batch["candidates"].reshape(-1)])  # [B * (H + C)]
+      profile = (jnp.take(vecs, batch["profile_pos"], axis=0)
+                 if has_profile else None)  # [B, D]
+      return hist, cands, profile, vecs
+    parts = [batch["history"].reshape(-1), batch["candidates"].reshape(-1)]
+    if has_profile:
+      parts.append(batch["profile"])
+    ids = jnp.concatenate(parts)  # [B * (H + C) (+ B)]
     vecs = self.encode_items(_gather_rows(item_tokens, ids),
-                             _gather_rows(item_masks, ids))  # [B*(H+C), D]
+                             _gather_rows(item_masks, ids))  # [len(ids), D]
     hist = vecs[:b * h].reshape(b, h, -1)  # [B, H, D]
-    cands = vecs[b * h:].reshape(b, c, -1)  # [B, C, D]
-    return hist, cands, vecs
+    cands = vecs[b * h:b * (h + c)].reshape(b, c, -1)  # [B, C, D]
+    profile = vecs[b * (h + c):] if has_profile else None  # [B, D]
+    return hist, cands, profile, vecs
 
   def __call__(self, batch: dict[str, jax.Array],
                item_tokens: dict[str, jax.Array],
@@ -96,9 +122,10 @@ class Recommender(nnx.Module):
 
     Args:
       batch: history [B, H] int32, history_mask [B, H], candidates [B, C]
-        int32, candidate_mask [B, C], users [B] int32; optionally item_ids [U]
-        with history_pos [B, H] and candidate_pos [B, C] (positions into
-        item_ids) to encode each distinct item once.
+        int32, candidate_mask [B, C], users [B] int32; optionally profile [B]
+        (GENRE profile pseudo-items, 0 = none); optionally item_ids [U] with
+        history_pos [B, H], candidate_pos [B, C] (and profile_pos [B]),
+        positions into item_ids, to encode each distinct item once.
       item_tokens: field -> [N_items + 1, L_f] int32 token table.
       item_masks: field -> [N_items + 1, L_f] bool.
 
@@ -108,8 +135,11 @@ class Recommender(nnx.Module):
       users, MINER's "disagreement" regulariser and "aux_loss" (it times
       config.model.poly.disagreement_weight), to be added to the loss.
     """
-    hist_mask = batch["history_mask"].astype(bool)  # [B, H]
-    hist, cands, vecs = self._item_vectors(batch, item_tokens, item_masks)
+    hist, cands, profile, vecs = self._item_vectors(batch, item_tokens,
+                                                    item_masks)
+    hist, hist_mask = self.with_profile(
+        hist, batch["history_mask"].astype(bool), profile,
+        batch.get("profile"))  # [B, H(+1), D], [B, H(+1)]
     user = self.encode_users(hist, hist_mask, batch["users"])
     logits = self.score(user, cands, hist, hist_mask).astype(jnp.float32)
     logits = jnp.where(batch["candidate_mask"].astype(bool), logits,
