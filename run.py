@@ -12,12 +12,21 @@ r"""genre_jax entry point: train, eval, recommend (and the LLM data tools).
   python run.py --mode=recommend --workdir=/tmp/nrms --user_ids=U1,U2 \
       --out=/tmp/recs.jsonl
 
+  # GENRE: LLM-generated data for a dataset (replay | openai | local):
+  python run.py --mode=generate --config=configs/nrms.py:goodreads \
+      --generate.scheme=summarizer --generate.provider=replay \
+      --generate.replay.path=../shared/data/goodreads/genre --workdir=/tmp/gen
+
+  # Masked-LM pretraining of the item encoder on the item corpus:
+  python run.py --mode=pretrain --config=configs/mlm_minilm.py --workdir=/tmp/mlm
+
 Any config field can be overridden: --config.model.user_encoder=gru.
 """
 
 from __future__ import annotations
 
 import json
+import logging as pylogging
 import os
 import sys
 
@@ -26,9 +35,15 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from genre_jax.genre import generate as generate_lib
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Preset file, e.g. configs/nrms.py (train/generate).",
     lock_config=True)
+_GENERATE = config_flags.DEFINE_config_dict(
+    "generate", generate_lib.generate_config(),
+    "GENRE generation settings (--mode=generate), e.g. "
+    "--generate.scheme=summarizer --generate.provider=replay.")
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "eval", "recommend", "generate", "pretrain"],
     "What to do.")
@@ -116,6 +131,7 @@ def _train(config, workdir):
 def _eval(workdir):
   from genre_jax import train
   from genre_jax.data import mind
+  from genre_jax.genre import augment
 
   config, dataset, evaluator, params = train.load_for_inference(workdir)
   if _EVAL_FILE.value:
@@ -123,6 +139,7 @@ def _eval(workdir):
     behaviors, _ = mind.read_behaviors(_EVAL_FILE.value, dataset.items.index(),
                                        dict(user_index))
     behaviors.users[behaviors.users >= len(dataset.user_vocab)] = 0
+    augment.extend_behaviors(behaviors, dataset)
     name = os.path.basename(_EVAL_FILE.value)
   else:
     if _SPLIT.value not in dataset.splits:
@@ -170,9 +187,52 @@ def _pretrain(config, workdir):
                     "steps": summary["steps"]}))
 
 
+class _LibraryInfoFilter(pylogging.Filter):
+  """Drops the INFO chatter of Orbax and TFDS; their warnings still show."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    noisy = ("orbax" in record.pathname or
+             "tensorflow_datasets" in record.pathname)
+    return record.levelno >= pylogging.WARNING or not noisy
+
+
+def _generate(config, workdir):
+  from genre_jax import data as data_lib
+  from genre_jax.genre import augment
+
+  g = _GENERATE.value
+  out = g.out or (os.path.join(workdir, f"{g.scheme}.jsonl") if workdir
+                  else "")
+  if not out:
+    raise app.UsageError("--mode=generate needs --workdir or --generate.out")
+  # Prompts are built from the original data, whatever augmentation the
+  # config switches on for training.
+  data_config = config.data.copy_and_resolve_references()
+  data_config.genre.summarizer = ""
+  data_config.genre.profiler = ""
+  data_config.genre.generator = ()
+  dataset = data_lib.load_dataset(data_config)
+  domain = augment.domain_of(dataset, g)
+  provider = generate_lib.make_provider(g, out)
+  summary = generate_lib.run_generation(
+      g.scheme, domain, provider, dataset, out,
+      cold_threshold=int(config.data.cold_threshold), limit=int(g.limit),
+      chunk_size=int(g.chunk_size),
+      scheme_options={"max_history": int(g.max_history)})
+  steps = [summary.get("profiler"), summary]
+  print(f"{'scheme':<12}{'domain':<8}{'asked':>8}{'usable':>9}{'seconds':>9}"
+        "  output")
+  for step in (s for s in steps if s):
+    print(f"{step['scheme']:<12}{step['domain']:<8}{step['count']:>8}"
+          f"{100 * step['usable_rate']:>8.1f}%{step['seconds']:>9.1f}"
+          f"  {step['out_path']}")
+  print(json.dumps(summary, default=str))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
   from genre_jax import train
   from genre_jax.errors import ConfigError, DataFormatError
 
@@ -193,8 +253,8 @@ def main(argv):
     elif mode == "pretrain":
       _pretrain(_CONFIG.value, workdir)
     else:
-      raise app.UsageError(f"--mode={mode} is not available in this build")
-  except (ConfigError, DataFormatError) as e:
+      _generate(_CONFIG.value, workdir)
+  except (ConfigError, DataFormatError, FileNotFoundError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

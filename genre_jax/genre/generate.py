@@ -19,7 +19,10 @@ from typing import Any, Sequence
 
 from absl import logging
 
+import ml_collections
+
 from genre_jax.data.types import Dataset
+from genre_jax.errors import ConfigError
 from genre_jax.genre import parsing
 from genre_jax.genre import prompts as prompts_lib
 from genre_jax.genre import providers as providers_lib
@@ -58,8 +61,11 @@ def user_histories(dataset: Dataset) -> dict[str, list[int]]:
   return histories
 
 
+_BAR_WIDTH = 30
+
+
 class _Progress:
-  """Logs done/total, rate and ETA at most every few seconds."""
+  """A progress bar with rate and ETA, logged at most every few seconds."""
 
   def __init__(self, name: str, total: int):
     self.name = name
@@ -67,17 +73,22 @@ class _Progress:
     self.start = time.monotonic()
     self._last = self.start
 
+  def line(self, done: int, now: float) -> str:
+    elapsed = max(now - self.start, 1e-9)
+    rate = done / elapsed
+    eta = (self.total - done) / rate if rate > 0 else float("inf")
+    filled = int(_BAR_WIDTH * done / max(self.total, 1))
+    bar = "#" * filled + "." * (_BAR_WIDTH - filled)
+    return (f"{self.name} [{bar}] {done}/{self.total} "
+            f"({100.0 * done / max(self.total, 1):.1f}%) {rate:.1f}/s "
+            f"ETA {_fmt_seconds(eta)}")
+
   def update(self, done: int) -> None:
     now = time.monotonic()
     if now - self._last < _LOG_EVERY_S and done < self.total:
       return
     self._last = now
-    elapsed = max(now - self.start, 1e-9)
-    rate = done / elapsed
-    eta = (self.total - done) / rate if rate > 0 else float("inf")
-    logging.info("%s: %d/%d (%.1f%%) %.1f/s, ETA %s", self.name, done,
-                 self.total, 100.0 * done / max(self.total, 1), rate,
-                 _fmt_seconds(eta))
+    logging.info("%s", self.line(done, now))
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -226,3 +237,63 @@ def run_generation(scheme: str, domain: str,
 
 def _limit(values: list, limit: int) -> list:
   return values[:limit] if limit > 0 else values
+
+
+def generate_config() -> ml_collections.ConfigDict:
+  """Settings of `run.py --mode=generate`, overridable as --generate.X=..."""
+  g = ml_collections.ConfigDict()
+  # summarizer | profiler | generator | chain.
+  g.scheme = "summarizer"
+  # replay | openai | local.
+  g.provider = "replay"
+  # Prompt wording and reply format: auto (book for Goodreads) | news | book.
+  g.domain = "auto"
+  # Output JSONL ("" = WORKDIR/<scheme>.jsonl).
+  g.out = ""
+  # Ask for at most this many items/users (0 = all).
+  g.limit = 0
+  # Prompts per provider call (progress is reported between calls).
+  g.chunk_size = 64
+  # Most recent history items shown in user prompts.
+  g.max_history = 20
+  # replay: a released generations file, or a folder with one per scheme.
+  g.replay = ml_collections.ConfigDict(dict(path="", strict=False))
+  # openai: any OpenAI-compatible chat-completions endpoint.
+  g.openai = ml_collections.ConfigDict(dict(
+      base_url="https://api.openai.com/v1", model="gpt-3.5-turbo",
+      api_key_env="OPENAI_API_KEY",
+      # Append-only answer cache ("" = OUT.cache.jsonl): re-runs never ask
+      # again for an answered prompt.
+      cache="", concurrency=4, rate=0.0, max_retries=5, timeout=60.0,
+      backoff=1.0, max_backoff=30.0,
+      temperature=0.0, max_tokens=256))
+  # local: the Flax Llama decoder on a local Hugging Face Llama directory.
+  g.local = ml_collections.ConfigDict(dict(
+      model_dir="", dtype="float32", batch_size=8, max_new_tokens=128,
+      max_prompt_len=1024, temperature=0.0, top_p=1.0, stop=(), seed=0))
+  return g
+
+
+def make_provider(g: ml_collections.ConfigDict,
+                  out_path: str) -> providers_lib.Provider:
+  """The provider `g.provider` built from its settings in `g`."""
+  if g.provider == "replay":
+    if not g.replay.path:
+      raise ConfigError("--generate.provider=replay needs "
+                        "--generate.replay.path (a generations file or folder)")
+    return providers_lib.get_provider("replay", path=g.replay.path,
+                                      strict=bool(g.replay.strict))
+  if g.provider == "openai":
+    options = g.openai.to_dict()
+    options["cache_path"] = options.pop("cache") or f"{out_path}.cache.jsonl"
+    return providers_lib.get_provider("openai", **options)
+  if g.provider == "local":
+    options = g.local.to_dict()
+    if not options["model_dir"]:
+      raise ConfigError("--generate.provider=local needs "
+                        "--generate.local.model_dir (a Hugging Face Llama "
+                        "directory)")
+    options["stop"] = tuple(options["stop"])
+    return providers_lib.get_provider("local", **options)
+  raise ConfigError(f"--generate.provider={g.provider}: choose replay, "
+                    "openai or local")
