@@ -68,6 +68,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.2
   # Compute dtype: float32 | bfloat16 (parameters stay float32).
   c.model.dtype = "float32"
+  # Parameter (and optimizer state) dtype: float32 | bfloat16 ("pure bf16").
+  c.model.param_dtype = "float32"
+  # Self-attention kernel: auto (cuDNN's fused kernel on GPUs with 16-bit
+  # compute where it takes the shapes, else XLA) | xla | cudnn.
+  c.model.attention = "auto"
   # Part-specific settings.
   c.model.cnn = ml_collections.ConfigDict(dict(num_filters=256, kernel_size=3))
   c.model.transformer = ml_collections.ConfigDict(dict(num_layers=2, mlp_dim=512))
@@ -126,6 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Encode each distinct item of a batch once (history and candidates share
   # many items); the result is the same, the step cheaper.
   c.train.dedup_items = True
+  # Batches built and copied to the devices ahead of the step, by a thread.
+  c.train.prefetch = 2
   # Save the latest state every N steps for resume (0 = only at epoch ends).
   c.train.checkpoint_every = 500
 
@@ -151,14 +158,18 @@ def apply_dataset(c: ml_collections.ConfigDict, arg: str | None) -> None:
     c.data.max_len.title = 20
     c.train.epochs = 3
   elif arg == "goodreads":
-    # Goodreads histories hold at most 8 books and 95% of titles fit in 16
-    # MiniLM word pieces: padding to MIND's 50 x 30 would waste most compute.
+    # Goodreads histories hold at most 8 books (3.2 on average) and 95% of
+    # titles fit in 16 MiniLM word pieces (mean 6.2): padding to MIND's
+    # 50 x 30 would waste most of the compute. GENRE summaries are longer
+    # (median 28 pieces) and are cut at 32. Two epochs: NRMS reaches 0.809
+    # dev AUC after two and 0.814 after three on this data.
     c.data.name = "goodreads_genre"
     c.data.path = "../shared/data/goodreads"
     c.data.history_len = 8
-    c.data.max_len.title = 20
-    c.train.epochs = 8
-    c.train.patience = 3
+    c.data.max_len.title = 16
+    c.data.max_len.summary = 32
+    c.train.epochs = 2
+    c.train.patience = 2
   elif arg == "mind":
     c.data.name = "mind"
     c.data.variant = "small"

@@ -19,8 +19,10 @@ import functools
 import json
 import math
 import os
+import queue
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import jax
@@ -66,6 +68,53 @@ def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
   """This process's rows of a batch -> global arrays sharded on the batch axis."""
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in batch.items()}
+
+
+def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], sharding,
+                       size: int = 2) -> Iterator[tuple[int, dict]]:
+  """Builds host batches and copies them to the devices `size` ahead.
+
+  A background thread runs the numpy batcher and starts each transfer, so
+  the accelerator never waits for the host. Yields (number of real samples,
+  device batch). Closing the generator (a `break`) stops the thread.
+  """
+  out: queue.Queue = queue.Queue(maxsize=max(size, 1))
+  stop = threading.Event()
+  done = object()
+
+  def produce():
+    try:
+      for batch in batches:
+        item = (int(batch["weights"].sum()), to_global(batch, sharding))
+        while not stop.is_set():
+          try:
+            out.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if stop.is_set():
+          return
+      out.put(done)
+    except BaseException as e:  # pylint: disable=broad-except
+      out.put(e)  # re-raised in the consumer
+
+  thread = threading.Thread(target=produce, daemon=True)
+  thread.start()
+  try:
+    while True:
+      item = out.get()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+    while thread.is_alive():  # unblock a producer waiting on a full queue
+      try:
+        out.get_nowait()
+      except queue.Empty:
+        thread.join(timeout=0.05)
 
 
 # --- Model, optimizer, state ------------------------------------------------
@@ -161,6 +210,14 @@ def init_model(config, spec: ItemInputSpec, total_steps: int):
   eval_graphdef, _, _ = nnx.split(model, nnx.Param, ...)
   model.train()
   train_graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  param_dtype = config.model.get("param_dtype", "float32")
+  if param_dtype == "bfloat16":  # "pure bf16": weights and Adam moments
+    params = jax.tree.map(
+        lambda x: x.astype(jnp.bfloat16)
+        if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+  elif param_dtype != "float32":
+    raise ConfigError(f"config.model.param_dtype: '{param_dtype}' is not "
+                      "float32 or bfloat16")
   tx = make_optimizer(config, total_steps)
   state = {"params": params, "opt": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
@@ -509,17 +566,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   while not done:
     tick, in_epoch = time.time(), True
     hit_step_limit = False
-    for batch_index, batch in enumerate(batcher.epoch(epoch)):
-      if batch_index < skip:  # already trained on before a resume
-        continue
+    # Batches before `skip` were trained on before a resume.
+    batches = prefetch_to_device(batcher.epoch(epoch, start=skip),
+                                 data_sharding, int(tc.prefetch))
+    for batch_index, (num_real, batch) in enumerate(batches, start=skip):
       if tc.max_steps and step >= tc.max_steps:
         hit_step_limit = True
         break
-      state, step_metrics = step_fn(state, to_global(batch, data_sharding),
-                                    items)
+      state, step_metrics = step_fn(state, batch, items)
       step += 1
       skip = batch_index + 1
-      samples_done += int(batch["weights"].sum())
+      samples_done += num_real
       if step % int(tc.log_every) == 0 or step == 1:
         loss = float(step_metrics["loss"])  # the only host sync of the loop
         if not math.isfinite(loss):
@@ -537,6 +594,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                          progress_record(skip, False))
       if step_callback is not None:
         step_callback(step)
+    batches.close()  # stops the prefetch thread after a break
     train_seconds += time.time() - tick
     in_epoch = False
 

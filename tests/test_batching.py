@@ -267,3 +267,67 @@ def test_eval_batcher_covers_every_impression(synth):
           assert batch["users"][row] == dev.users[m]
           assert batch["weights"][row] == 1
     assert seen == list(range(len(dev)))  # File order, each exactly once.
+
+
+def test_dedup_layout_reconstructs_every_slot(synth):
+  ds, train = synth
+  plain = batching.TrainBatcher(train, ds.items, batch_size=16,
+                                history_len=H, num_negatives=K, seed=3)
+  capacity = plain.max_unique_items(range(2))
+  dedup = batching.TrainBatcher(train, ds.items, batch_size=16,
+                                history_len=H, num_negatives=K, seed=3,
+                                unique_items=capacity)
+  for epoch in range(2):
+    for a, b in zip(plain.epoch(epoch), dedup.epoch(epoch)):
+      for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+      assert b["item_ids"].shape == (capacity,)
+      np.testing.assert_array_equal(b["item_ids"][b["history_pos"]],
+                                    a["history"])
+      np.testing.assert_array_equal(b["item_ids"][b["candidate_pos"]],
+                                    a["candidates"])
+      used = np.unique(np.concatenate([a["history"].ravel(),
+                                       a["candidates"].ravel()]))
+      assert len(set(b["item_ids"][:len(used)])) == len(used)
+  # One capacity too small is a clear error, not a silent overflow.
+  small = batching.TrainBatcher(train, ds.items, batch_size=16,
+                                history_len=H, num_negatives=K, seed=3,
+                                unique_items=4)
+  with pytest.raises(Exception, match="distinct items"):
+    next(small.epoch(0))
+
+
+def test_dedup_positions_of_a_second_process_point_into_its_block(synth):
+  ds, train = synth
+  kwargs = dict(batch_size=16, history_len=H, num_negatives=K, seed=1,
+                process_count=2, unique_items=128)
+  first = next(batching.TrainBatcher(train, ds.items, process_index=0,
+                                     **kwargs).epoch(0))
+  second = next(batching.TrainBatcher(train, ds.items, process_index=1,
+                                      **kwargs).epoch(0))
+  # The global item_ids is the two local blocks, one after the other.
+  global_ids = np.concatenate([first["item_ids"], second["item_ids"]])
+  for local in (first, second):
+    np.testing.assert_array_equal(global_ids[local["history_pos"]],
+                                  local["history"])
+    np.testing.assert_array_equal(global_ids[local["candidate_pos"]],
+                                  local["candidates"])
+  assert second["history_pos"].min() >= 128
+
+
+def test_profiles_ride_along_in_train_and_eval_batches(synth):
+  ds, train = synth
+  profiles = np.arange(len(train), dtype=np.int32) % 7  # 0 = no profile
+  with_profiles = dataclasses.replace(train, profiles=profiles)
+  batcher = batching.TrainBatcher(with_profiles, ds.items, batch_size=8,
+                                  history_len=H, num_negatives=K, seed=0,
+                                  unique_items=256)
+  batch = next(batcher.epoch(0))
+  rows = batch["users"] - 1  # one user per impression in this fixture
+  real = batch["weights"] > 0
+  np.testing.assert_array_equal(batch["profile"][real], profiles[rows[real]])
+  np.testing.assert_array_equal(batch["item_ids"][batch["profile_pos"]],
+                                batch["profile"])
+  evaluation = next(iter(batching.EvalBatcher(with_profiles, batch_size=8,
+                                              history_len=H)))
+  np.testing.assert_array_equal(evaluation["profile"], profiles[:8])

@@ -363,3 +363,39 @@ def test_unknown_part_name_is_a_config_error():
     models.build_model(tiny_config(dtype="float16"), SPEC, seed=0)
   with pytest.raises(ConfigError, match="num_heads"):
     models.build_model(tiny_config(num_heads=3), SPEC, seed=0)
+
+
+def test_attention_implementations_agree_and_bad_names_are_config_errors():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 6, 2, 4)), jnp.float32)
+             for _ in range(3))
+  mask = jnp.asarray(np.arange(6)[None] < np.array([[4], [6]]))
+  auto = models.layers.masked_attention(q, k, v, mask, "auto")
+  xla = models.layers.masked_attention(q, k, v, mask, "xla")
+  np.testing.assert_allclose(np.asarray(auto), np.asarray(xla), atol=1e-6)
+  with pytest.raises(ConfigError, match="config.model.attention"):
+    models.layers.masked_attention(q, k, v, mask, "flash")
+
+
+def test_profile_vector_goes_in_front_of_the_history():
+  config = tiny_config(item_encoder="pooling", user_encoder="additive",
+                       predictor="dot", dropout=0.0)
+  model = models.build_model(config, SPEC, seed=0)
+  model.eval()
+  tokens, masks = item_table()
+  batch = make_batch()
+  b = batch["history"].shape[0]
+  without, _ = model(batch, tokens, masks)
+  none = dict(batch, profile=np.zeros(b, np.int32))
+  same, _ = model(none, tokens, masks)  # profile 0 = no profile
+  np.testing.assert_allclose(np.asarray(same), np.asarray(without),
+                             rtol=1e-5, atol=1e-5)
+  profile = np.full(b, 2, np.int32)
+  with_profile, aux = model(dict(batch, profile=profile), tokens, masks)
+  assert aux["history"].shape[1] == batch["history"].shape[1] + 1
+  item = model.encode_items({f: t[2:3] for f, t in tokens.items()},
+                            {f: m[2:3] for f, m in masks.items()})
+  np.testing.assert_allclose(np.asarray(aux["history"][:, 0]),
+                             np.broadcast_to(np.asarray(item), (b, D)),
+                             rtol=1e-5, atol=1e-5)
+  assert not np.allclose(np.asarray(with_profile), np.asarray(without))

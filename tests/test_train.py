@@ -289,3 +289,28 @@ def test_two_devices_give_the_same_loss_as_one(data_dir):
   assert results[2]["devices"] == 2
   np.testing.assert_allclose(results[1]["losses"], results[2]["losses"],
                              rtol=1e-5, atol=1e-6)
+
+
+def test_pure_bfloat16_trains_with_bfloat16_weights_and_moments(data_dir):
+  config = shrink(load_preset("nrms"), data_dir)
+  config.model.dtype = "bfloat16"
+  config.model.param_dtype = "bfloat16"
+  dataset = data_lib.load_dataset(config.data)
+  host_items, spec = train.model_inputs(config, dataset)
+  parts, state = train.init_model(config, spec, total_steps=10)
+  floats = [x for x in jax.tree.leaves(state) if x.dtype.kind == "f" or
+            x.dtype == jax.numpy.bfloat16]
+  assert floats and all(x.dtype == jax.numpy.bfloat16 for x in floats)
+  from genre_jax.data import batching
+  batcher = batching.TrainBatcher(dataset.splits["train"], dataset.items,
+                                  batch_size=16, history_len=10,
+                                  num_negatives=4, seed=0)
+  batch = next(batcher.epoch(0))
+  mesh = train.make_mesh()
+  items = jax.device_put(host_items)
+  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  step = train.compile_train_step(parts, state, shapes, items, mesh, 0)
+  dat = jax.sharding.NamedSharding(mesh, train.P("data"))
+  new_state, metrics = step(state, train.to_global(batch, dat), items)
+  assert np.isfinite(float(metrics["loss"]))
+  assert jax.tree.leaves(new_state["params"])[0].dtype == jax.numpy.bfloat16

@@ -192,12 +192,17 @@ class TrainBatcher:
       return self.num_samples // self.batch_size
     return -(-self.num_samples // self.batch_size)
 
-  def epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-    """This process's batches of one epoch, deterministic in (seed, epoch)."""
+  def epoch(self, epoch: int,
+            start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """This process's batches of one epoch, deterministic in (seed, epoch).
+
+    `start` skips the first batches without building them (a resumed run);
+    the batches after it are the same as in a full pass.
+    """
     order = np.random.default_rng([self.seed, epoch]).permutation(
         self.num_samples)
     lo = self.process_index * self.local_batch_size
-    for step in range(self.steps_per_epoch()):
+    for step in range(start, self.steps_per_epoch()):
       rows = order[step * self.batch_size:(step + 1) * self.batch_size]
       yield self._batch(rows, epoch, step, lo)
 

@@ -130,7 +130,7 @@ class SelfAttentionItemEncoder(nnx.Module):
     self.embed = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
     self.attention = layers.MultiHeadSelfAttention(
         m.embed_dim, m.hidden_dim, m.num_heads, dtype=dtype, rngs=rngs,
-        output_projection=False)
+        output_projection=False, implementation=m.attention)
     self.pool = layers.AdditiveAttention(m.hidden_dim, m.attention_dim,
                                          dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(m.dropout, rngs=rngs)
@@ -225,7 +225,7 @@ class TransformerItemEncoder(nnx.Module):
     self.blocks = nnx.List([
         layers.TransformerLayer(m.hidden_dim, m.num_heads,
                                 m.transformer.mlp_dim, m.dropout, dtype=dtype,
-                                rngs=rngs)
+                                rngs=rngs, attention=m.attention)
         for _ in range(m.transformer.num_layers)])
     self.norm = nnx.LayerNorm(m.hidden_dim, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(m.dropout, rngs=rngs)

@@ -62,13 +62,50 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   return (x * weights).sum(-2) / count
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          key_mask: jax.Array,
+                          implementation: str = "auto") -> jax.Array:
+  """jax.nn.dot_product_attention, on cuDNN's fused kernel where it can run.
+
+  JAX's own default is XLA's unfused attention. "auto" asks for cuDNN on a
+  GPU with 16-bit inputs and falls back to XLA when cuDNN rejects the shapes
+  (head size not a multiple of 8, odd lengths with a mask, ...); "cudnn"
+  insists (and fails loudly), "xla" never tries.
+
+  Args:
+    q, k, v: [B, L, N, Dh].
+    key_mask: bool, broadcastable to [B, N, Lq, Lk]; True = attend.
+    implementation: auto | xla | cudnn.
+  """
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ConfigError(f"config.model.attention: '{implementation}' is not one "
+                      f"of {list(ATTENTION_IMPLEMENTATIONS)}")
+  if implementation == "auto":
+    wants_cudnn = (jax.default_backend() == "gpu" and
+                   q.dtype in (jnp.bfloat16, jnp.float16))
+    if wants_cudnn:
+      try:
+        return jax.nn.dot_product_attention(q, k, v, mask=key_mask,
+                                            implementation="cudnn")
+      except (NotImplementedError, ValueError, RuntimeError):
+        pass  # shapes cuDNN does not take: XLA below
+    implementation = "xla"
+  return jax.nn.dot_product_attention(q, k, v, mask=key_mask,
+                                      implementation=implementation)
+
+
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     mask: jax.Array) -> jax.Array:
+                     mask: jax.Array, implementation: str = "auto"
+                     ) -> jax.Array:
   """Scaled dot-product self-attention over a padded sequence.
 
   Args:
     q, k, v: [B, L, N, Dh] queries, keys and values.
     mask: [B, L] bool, True on real positions.
+    implementation: auto | xla | cudnn (see dot_product_attention).
 
   Returns:
     [B, L, N, Dh]; rows of padded queries (hence all rows of an all-padding
@@ -76,8 +113,7 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   """
   # Keys are masked per sequence: [B, 1, 1, Lk], broadcast to [B, N, Lq, Lk].
   key_mask = mask[:, None, None, :]
-  out = jax.nn.dot_product_attention(q, k, v, mask=key_mask,
-                                     implementation=None)
+  out = dot_product_attention(q, k, v, key_mask, implementation)
   return out * mask[:, :, None, None].astype(out.dtype)
 
 
@@ -90,8 +126,9 @@ class MultiHeadSelfAttention(nnx.Module):
 
   def __init__(self, in_dim: int, out_dim: int, num_heads: int, *,
                dtype: jnp.dtype, rngs: nnx.Rngs,
-               output_projection: bool = True):
+               output_projection: bool = True, implementation: str = "auto"):
     self.num_heads = num_heads
+    self.implementation = implementation
     self.head_dim = num_heads_for(out_dim, num_heads, "attention output")
     self.qkv = nnx.Linear(in_dim, 3 * out_dim, dtype=dtype, rngs=rngs)
     self.out = nnx.data(None)
@@ -103,7 +140,8 @@ class MultiHeadSelfAttention(nnx.Module):
     b, l, _ = x.shape
     qkv = self.qkv(x).reshape(b, l, 3, self.num_heads, self.head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, N, Dh]
-    heads = masked_attention(q, k, v, mask)  # [B, L, N, Dh]
+    heads = masked_attention(q, k, v, mask,
+                             self.implementation)  # [B, L, N, Dh]
     out = heads.reshape(b, l, self.num_heads * self.head_dim)  # [B, L, D]
     if self.out is not None:
       out = self.out(out)
@@ -195,10 +233,12 @@ class TransformerLayer(nnx.Module):
   """A pre-LN Transformer encoder layer (self-attention and a GELU MLP)."""
 
   def __init__(self, dim: int, num_heads: int, mlp_dim: int, dropout: float,
-               *, dtype: jnp.dtype, rngs: nnx.Rngs):
+               *, dtype: jnp.dtype, rngs: nnx.Rngs,
+               attention: str = "auto"):
     self.norm1 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.attention = MultiHeadSelfAttention(dim, dim, num_heads, dtype=dtype,
-                                            rngs=rngs)
+                                            rngs=rngs,
+                                            implementation=attention)
     self.norm2 = nnx.LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.mlp_in = nnx.Linear(dim, mlp_dim, dtype=dtype, rngs=rngs)
     self.mlp_out = nnx.Linear(mlp_dim, dim, dtype=dtype, rngs=rngs)

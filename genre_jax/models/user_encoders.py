@@ -52,7 +52,7 @@ class SelfAttentionUserEncoder(nnx.Module):
     dtype = layers.compute_dtype(config)
     self.attention = layers.MultiHeadSelfAttention(
         m.hidden_dim, m.hidden_dim, m.num_heads, dtype=dtype, rngs=rngs,
-        output_projection=False)
+        output_projection=False, implementation=m.attention)
     self.pool = layers.AdditiveAttention(m.hidden_dim, m.attention_dim,
                                          dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(m.dropout, rngs=rngs)

