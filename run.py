@@ -26,7 +26,6 @@ Any config field can be overridden: --config.model.user_encoder=gru.
 from __future__ import annotations
 
 import json
-import logging as pylogging
 import os
 import sys
 
@@ -36,6 +35,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from genre_jax.genre import generate as generate_lib
+from genre_jax.logs import quiet_library_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Preset file, e.g. configs/nrms.py (train/generate).",
@@ -187,15 +187,6 @@ def _pretrain(config, workdir):
                     "steps": summary["steps"]}))
 
 
-class _LibraryInfoFilter(pylogging.Filter):
-  """Drops the INFO chatter of Orbax and TFDS; their warnings still show."""
-
-  def filter(self, record: pylogging.LogRecord) -> bool:
-    noisy = ("orbax" in record.pathname or
-             "tensorflow_datasets" in record.pathname)
-    return record.levelno >= pylogging.WARNING or not noisy
-
-
 def _generate(config, workdir):
   from genre_jax import data as data_lib
   from genre_jax.genre import augment
@@ -232,7 +223,7 @@ def _generate(config, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+  quiet_library_logging()
   from genre_jax import train
   from genre_jax.errors import ConfigError, DataFormatError
 

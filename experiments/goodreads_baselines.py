@@ -36,6 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from genre_jax import train  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "../shared/data/goodreads", "The Goodreads release folder.")
@@ -100,6 +101,7 @@ def table(results: dict[str, dict]) -> str:
 
 def main(argv: Sequence[str]) -> None:
   del argv
+  quiet_library_logging()
   data_dir = os.path.abspath(os.path.expanduser(_DATA_DIR.value))
   if not os.path.isfile(os.path.join(data_dir, "news.tsv")):
     raise app.UsageError(f"--data_dir={data_dir} holds no news.tsv")
