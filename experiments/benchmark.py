@@ -38,7 +38,6 @@ The output ends with one line of JSON: {"device", "num_devices",
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -56,6 +55,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from genre_jax import train  # pylint: disable=g-import-not-at-top
+from genre_jax.config import load_preset  # pylint: disable=g-import-not-at-top
+from genre_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
 from genre_jax.data.types import Behaviors, ItemInputSpec  # pylint: disable=g-import-not-at-top
 
 _PRESET = flags.DEFINE_string("preset", "nrms", "Preset name in configs/.")
@@ -113,35 +114,6 @@ class Shape:
   title: int
   num_items: int
   vocab: int
-
-
-def load_preset(name: str, overrides) -> "ml_collections.ConfigDict":
-  """configs/<name>.py's config with `key=value` overrides applied."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  path = os.path.join(root, "configs", f"{name}.py")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no preset {path}")
-  spec = importlib.util.spec_from_file_location(f"preset_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("")
-  for item in overrides:
-    key, _, value = item.partition("=")
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    old = node[leaf]
-    if isinstance(old, bool):
-      new = value.lower() in ("1", "true", "yes")
-    elif isinstance(old, int):
-      new = int(float(value))
-    elif isinstance(old, float):
-      new = float(value)
-    else:
-      new = value
-    node[leaf] = new
-  return config
 
 
 # --- Inputs -------------------------------------------------------------------
@@ -497,8 +469,8 @@ def main(argv):
   rows, skipped = [], []
   for label, preset, shape, overrides, data_path in plans:
     try:
-      config = load_preset(preset, overrides)
-    except FileNotFoundError as e:
+      config = load_preset(preset, "", overrides)
+    except ConfigError as e:
       skipped.append({"label": label, "reason": str(e)})
       continue
     config.name = preset

@@ -45,12 +45,11 @@ from absl import logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
 
 from genre_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import train  # pylint: disable=g-import-not-at-top
 from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
-import goodreads_baselines  # pylint: disable=g-import-not-at-top
 
 HERE = os.path.join(ROOT, "experiments", "genre_goodreads")
 
@@ -85,7 +84,7 @@ def variant_config(model: str, variant: str, seed: int):
   if variant not in VARIANTS:
     raise app.UsageError(f"unknown variant '{variant}'; choose from "
                          f"{list(VARIANTS)}")
-  config = goodreads_baselines.load_preset(model, "goodreads")
+  config = config_lib.load_preset(model, "goodreads")
   config.data.path = os.path.abspath(os.path.expanduser(_DATA_DIR.value))
   if _DATA_CACHE.value:
     config.data.data_dir = _DATA_CACHE.value
@@ -105,7 +104,7 @@ def variant_config(model: str, variant: str, seed: int):
     genre.generator = ("release:generator_v1",)
   if _QUICK.value:
     config.train.max_steps = _QUICK_STEPS
-  goodreads_baselines.apply_overrides(config, _SET.value)
+  config_lib.apply_overrides(config, _SET.value)
   return config
 
 

@@ -21,7 +21,6 @@ wall time, samples/s) and ends with one line of JSON:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -35,6 +34,7 @@ from absl import logging
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import train  # pylint: disable=g-import-not-at-top
 from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
 
@@ -53,35 +53,6 @@ _SET = flags.DEFINE_multi_string(
 flags.mark_flag_as_required("workdir_root")
 
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
-
-
-def load_preset(name: str, arg: str | None = None):
-  """configs/<name>.py's get_config(arg)."""
-  path = os.path.join(ROOT, "configs", f"{name}.py")
-  if not os.path.isfile(path):
-    raise app.UsageError(f"no preset {path}")
-  spec = importlib.util.spec_from_file_location(f"preset_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def apply_overrides(config, overrides: Sequence[str]) -> None:
-  """Applies `a.b.c=value` strings (value a Python literal, else a string)."""
-  import ast  # pylint: disable=g-import-not-at-top
-
-  for item in overrides:
-    key, sep, text = item.partition("=")
-    if not sep:
-      raise app.UsageError(f"--set={item}: expected key=value")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    node, names = config, key.split(".")
-    for name in names[:-1]:
-      node = node[name]
-    node[names[-1]] = value
 
 
 def table(results: dict[str, dict]) -> str:
@@ -107,12 +78,12 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"--data_dir={data_dir} holds no news.tsv")
   results = {}
   for name in _PRESETS.value:
-    config = load_preset(name, "goodreads")
+    config = config_lib.load_preset(name, "goodreads")
     config.data.path = data_dir
     if _DATA_CACHE.value:
       config.data.data_dir = _DATA_CACHE.value
     config.train.seed = _SEED.value
-    apply_overrides(config, _SET.value)
+    config_lib.apply_overrides(config, _SET.value)
     workdir = os.path.join(_WORKDIR_ROOT.value, name)
     logging.info("Training %s in %s", name, workdir)
     start = time.time()

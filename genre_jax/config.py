@@ -7,7 +7,18 @@ the preset needs; any field can be overridden on the command line
 
 from __future__ import annotations
 
+import ast
+import importlib.util
+import os
+from typing import Sequence
+
 import ml_collections
+
+from genre_jax.errors import ConfigError
+
+# The presets, one file each, beside the package.
+PRESET_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -179,3 +190,53 @@ def apply_dataset(c: ml_collections.ConfigDict, arg: str | None) -> None:
   else:
     raise ValueError(f"unknown dataset argument '{arg}' in --config=...:{arg}; "
                      "use goodreads, mind or nothing (synthetic demo)")
+
+
+def load_preset(name: str, arg: str | None = None,
+                overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """configs/<name>.py's get_config(arg), with `key=value` overrides."""
+  path = os.path.join(PRESET_DIR, f"{name}.py")
+  if not os.path.isfile(path):
+    raise ConfigError(f"no preset {path}; have "
+                      f"{sorted(f[:-3] for f in os.listdir(PRESET_DIR))}")
+  spec = importlib.util.spec_from_file_location(f"preset_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  apply_overrides(config, overrides)
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Sequence[str]) -> None:
+  """Applies `a.b.c=value` strings, as --config.a.b.c=value would.
+
+  The value is read as a Python literal when it is one (numbers, booleans,
+  tuples), else taken as a string; ints widen to floats and lists become
+  tuples where the field holds one.
+  """
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ConfigError(f"config override '{item}': expected key=value")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node, names = config, key.split(".")
+    try:
+      for name in names[:-1]:
+        node = node[name]
+      old = node[names[-1]]
+    except (KeyError, AttributeError):
+      raise ConfigError(f"config override '{item}': no field '{key}'") from None
+    if isinstance(old, float) and isinstance(value, int):
+      value = float(value)
+    elif isinstance(old, tuple) and isinstance(value, list):
+      value = tuple(value)
+    elif isinstance(old, str) and not isinstance(value, str):
+      value = text
+    try:
+      node[names[-1]] = value
+    except TypeError as e:
+      raise ConfigError(f"config override '{item}': {e}") from None

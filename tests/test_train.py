@@ -5,7 +5,6 @@ points (train_and_evaluate, run.py).
 """
 
 import glob
-import importlib.util
 import json
 import os
 import pathlib
@@ -19,16 +18,9 @@ import pytest
 from genre_jax import checkpoint as ckpt_lib
 from genre_jax import data as data_lib
 from genre_jax import train
+from genre_jax.config import load_preset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def load_preset(name, arg=None):
-  spec = importlib.util.spec_from_file_location(
-      name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def shrink(config, data_dir, **train_overrides):
