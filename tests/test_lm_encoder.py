@@ -202,3 +202,20 @@ def test_mlm_loss_falls_and_the_checkpoint_loads_into_the_recommender(
   # And a recommender trains from it.
   losses, _, _ = _first_losses(rec, dataset, steps=2)
   assert all(np.isfinite(losses))
+
+
+def test_llama_item_encoder_trains_from_its_cache(data_dir, tmp_path):
+  from tests.test_genre_providers import build_tiny_llama
+
+  model_dir = build_tiny_llama(tmp_path / "llama")
+  config = shrink(load_preset("llama_nrms"), data_dir, max_steps=2)
+  config.model.lm.path = str(model_dir)
+  config.model.lm.cache_dir = str(tmp_path / "lm_cache")
+  config.model.lm.max_len = 12
+  config.model.lm.tune_from = 1  # one of the tiny model's two layers frozen
+  config.model.lm.cache_dtype = "float32"
+  config.model.dtype = "float32"
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert summary["steps"] == 2
+  assert np.isfinite(summary["test"]["all"]["auc"])
+  assert len(os.listdir(tmp_path / "lm_cache")) == 1

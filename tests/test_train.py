@@ -306,3 +306,29 @@ def test_pure_bfloat16_trains_with_bfloat16_weights_and_moments(data_dir):
   new_state, metrics = step(state, train.to_global(batch, dat), items)
   assert np.isfinite(float(metrics["loss"]))
   assert jax.tree.leaves(new_state["params"])[0].dtype == jax.numpy.bfloat16
+
+
+def test_wandb_offline_logs_into_the_workdir(data_dir, tmp_path):
+  pytest.importorskip("wandb")
+  config = shrink(load_preset("nrms"), data_dir, max_steps=2, log_every=1)
+  workdir = tmp_path / "wb"
+  train.train_and_evaluate(config, str(workdir), wandb_mode="offline")
+  runs = list((workdir / "wandb").glob("offline-run-*"))
+  assert len(runs) == 1
+  assert list(runs[0].glob("*.wandb")), "no offline run file was written"
+  with pytest.raises(Exception, match="wandb_mode"):
+    train.train_and_evaluate(config, str(tmp_path / "x"), wandb_mode="cloud")
+
+
+def test_config_of_an_older_workdir_gets_new_fields_defaults(tmp_path):
+  saved = load_preset("naml").to_dict()
+  del saved["model"]["attention"]  # a field added after this run
+  saved["train"]["lr"] = 0.123
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config = ckpt_lib.load_config(str(tmp_path))
+  assert config.model.attention == "auto"
+  assert config.train.lr == 0.123
+  assert config.model.item_encoder == "cnn"
+  (tmp_path / "config.json").write_text("{\n  \"model\": [1,\n")
+  with pytest.raises(Exception, match=r"config.json:\d+: not valid JSON"):
+    ckpt_lib.load_config(str(tmp_path))
