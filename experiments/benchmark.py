@@ -22,6 +22,9 @@ data, with each distinct item encoded once per batch (our "dedup" extra).
   # Any preset and shape, with config overrides:
   python experiments/benchmark.py --preset=naml --batch_size=128 \
       --set=model.dtype=bfloat16
+  # Encoding each distinct item once vs every slot, on real batches:
+  python experiments/benchmark.py --preset=nrms --data_path=DIR \
+      --batch_size=128 --history_len=8 --title_len=16 --dedup_ablation
 
 FLOPs per step are counted analytically the way the anchor counts them
 (every matmul 2mnk forward; + 2mnk for a trained weight's gradient; + 2mnk
@@ -69,6 +72,9 @@ _ANCHOR = flags.DEFINE_bool(
 _DATA_PATH = flags.DEFINE_string(
     "data_path", "", "Real batches from this Goodreads-layout dataset "
     "(deduplicated items) instead of random ones.")
+_DEDUP_ABLATION = flags.DEFINE_bool(
+    "dedup_ablation", False, "With --data_path: time the same real batches "
+    "with every item slot encoded, then with each distinct item once.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Samples per step.")
 _HISTORY = flags.DEFINE_integer("history_len", 50, "History items per sample.")
 _CANDIDATES = flags.DEFINE_integer("num_candidates", 5, "1 + K negatives.")
@@ -194,9 +200,10 @@ def random_behaviors(shape: Shape, num_impressions: int, rng) -> Behaviors:
       cand_labels=labels.reshape(-1))
 
 
-def real_inputs(config, shape: Shape, data_path: str, num_batches: int):
-  """Item table, spec, deduplicated TrainBatcher batches and the dev split
-  of a Goodreads-layout dataset (titles cut to shape.title tokens)."""
+def real_inputs(config, shape: Shape, data_path: str, num_batches: int,
+                dedup: bool = True):
+  """Item table, spec, TrainBatcher batches (deduplicated unless told) and
+  the dataset of a Goodreads-layout folder (titles cut to shape.title)."""
   from genre_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from genre_jax.data import batching  # pylint: disable=g-import-not-at-top
 
@@ -209,7 +216,8 @@ def real_inputs(config, shape: Shape, data_path: str, num_batches: int):
   batcher = batching.TrainBatcher(
       dataset.splits["train"], dataset.items, batch_size=shape.batch,
       history_len=shape.history, num_negatives=shape.candidates - 1, seed=0)
-  batcher.unique_items = train.dedup_capacity(batcher, num_batches)
+  if dedup:
+    batcher.unique_items = train.dedup_capacity(batcher, num_batches)
   batches = [b for _, b in zip(range(num_batches), batcher.epoch(0))]
   return host_items, spec, batches, dataset
 
@@ -331,7 +339,8 @@ def cudnn_attention_calls(compiled) -> int:
 
 def bench_row(label: str, config, shape: Shape, *, steps: int, warmup: int,
               group: int, with_eval: bool, eval_impressions: int,
-              matmul_rate: float, data_path: str = "") -> dict:
+              matmul_rate: float, data_path: str = "",
+              dedup: bool = True) -> dict:
   """Times one configuration; returns its row of figures."""
   rng = np.random.default_rng(0)
   config.data.history_len = shape.history
@@ -342,10 +351,11 @@ def bench_row(label: str, config, shape: Shape, *, steps: int, warmup: int,
   data = jax.sharding.NamedSharding(mesh, train.P("data"))
   if data_path:
     host_items, spec, host_batches, dataset = real_inputs(
-        config, shape, data_path, num_batches=min(steps + warmup, 32))
+        config, shape, data_path, num_batches=min(steps + warmup, 32),
+        dedup=dedup)
     num_items = dataset.items.num_items
-    titles = statistics.fmean(
-        int(np.count_nonzero(np.unique(b["item_ids"]))) for b in host_batches)
+    titles = (statistics.fmean(len(b["item_ids"]) for b in host_batches)
+              if dedup else shape.batch * (shape.history + shape.candidates))
   else:
     host_items, spec = random_items(config, shape, rng)
     host_batches = [random_batch(shape, rng) for _ in range(4)]
@@ -459,15 +469,20 @@ def main(argv):
                   Shape(8, 6, 3, 8, 64, 128), tuple(_SET.value),
                   _DATA_PATH.value))
   else:
-    plans.append((_PRESET.value, _PRESET.value,
-                  Shape(_BATCH.value, _HISTORY.value, _CANDIDATES.value,
-                        _TITLE.value, _NUM_ITEMS.value, _VOCAB.value),
-                  tuple(_SET.value), _DATA_PATH.value))
+    shape = Shape(_BATCH.value, _HISTORY.value, _CANDIDATES.value,
+                  _TITLE.value, _NUM_ITEMS.value, _VOCAB.value)
+    if _DEDUP_ABLATION.value:
+      if not _DATA_PATH.value:
+        raise app.UsageError("--dedup_ablation needs --data_path")
+      plans.append((f"{_PRESET.value} every slot", _PRESET.value, shape,
+                    tuple(_SET.value), _DATA_PATH.value, False))
+    plans.append((_PRESET.value, _PRESET.value, shape, tuple(_SET.value),
+                  _DATA_PATH.value))
   steps = 4 if _SMOKE.value else _STEPS.value
   warmup = 1 if _SMOKE.value else _WARMUP.value
   group = 2 if _SMOKE.value else _GROUP.value
   rows, skipped = [], []
-  for label, preset, shape, overrides, data_path in plans:
+  for label, preset, shape, overrides, data_path, *dedup in plans:
     try:
       config = load_preset(preset, "", overrides)
     except ConfigError as e:
@@ -478,7 +493,8 @@ def main(argv):
         label, config, shape, steps=steps, warmup=warmup, group=group,
         with_eval=_EVAL.value,
         eval_impressions=64 if _SMOKE.value else _EVAL_IMPRESSIONS.value,
-        matmul_rate=matmul_rate, data_path=data_path))
+        matmul_rate=matmul_rate, data_path=data_path,
+        dedup=dedup[0] if dedup else True))
   print(f"device: {device.device_kind} ({jax.device_count()} device(s)), "
         f"measured matmul rate {matmul_rate / 1e12:.3f} TFLOP/s")
   print(format_table(rows))
