@@ -77,6 +77,26 @@ def _hidden_projection(in_dim: int, out_dim: int, dtype: jnp.dtype,
   return nnx.Linear(in_dim, out_dim, dtype=dtype, rngs=rngs)
 
 
+class PositionedEmbedding(nnx.Module):
+  """Word embeddings, projected to the hidden size if it differs, plus
+  learned positions: the input of the from-scratch sequence encoders."""
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
+               *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    m = config.model
+    self.words = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
+    self.proj = _hidden_projection(m.embed_dim, m.hidden_dim, dtype, rngs)
+    self.positions = PositionEmbedding(sum(spec.lengths), m.hidden_dim,
+                                       dtype=dtype, rngs=rngs)
+
+  def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """ids [N, L] int32, mask [N, L] bool -> [N, L, D]."""
+    x = self.words(ids, mask)  # [N, L, E]
+    if self.proj is not None:
+      x = self.proj(x)  # [N, L, D]
+    return self.positions(x)
+
+
 @ITEM_ENCODERS.register("cnn")
 class CNNItemEncoder(nnx.Module):
   """NAML (Wu et al. 2019): a word CNN + additive attention per field, then
@@ -155,10 +175,7 @@ class FastformerItemEncoder(nnx.Module):
     dtype = layers.compute_dtype(config)
     mlp_dim = m.fastformer.get("mlp_dim", m.transformer.mlp_dim)
     self.fields = tuple(spec.fields)
-    self.embed = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
-    self.proj = _hidden_projection(m.embed_dim, m.hidden_dim, dtype, rngs)
-    self.positions = PositionEmbedding(sum(spec.lengths), m.hidden_dim,
-                                       dtype=dtype, rngs=rngs)
+    self.embed = PositionedEmbedding(config, spec, dtype=dtype, rngs=rngs)
     self.norm = nnx.LayerNorm(m.hidden_dim, epsilon=1e-12, dtype=dtype,
                               rngs=rngs)
     self.blocks = nnx.List([
@@ -172,10 +189,7 @@ class FastformerItemEncoder(nnx.Module):
   def __call__(self, tokens: dict[str, jax.Array],
                masks: dict[str, jax.Array]) -> jax.Array:
     ids, mask = field_inputs(tokens, masks, self.fields)  # [N, L]
-    x = self.embed(ids, mask)  # [N, L, E]
-    if self.proj is not None:
-      x = self.proj(x)  # [N, L, D]
-    x = self.dropout(self.norm(self.positions(x)))
+    x = self.dropout(self.norm(self.embed(ids, mask)))  # [N, L, D]
     for block in self.blocks:
       x = block(x, mask)
     return self.pool(x, mask)  # [N, D]
@@ -218,10 +232,7 @@ class TransformerItemEncoder(nnx.Module):
           f"config.model.transformer.pooling: '{self.pooling}' is not one of "
           "['first', 'mean']")
     self.fields = tuple(spec.fields)
-    self.embed = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
-    self.proj = _hidden_projection(m.embed_dim, m.hidden_dim, dtype, rngs)
-    self.positions = PositionEmbedding(sum(spec.lengths), m.hidden_dim,
-                                       dtype=dtype, rngs=rngs)
+    self.embed = PositionedEmbedding(config, spec, dtype=dtype, rngs=rngs)
     self.blocks = nnx.List([
         layers.TransformerLayer(m.hidden_dim, m.num_heads,
                                 m.transformer.mlp_dim, m.dropout, dtype=dtype,
@@ -233,10 +244,7 @@ class TransformerItemEncoder(nnx.Module):
   def __call__(self, tokens: dict[str, jax.Array],
                masks: dict[str, jax.Array]) -> jax.Array:
     ids, mask = field_inputs(tokens, masks, self.fields)  # [N, L]
-    x = self.embed(ids, mask)  # [N, L, E]
-    if self.proj is not None:
-      x = self.proj(x)  # [N, L, D]
-    x = self.dropout(self.positions(x))
+    x = self.dropout(self.embed(ids, mask))  # [N, L, D]
     for block in self.blocks:
       x = block(x, mask)
     x = self.norm(x)  # [N, L, D]
