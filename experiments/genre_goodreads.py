@@ -32,6 +32,7 @@ test: {metric: [mean, std]}, test_cold: {...}}, ...], "gains": {...}}.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
@@ -108,9 +109,19 @@ def variant_config(model: str, variant: str, seed: int):
   return config
 
 
+def run_name(model: str, variant: str, seed: int) -> str:
+  """The run's workdir name; overrides (and --quick) get their own runs."""
+  name = f"{model}-{variant}-s{seed}"
+  settings = (["quick"] if _QUICK.value else []) + list(_SET.value)
+  if settings:
+    digest = hashlib.sha256("\n".join(settings).encode()).hexdigest()[:8]
+    name += f"-{digest}"
+  return name
+
+
 def run_one(model: str, variant: str, seed: int) -> dict:
   """Trains (or reads back) one cell's run; its final metrics."""
-  workdir = os.path.join(_WORKDIR_ROOT.value, f"{model}-{variant}-s{seed}")
+  workdir = os.path.join(_WORKDIR_ROOT.value, run_name(model, variant, seed))
   final = os.path.join(workdir, "final_metrics.json")
   if os.path.isfile(final):
     with open(final, encoding="utf-8") as f:
@@ -195,7 +206,9 @@ def main(argv: Sequence[str]) -> None:
   header = (f"GENRE ablation on Goodreads ({'quick grid' if _QUICK.value else 'grid'}"
             f": {len(models)} models x {len(variants)} variants x "
             f"{len(seeds)} seeds; test split, mean ± std over seeds; "
-            f"wall {time.time() - start:.0f}s)")
+            f"wall {time.time() - start:.0f}s"
+            + (f"; overrides: {' '.join(_SET.value)}" if _SET.value else "")
+            + ")")
   table = markdown(cells, header)
   result = {"cells": cells, "gains": gains(cells), "quick": _QUICK.value,
             "overrides": list(_SET.value)}
