@@ -104,6 +104,10 @@ def _train(config, workdir):
              if s in oracle]
     print(f"Planted-model (oracle) AUC: {', '.join(parts)}; a random scorer: "
           f"{oracle.get('random_auc', float('nan')):.4f}")
+    if "topic_auc" in oracle.get("test", {}):
+      print(f"Planted topic preference alone (item quality is not in the "
+            f"text; the ceiling of a content model): test "
+            f"{oracle['test']['topic_auc']:.4f}")
   print(f"Trained {summary['steps']} steps in {summary['train_seconds']:.1f}s "
         f"({summary['samples_per_s']:.0f} samples/s); best dev at step "
         f"{summary['best_step']}.")

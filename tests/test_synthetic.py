@@ -145,3 +145,18 @@ def test_some_impressions_have_two_clicks(data):
 def test_bad_sizes_raise():
   with pytest.raises(ValueError, match="num_items"):
     synthetic.generate(num_users=10, num_items=5, num_topics=3)
+
+
+def test_topic_ceiling_is_the_preference_without_quality(data):
+  # topic_auc scores candidates by pref . topics alone (the scale is positive
+  # and shared within an impression, so it does not change the ranking).
+  result = synthetic.oracle(data)
+  split = data.splits["test"]
+  users = np.repeat(split.users, np.diff(split.cand_offsets)) - 1
+  affinity = np.einsum("nt,nt->n", data.item_topics[split.cand_items - 1],
+                       data.user_prefs[users])
+  aucs = [roc_auc_score(split.cand_labels[lo:hi], affinity[lo:hi])
+          for lo, hi in zip(split.cand_offsets[:-1], split.cand_offsets[1:])
+          if 0 < split.cand_labels[lo:hi].sum() < hi - lo]
+  assert result["test"]["topic_auc"] == pytest.approx(np.mean(aucs), abs=1e-9)
+  assert 0.55 < result["test"]["topic_auc"] < result["test"]["auc"]

@@ -1,7 +1,7 @@
 """A deterministic synthetic dataset in MIND format with a planted preference.
 
 The built-in demo: users have sparse topic preferences, items have topic
-mixtures that show through (noisily) in their made-up-word titles and
+mixtures that show through (noisily) in the words of their titles and
 abstracts, and clicks follow the planted model
 
   logit(u, i) = scale * <pref_u, topics_i> + quality_i,
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 from typing import Sequence
@@ -58,6 +59,68 @@ _SHARED_WORDS = (
     "world year years day time people story stories guide way ways says report "
     "look back home week today future old young making made real "
     "you your our this that these those will can could just still every").split()
+
+
+# Topic words, category and subcategory names are real English words that
+# common WordPiece vocabularies (BERT's, MiniLM's) keep whole, so a word-level
+# item encoder can learn a topic word in one embedding; made-up words would
+# split into syllable pieces shared by every topic. Noise words stay made-up.
+_WORD_POOL = """
+abbey above academic account accused adult affair alcohol alma alps amazing
+america amino amount analog anderson anglican annoyed anti apology appealed
+archived argue arizona arrange arriving asset atop attic auburn auto avery
+backpack backs bailey balance barnes basin batsman bavaria beauty belly
+beside bible biggest blank blanket boats boeing bolton bond bone bored boris
+borrowed boxes bradford breasts brisbane bulk burned byrne calgary calmly
+campaign canyon capacity card carpet chaired chapel cherokee chilean choose
+citizen clause claws clearly clinic clive closed closest coin colours
+compete competes complete conflict congress contrary cooler cooling corpse
+coup courtesy courtney cousins cover crack craig crash create credit crept
+cries cross crouched curves custom dagger damon dancing danger darius
+database dayton deals debris debts decide decrease degree demo deposit
+deputy detailed devon dirt displays donald dose downtown drag drank dreaming
+dreams dress dubbed duncan dust dusty dynamic eased eclipse editor eight
+eighty eleanor election embarked embraced emerald emmanuel employed employer
+enzyme erect eugene exam expense extent extreme faced fails fair families
+farms favor feathers feeds feet fellows fertile fields finding findings
+floods flora flowers focused forgot fort fossil framed francis freeze friday
+funny gained gang gate germans gets gone google gospel grande gravel
+greatest green groaned grocery hallway handball hanover harry hasn hated
+healthy hearing heat helmet herbert hero hood humans hurling inclined inland
+insects instance instinct inter investor isolated israel jackson jasmine
+jewish jews johnson johnston jonas joyce jungle karl kelly kenneth kerry
+kicking killer kingdom klein korean kumar landing lately laura leap leaves
+lecturer legend lengthy levels licence liked likewise linda locate lock
+locker loves ludwig luis makers mall manga manuel marched mare maryland mass
+matrix mature medley melody melted memphis merged merit metre mine minority
+missing mist mister mobility mock modeled modified moist mollusk monkey
+morgan mortal mortar mostly motor mound movement muller namely narrowed nasa
+nassau native neighbor neutral newest nineteen ninth nordic nowhere obama
+obscure occupy offshore opponent ordained orders others paced painter
+painting panel paraguay parody parsons parts pays pepper perhaps perth peter
+peterson picked pictures pinned places plane platform plots pointing poll
+portions portland portugal positive premises prey prime proof prospect
+protect protests province pure pursue pursuit pyramid quarry rabbi rachel
+radius raids railway ranges rarely raymond rays reached ready reality
+realizes rebuild recorder recover recovery reducing regional relief repeat
+replaced replies required resisted resource rest results revealed revenue
+review rider rituals rogers royal royce ryan sailed sailing sale salem
+salvador savage saving sawyer scales scan scanned scrapped screened sculptor
+seal seattle secret seek seemed seized senator sends senses sensors seoul
+serena settle seymour shirley shit shocked shoe showed shri sideways sight
+silicon simmons singing sinking sixteen skeleton slaves slim smashed smell
+smiled snapped softly soil solving somebody someone spain speaking spectrum
+spin spinning spring stage stalin stance stars stated stepped stone strategy
+strictly strip stuck stunning summary supports surface sweat swedish swimmer
+swimming swollen swore symbols symphony taipei talk tallest tasked tasted
+teach teased teasing teenager tessa thinking thirteen throat tier tile tina
+tiny tires tobacco tokyo tomb tools touring traces trailer tray trent troops
+troubled troubles trunk trust trustee tubes tunisia tunnels ultimate
+upcoming upstairs uranium urge utah valid vault vector vessels villa viola
+virgin virtue vision volcanic wallace wandered wanting washed wasted wedding
+weekend wells welsh wheels whipped wicked wife wilson wind windsor wings
+wiping wisdom wonder word wore worthy wyatt younger youth zhang zones
+""".split()
 
 
 @dataclasses.dataclass
@@ -127,10 +190,17 @@ def _make_words(rng: np.random.Generator, count: int,
 def _vocabularies(rng: np.random.Generator, num_topics: int):
   """Topic names, subcategories, topic word lists (overlapping) and noise."""
   taken = set(_SHARED_WORDS)
-  names = _make_words(rng, num_topics, taken)
-  subcats = [_make_words(rng, _SUBCATEGORIES_PER_TOPIC, taken)
-             for _ in range(num_topics)]
-  own = [_make_words(rng, _TOPIC_VOCAB, taken) for _ in range(num_topics)]
+  pool = iter(rng.permutation(_WORD_POOL))
+
+  def real_words(count: int) -> list[str]:
+    # Real words while the pool lasts (many topics may exhaust it).
+    words = [str(w) for w in itertools.islice(pool, count)]
+    taken.update(words)
+    return words + _make_words(rng, count - len(words), taken)
+
+  names = real_words(num_topics)
+  subcats = [real_words(_SUBCATEGORIES_PER_TOPIC) for _ in range(num_topics)]
+  own = [real_words(_TOPIC_VOCAB) for _ in range(num_topics)]
   # Each topic also uses some of the next topic's words: not separable.
   topic_words = [own[t] + own[(t + 1) % num_topics][:_TOPIC_OVERLAP]
                  for t in range(num_topics)]
@@ -289,17 +359,25 @@ def impression_auc(scores: np.ndarray, labels: np.ndarray,
 
 
 def oracle(data: SyntheticData, seed: int = 0) -> dict:
-  """GAUC of the planted noise-free logits and of a random scorer per split."""
+  """GAUCs per split of the planted noise-free logits ("auc"), of the planted
+  topic preference alone ("topic_auc": without item quality, which no text
+  reveals, so the most a content model can hope for) and of a random scorer.
+  """
   rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(5)[4])
   result = {}
   random_aucs = []
+
+  def gauc(scores, split):
+    aucs = impression_auc(scores, split.cand_labels, split.cand_offsets)
+    return float(np.nanmean(aucs)) if len(aucs) else None
+
   for name, split in data.splits.items():
-    aucs = impression_auc(split.cand_scores, split.cand_labels,
-                          split.cand_offsets)
+    topic = split.cand_scores - data.quality[split.cand_items - 1]
     rand = impression_auc(rng.random(len(split.cand_items)),
                           split.cand_labels, split.cand_offsets)
     random_aucs.append(rand)
-    result[name] = {"auc": float(np.nanmean(aucs)) if len(aucs) else None,
+    result[name] = {"auc": gauc(split.cand_scores, split),
+                    "topic_auc": gauc(topic, split),
                     "random_auc": (float(np.nanmean(rand)) if len(rand)
                                    else None),
                     "impressions": int(len(split.users))}
@@ -349,8 +427,8 @@ def write_synthetic(out_dir: str, *, num_users: int = 2000,
                     seed: int = 0) -> dict:
   """Writes news.tsv, <split>/behaviors.tsv and oracle.json; returns the oracle.
 
-  The oracle dict maps each split to {"auc", "random_auc", "impressions"} and
-  holds the pooled "random_auc" at the top level.
+  The oracle dict maps each split to {"auc", "topic_auc", "random_auc",
+  "impressions"} and holds the pooled "random_auc" at the top level.
   """
   data = generate(num_users=num_users, num_items=num_items,
                   num_topics=num_topics, seed=seed)
@@ -375,7 +453,8 @@ def main(argv: Sequence[str]) -> None:
   for name in SPLITS:
     r = result[name]
     print(f"  {name:5s} impressions={r['impressions']:6d} "
-          f"oracle_gauc={r['auc']:.4f} random_gauc={r['random_auc']:.4f}")
+          f"oracle_gauc={r['auc']:.4f} topic_gauc={r['topic_auc']:.4f} "
+          f"random_gauc={r['random_auc']:.4f}")
   print(json.dumps(result, sort_keys=True))
 
 
