@@ -25,7 +25,8 @@ the real GPT-3.5 replies of the release (genre/*.jsonl), served by the
 
 Each run has its own workdir under --workdir_root and is skipped when it has
 already finished, so an interrupted grid is continued by running the same
-command again. Writes results.md and results.json to --out_dir, prints the
+command again; --finished_only tabulates what has finished so far and
+trains nothing. Writes results.md and results.json to --out_dir, prints the
 table, and ends with one line of JSON: {"cells": [{model, variant, n_seeds,
 test: {metric: [mean, std]}, test_cold: {...}}, ...], "gains": {...}}.
 """
@@ -73,6 +74,9 @@ _DATA_CACHE = flags.DEFINE_string(
     "data_cache", "", "config.data.data_dir; default: the presets' own.")
 _SET = flags.DEFINE_multi_string(
     "set", [], "Config overrides for every run, e.g. --set=train.epochs=1.")
+_FINISHED_ONLY = flags.DEFINE_bool(
+    "finished_only", False, "Train nothing: tabulate the grid's finished "
+    "runs (a cell shows how many seeds it has; empty cells are left out).")
 
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 VARIANTS = ("original", "summarizer", "profiler", "generator", "all")
@@ -119,14 +123,17 @@ def run_name(model: str, variant: str, seed: int) -> str:
   return name
 
 
-def run_one(model: str, variant: str, seed: int) -> dict:
-  """Trains (or reads back) one cell's run; its final metrics."""
+def run_one(model: str, variant: str, seed: int) -> dict | None:
+  """Trains (or reads back) one cell's run; its final metrics (None when
+  --finished_only and the run has not finished)."""
   workdir = os.path.join(_WORKDIR_ROOT.value, run_name(model, variant, seed))
   final = os.path.join(workdir, "final_metrics.json")
   if os.path.isfile(final):
     with open(final, encoding="utf-8") as f:
       logging.info("Reusing the finished run %s", workdir)
       return json.load(f)
+  if _FINISHED_ONLY.value:
+    return None
   config = variant_config(model, variant, seed)
   logging.info("Training %s on %s (seed %d) in %s", model, variant, seed,
                workdir)
@@ -200,12 +207,18 @@ def main(argv: Sequence[str]) -> None:
   for model in models:
     for variant in variants:
       for seed in seeds:
-        runs.setdefault((model, variant), []).append(
-            run_one(model, variant, seed))
+        result = run_one(model, variant, seed)
+        if result is not None:
+          runs.setdefault((model, variant), []).append(result)
+  if not runs:
+    raise app.UsageError(f"no finished run under {_WORKDIR_ROOT.value} for "
+                         "this grid (--finished_only trains nothing)")
   cells = summarize(runs)
   header = (f"GENRE ablation on Goodreads ({'quick grid' if _QUICK.value else 'grid'}"
             f": {len(models)} models x {len(variants)} variants x "
-            f"{len(seeds)} seeds; test split, mean ± std over seeds; "
+            f"{len(seeds)} seeds"
+            + ("; finished runs only" if _FINISHED_ONLY.value else "")
+            + "; test split, mean ± std over seeds; "
             f"wall {time.time() - start:.0f}s"
             + (f"; overrides: {' '.join(_SET.value)}" if _SET.value else "")
             + ")")

@@ -91,3 +91,21 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
   assert "summarizer" in figures["gains"]["nrms"]
   assert (tmp_path / "out" / "results_quick.md").is_file()
   assert "± " in table
+
+  # --finished_only reads the same runs back and trains nothing; a grid
+  # with no finished run is an error, not an empty table.
+  common = (f"--data_dir={goodreads_dir}", f"--data_cache={goodreads_cache}",
+            "--set=train.max_steps=2", "--set=model.embed_dim=32",
+            "--set=model.hidden_dim=32", "--set=model.num_heads=2")
+  again, _ = _run("genre_goodreads.py", "--quick", "--finished_only",
+                  f"--workdir_root={tmp_path}/runs",
+                  f"--out_dir={tmp_path}/again", *common)
+  assert again["cells"] == figures["cells"]
+  empty = subprocess.run(
+      [sys.executable, str(ROOT / "experiments" / "genre_goodreads.py"),
+       "--quick", "--finished_only", f"--workdir_root={tmp_path}/none",
+       f"--out_dir={tmp_path}/none_out", *common],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert empty.returncode != 0
+  assert "no finished run" in empty.stderr
+  assert not (tmp_path / "none").exists()
