@@ -71,53 +71,52 @@ america amino amount analog anderson anglican annoyed anti apology appealed
 archived argue arizona arrange arriving asset atop attic auburn auto avery
 backpack backs bailey balance barnes basin batsman bavaria beauty belly
 beside bible biggest blank blanket boats boeing bolton bond bone bored boris
-borrowed boxes bradford breasts brisbane bulk burned byrne calgary calmly
-campaign canyon capacity card carpet chaired chapel cherokee chilean choose
-citizen clause claws clearly clinic clive closed closest coin colours
-compete competes complete conflict congress contrary cooler cooling corpse
-coup courtesy courtney cousins cover crack craig crash create credit crept
-cries cross crouched curves custom dagger damon dancing danger darius
-database dayton deals debris debts decide decrease degree demo deposit
-deputy detailed devon dirt displays donald dose downtown drag drank dreaming
-dreams dress dubbed duncan dust dusty dynamic eased eclipse editor eight
-eighty eleanor election embarked embraced emerald emmanuel employed employer
-enzyme erect eugene exam expense extent extreme faced fails fair families
-farms favor feathers feeds feet fellows fertile fields finding findings
-floods flora flowers focused forgot fort fossil framed francis freeze friday
-funny gained gang gate germans gets gone google gospel grande gravel
-greatest green groaned grocery hallway handball hanover harry hasn hated
-healthy hearing heat helmet herbert hero hood humans hurling inclined inland
-insects instance instinct inter investor isolated israel jackson jasmine
-jewish jews johnson johnston jonas joyce jungle karl kelly kenneth kerry
-kicking killer kingdom klein korean kumar landing lately laura leap leaves
-lecturer legend lengthy levels licence liked likewise linda locate lock
-locker loves ludwig luis makers mall manga manuel marched mare maryland mass
-matrix mature medley melody melted memphis merged merit metre mine minority
-missing mist mister mobility mock modeled modified moist mollusk monkey
-morgan mortal mortar mostly motor mound movement muller namely narrowed nasa
-nassau native neighbor neutral newest nineteen ninth nordic nowhere obama
-obscure occupy offshore opponent ordained orders others paced painter
-painting panel paraguay parody parsons parts pays pepper perhaps perth peter
-peterson picked pictures pinned places plane platform plots pointing poll
-portions portland portugal positive premises prey prime proof prospect
-protect protests province pure pursue pursuit pyramid quarry rabbi rachel
-radius raids railway ranges rarely raymond rays reached ready reality
+borrowed boxes bradford brisbane bulk burned byrne calgary calmly campaign
+canyon capacity card carpet chaired chapel cherokee chilean choose citizen
+clause claws clearly clinic clive closed closest coin colours compete
+competes complete conflict congress contrary cooler cooling coup courtesy
+courtney cousins cover crack craig crash create credit crept cries cross
+crouched curves custom dagger damon dancing danger darius database dayton
+deals debris debts decide decrease degree demo deposit deputy detailed devon
+dirt displays donald dose downtown drag drank dreaming dreams dress dubbed
+duncan dust dusty dynamic eased eclipse editor eight eighty eleanor election
+embarked embraced emerald emmanuel employed employer enzyme erect eugene
+exam expense extent extreme faced fails fair families farms favor feathers
+feeds feet fellows fertile fields finding findings floods flora flowers
+focused forgot fort fossil framed francis freeze friday funny gained gang
+gate germans gets gone google gospel grande gravel greatest green groaned
+grocery hallway handball hanover harry hated healthy hearing heat helmet
+herbert hero hood humans hurling inclined inland insects instance instinct
+inter investor isolated jackson jasmine johnson johnston jonas joyce jungle
+karl kelly kenneth kerry kicking kingdom klein korean kumar landing lately
+laura leap leaves lecturer legend lengthy levels licence liked likewise
+linda locate lock locker loves ludwig luis makers mall manga manuel marched
+mare maryland mass matrix mature medley melody melted memphis merged merit
+metre mine minority missing mist mister mobility mock modeled modified moist
+mollusk monkey morgan mortal mortar mostly motor mound movement muller
+namely narrowed nasa nassau native neighbor neutral newest nineteen ninth
+nordic nowhere obscure occupy offshore opponent ordained orders others paced
+painter painting panel paraguay parody parsons parts pays pepper perhaps
+perth peter peterson picked pictures pinned places plane platform plots
+pointing poll portions portland portugal positive premises prey prime proof
+prospect protect protests province pure pursue pursuit pyramid quarry rabbi
+rachel radius raids railway ranges rarely raymond rays reached ready reality
 realizes rebuild recorder recover recovery reducing regional relief repeat
 replaced replies required resisted resource rest results revealed revenue
 review rider rituals rogers royal royce ryan sailed sailing sale salem
-salvador savage saving sawyer scales scan scanned scrapped screened sculptor
-seal seattle secret seek seemed seized senator sends senses sensors seoul
-serena settle seymour shirley shit shocked shoe showed shri sideways sight
-silicon simmons singing sinking sixteen skeleton slaves slim smashed smell
-smiled snapped softly soil solving somebody someone spain speaking spectrum
-spin spinning spring stage stalin stance stars stated stepped stone strategy
-strictly strip stuck stunning summary supports surface sweat swedish swimmer
-swimming swollen swore symbols symphony taipei talk tallest tasked tasted
-teach teased teasing teenager tessa thinking thirteen throat tier tile tina
-tiny tires tobacco tokyo tomb tools touring traces trailer tray trent troops
-troubled troubles trunk trust trustee tubes tunisia tunnels ultimate
-upcoming upstairs uranium urge utah valid vault vector vessels villa viola
-virgin virtue vision volcanic wallace wandered wanting washed wasted wedding
+salvador saving sawyer scales scan scanned scrapped screened sculptor seal
+seattle secret seek seemed seized senator sends senses sensors seoul serena
+settle seymour shirley shocked shoe showed shri sideways sight silicon
+simmons singing sinking sixteen skeleton slim smashed smell smiled snapped
+softly soil solving somebody someone spain speaking spectrum spin spinning
+spring stage stance stars stated stepped stone strategy strictly strip stuck
+stunning summary supports surface sweat swedish swimmer swimming swollen
+swore symbols symphony taipei talk tallest tasked tasted teach teased
+teasing teenager tessa thinking thirteen throat tier tile tina tiny tires
+tobacco tokyo tomb tools touring traces trailer tray trent troops troubled
+troubles trunk trust trustee tubes tunisia tunnels ultimate upcoming
+upstairs uranium urge utah valid vault vector vessels villa viola virgin
+virtue vision volcanic wallace wandered wanting washed wasted wedding
 weekend wells welsh wheels whipped wicked wife wilson wind windsor wings
 wiping wisdom wonder word wore worthy wyatt younger youth zhang zones
 """.split()
