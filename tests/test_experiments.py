@@ -109,3 +109,18 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
   assert empty.returncode != 0
   assert "no finished run" in empty.stderr
   assert not (tmp_path / "none").exists()
+
+  # A workdir trained with another config (e.g. by an older version of the
+  # script) is an error naming the differing field, never read as this run.
+  [summ_dir] = (tmp_path / "runs").glob("nrms-summarizer-s0-*")
+  saved = json.loads((summ_dir / "config.json").read_text())
+  saved["data"]["max_len"]["title"] = 7
+  (summ_dir / "config.json").write_text(json.dumps(saved))
+  stale = subprocess.run(
+      [sys.executable, str(ROOT / "experiments" / "genre_goodreads.py"),
+       "--quick", "--finished_only", f"--workdir_root={tmp_path}/runs",
+       f"--out_dir={tmp_path}/stale_out", *common],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert stale.returncode != 0
+  assert "another config" in stale.stderr
+  assert "data.max_len.title: 7 there, 32 now" in stale.stderr
