@@ -30,10 +30,12 @@ Each run has its own workdir under --workdir_root and is skipped when it has
 already finished, so an interrupted grid is continued by running the same
 command again; a workdir whose config.json differs from the run's config
 (another version of this script, other overrides) is an error, never reused
-as if it were the same run. --finished_only tabulates what has finished so far and
-trains nothing. Writes results.md and results.json to --out_dir, prints the
-table, and ends with one line of JSON: {"cells": [{model, variant, n_seeds,
-test: {metric: [mean, std]}, test_cold: {...}}, ...], "gains": {...}}.
+as if it were the same run. --finished_only tabulates what has finished so
+far and trains nothing. Writes results.md and results.json to --out_dir,
+prints the table, and ends with one line of JSON: {"cells": [{model, variant,
+n_seeds, seeds, test: {metric: [mean, std]}, test_cold: {...}, per_seed},
+...], "gains": {model: {variant: {auc, cold_auc, seeds}}}}, where a gain is
+the AUC change over `original` averaged over the seeds both cells finished.
 """
 
 from __future__ import annotations
@@ -179,33 +181,43 @@ def _mean_std(values: Sequence[float]) -> list[float]:
   return [round(mean, 5), round(std, 5)]
 
 
-def summarize(runs: dict[tuple[str, str], list[dict]]) -> list[dict]:
+def summarize(runs: dict[tuple[str, str], dict[int, dict]]) -> list[dict]:
+  """One cell per (model, variant): mean and std over its finished seeds."""
   cells = []
-  for (model, variant), results in runs.items():
+  for (model, variant), by_seed in runs.items():
+    results = list(by_seed.values())
     cells.append({
         "model": model, "variant": variant, "n_seeds": len(results),
+        "seeds": sorted(by_seed),
         "test": {k: _mean_std([r["test"]["all"][k] for r in results])
                  for k in METRICS},
         "test_cold": {k: _mean_std([r["test"]["cold"][k] for r in results])
                       for k in METRICS},
         "train_seconds": round(statistics.fmean(
             r["train_seconds"] for r in results), 1),
+        "per_seed": {str(seed): {"auc": round(r["test"]["all"]["auc"], 5),
+                                 "cold_auc": round(r["test"]["cold"]["auc"], 5)}
+                     for seed, r in sorted(by_seed.items())},
     })
   return cells
 
 
-def gains(cells: list[dict]) -> dict[str, dict[str, float]]:
-  """Mean test AUC change of every variant over `original`, per model."""
+def gains(cells: list[dict]) -> dict[str, dict[str, dict]]:
+  """Test AUC change of every variant over `original`, per model, paired by
+  seed: the mean over the seeds both cells finished (listed as "seeds")."""
   base = {c["model"]: c for c in cells if c["variant"] == "original"}
-  out: dict[str, dict[str, float]] = {}
+  out: dict[str, dict[str, dict]] = {}
   for c in cells:
     if c["variant"] == "original" or c["model"] not in base:
       continue
-    b = base[c["model"]]
+    b = base[c["model"]]["per_seed"]
+    seeds = [s for s in c["per_seed"] if s in b]
+    if not seeds:
+      continue
     out.setdefault(c["model"], {})[c["variant"]] = {
-        "auc": round(c["test"]["auc"][0] - b["test"]["auc"][0], 5),
-        "cold_auc": round(c["test_cold"]["auc"][0] -
-                          b["test_cold"]["auc"][0], 5)}
+        key: round(statistics.fmean(c["per_seed"][s][key] - b[s][key]
+                                    for s in seeds), 5)
+        for key in ("auc", "cold_auc")} | {"seeds": [int(s) for s in seeds]}
   return out
 
 
@@ -236,13 +248,13 @@ def main(argv: Sequence[str]) -> None:
     variants = list(_VARIANTS.value)
     seeds = [int(s) for s in _SEEDS.value]
   start = time.time()
-  runs: dict[tuple[str, str], list[dict]] = {}
+  runs: dict[tuple[str, str], dict[int, dict]] = {}
   for model in models:
     for variant in variants:
       for seed in seeds:
         result = run_one(model, variant, seed)
         if result is not None:
-          runs.setdefault((model, variant), []).append(result)
+          runs.setdefault((model, variant), {})[seed] = result
   if not runs:
     raise app.UsageError(f"no finished run under {_WORKDIR_ROOT.value} for "
                          "this grid (--finished_only trains nothing)")
@@ -268,7 +280,8 @@ def main(argv: Sequence[str]) -> None:
   for model, by_variant in result["gains"].items():
     for variant, g in by_variant.items():
       print(f"{model:<11}{variant:<11} test AUC {g['auc']:+.4f}  "
-            f"cold AUC {g['cold_auc']:+.4f}  (vs original)")
+            f"cold AUC {g['cold_auc']:+.4f}  (vs original, paired seeds "
+            f"{','.join(map(str, g['seeds']))})")
   print(json.dumps(result))
 
 

@@ -88,7 +88,13 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
       "--set=model.num_heads=2")
   cells = {(c["model"], c["variant"]): c for c in figures["cells"]}
   assert set(cells) == {("nrms", "original"), ("nrms", "summarizer")}
-  assert "summarizer" in figures["gains"]["nrms"]
+  # Gains pair the runs by seed.
+  gain = figures["gains"]["nrms"]["summarizer"]
+  assert gain["seeds"] == [0]
+  for key in ("auc", "cold_auc"):
+    assert gain[key] == pytest.approx(
+        cells[("nrms", "summarizer")]["per_seed"]["0"][key] -
+        cells[("nrms", "original")]["per_seed"]["0"][key], abs=2e-5)
   assert (tmp_path / "out" / "results_quick.md").is_file()
   assert "± " in table
 
