@@ -107,11 +107,15 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
                   f"--workdir_root={tmp_path}/runs",
                   f"--out_dir={tmp_path}/again", *common)
   assert again["cells"] == figures["cells"]
-  empty = subprocess.run(
-      [sys.executable, str(ROOT / "experiments" / "genre_goodreads.py"),
-       "--quick", "--finished_only", f"--workdir_root={tmp_path}/none",
-       f"--out_dir={tmp_path}/none_out", *common],
-      capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+  def finished_only(runs: str, out: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "genre_goodreads.py"),
+         "--quick", "--finished_only", f"--workdir_root={tmp_path}/{runs}",
+         f"--out_dir={tmp_path}/{out}", *common],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+  empty = finished_only("none", "none_out")
   assert empty.returncode != 0
   assert "no finished run" in empty.stderr
   assert not (tmp_path / "none").exists()
@@ -122,11 +126,7 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
   saved = json.loads((summ_dir / "config.json").read_text())
   saved["data"]["max_len"]["title"] = 7
   (summ_dir / "config.json").write_text(json.dumps(saved))
-  stale = subprocess.run(
-      [sys.executable, str(ROOT / "experiments" / "genre_goodreads.py"),
-       "--quick", "--finished_only", f"--workdir_root={tmp_path}/runs",
-       f"--out_dir={tmp_path}/stale_out", *common],
-      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  stale = finished_only("runs", "stale_out")
   assert stale.returncode != 0
   assert "another config" in stale.stderr
   assert "data.max_len.title: 7 there, 32 now" in stale.stderr
