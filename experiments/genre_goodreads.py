@@ -58,6 +58,7 @@ sys.path.insert(0, ROOT)
 from genre_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import train  # pylint: disable=g-import-not-at-top
+from genre_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
 from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
 
 HERE = os.path.join(ROOT, "experiments", "genre_goodreads")
@@ -142,9 +143,13 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 
 def check_same_config(workdir: str, config) -> None:
   """Raises UsageError when `workdir` holds a run of another config."""
-  saved = _flat(ckpt_lib.load_config(workdir).to_dict())
+  try:
+    saved = ckpt_lib.load_config(workdir).to_json_best_effort()
+  except ConfigError as e:  # unreadable config.json: say where, no traceback
+    raise app.UsageError(str(e)) from e
+  # Both through JSON, so tuples compare as lists.
+  saved = _flat(json.loads(saved))
   wanted = _flat(json.loads(config.to_json_best_effort()))
-  saved = _flat(json.loads(json.dumps(saved)))  # tuples -> lists, as wanted
   differ = [k for k in sorted(set(saved) | set(wanted))
             if k not in _LOCATION_KEYS and saved.get(k) != wanted.get(k)]
   if differ:

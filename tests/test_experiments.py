@@ -130,3 +130,10 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
   assert stale.returncode != 0
   assert "another config" in stale.stderr
   assert "data.max_len.title: 7 there, 32 now" in stale.stderr
+
+  # An unreadable config.json names its file and line, with no traceback.
+  (summ_dir / "config.json").write_text('{\n  "data": \n')
+  broken = finished_only("runs", "broken_out")
+  assert broken.returncode != 0
+  assert f"{summ_dir / 'config.json'}:" in broken.stderr
+  assert "Traceback" not in broken.stderr
