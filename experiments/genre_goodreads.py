@@ -35,7 +35,9 @@ far and trains nothing. Writes results.md and results.json to --out_dir,
 prints the table, and ends with one line of JSON: {"cells": [{model, variant,
 n_seeds, seeds, test: {metric: [mean, std]}, test_cold: {...}, per_seed},
 ...], "gains": {model: {variant: {auc, cold_auc, seeds}}}}, where a gain is
-the AUC change over `original` averaged over the seeds both cells finished.
+the AUC change over `original` averaged over the seeds both cells finished
+(the table's last column). A one-seed cell's std is null (a spread needs two
+seeds).
 """
 
 from __future__ import annotations
@@ -180,10 +182,11 @@ def run_one(model: str, variant: str, seed: int) -> dict | None:
   return train.train_and_evaluate(config, workdir)
 
 
-def _mean_std(values: Sequence[float]) -> list[float]:
+def _mean_std(values: Sequence[float]) -> list[float | None]:
+  """[mean, sample std]; the std is None for one seed (no spread measured)."""
   mean = statistics.fmean(values)
-  std = statistics.stdev(values) if len(values) > 1 else 0.0
-  return [round(mean, 5), round(std, 5)]
+  std = round(statistics.stdev(values), 5) if len(values) > 1 else None
+  return [round(mean, 5), std]
 
 
 def summarize(runs: dict[tuple[str, str], dict[int, dict]]) -> list[dict]:
@@ -226,20 +229,29 @@ def gains(cells: list[dict]) -> dict[str, dict[str, dict]]:
   return out
 
 
-def markdown(cells: list[dict], header: str) -> str:
+def markdown(cells: list[dict], gains_by_model: dict[str, dict[str, dict]],
+             header: str) -> str:
+  """The results table; a one-seed cell shows its value with no spread."""
   def fmt(pair):
-    return f"{pair[0]:.4f} ± {pair[1]:.4f}"
+    return f"{pair[0]:.4f}" + ("" if pair[1] is None else f" ± {pair[1]:.4f}")
+
+  def gain(c):
+    g = gains_by_model.get(c["model"], {}).get(c["variant"])
+    if g is None:
+      return ""
+    return (f"{g['auc']:+.4f} (cold {g['cold_auc']:+.4f}; seeds "
+            f"{','.join(map(str, g['seeds']))})")
 
   lines = [header, "",
            "| model | variant | seeds | AUC | MRR | nDCG@5 | nDCG@10 | cold AUC "
-           "| cold MRR | cold nDCG@5 | cold nDCG@10 | train s |",
-           "|---|---|---:|---|---|---|---|---|---|---|---|---:|"]
+           "| cold MRR | cold nDCG@5 | cold nDCG@10 | train s | AUC gain |",
+           "|---|---|---:|---|---|---|---|---|---|---|---|---:|---|"]
   for c in cells:
     lines.append(
         f"| {c['model']} | {c['variant']} | {c['n_seeds']} | " +
         " | ".join(fmt(c["test"][k]) for k in METRICS) + " | " +
         " | ".join(fmt(c["test_cold"][k]) for k in METRICS) +
-        f" | {c['train_seconds']:.0f} |")
+        f" | {c['train_seconds']:.0f} | {gain(c)} |")
   return "\n".join(lines) + "\n"
 
 
@@ -268,13 +280,14 @@ def main(argv: Sequence[str]) -> None:
             f": {len(models)} models x {len(variants)} variants x "
             f"{len(seeds)} seeds"
             + ("; finished runs only" if _FINISHED_ONLY.value else "")
-            + "; test split, mean ± std over seeds; "
+            + "; test split, mean ± std over seeds, no spread for one seed; "
+            "AUC gain over original, paired by seed; "
             f"wall {time.time() - start:.0f}s"
             + (f"; overrides: {' '.join(_SET.value)}" if _SET.value else "")
             + ")")
-  table = markdown(cells, header)
   result = {"cells": cells, "gains": gains(cells), "quick": _QUICK.value,
             "overrides": list(_SET.value)}
+  table = markdown(cells, result["gains"], header)
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   name = "results_quick" if _QUICK.value else "results"
   ckpt_lib.atomic_write_text(os.path.join(_OUT_DIR.value, f"{name}.md"),
@@ -282,11 +295,6 @@ def main(argv: Sequence[str]) -> None:
   ckpt_lib.atomic_write_text(os.path.join(_OUT_DIR.value, f"{name}.json"),
                              json.dumps(result, indent=2))
   print(table)
-  for model, by_variant in result["gains"].items():
-    for variant, g in by_variant.items():
-      print(f"{model:<11}{variant:<11} test AUC {g['auc']:+.4f}  "
-            f"cold AUC {g['cold_auc']:+.4f}  (vs original, paired seeds "
-            f"{','.join(map(str, g['seeds']))})")
   print(json.dumps(result))
 
 
