@@ -70,6 +70,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.item_encoder = "self_attention"
   c.model.user_encoder = "self_attention"
   c.model.predictor = "dot"
+  # Divide the dot predictor's scores by sqrt(hidden_dim), as attention does:
+  # for encoders whose outputs are layer-normalized (unit-variance features),
+  # whose raw inner products start far from the softmax's useful range.
+  c.model.scaled_dot = False
   # Word embedding size and the item/user vector size.
   c.model.embed_dim = 256
   c.model.hidden_dim = 256

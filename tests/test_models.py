@@ -328,6 +328,27 @@ def test_dot_predictor_target_aware_aggregation_matches_numpy():
                              rtol=1e-5, atol=1e-5)
 
 
+def test_scaled_dot_divides_scores_by_sqrt_hidden_dim():
+  rng = np.random.default_rng(8)
+  user = rng.normal(size=(B, D)).astype(np.float32)
+  cands = rng.normal(size=(B, C, D)).astype(np.float32)
+  want = np.einsum("bd,bcd->bc", user, cands) / np.sqrt(D)
+  scaled = PREDICTORS.get("dot")(tiny_config(scaled_dot=True),
+                                 rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(np.asarray(scaled(user, cands, None, None)),
+                             want, rtol=1e-5, atol=1e-5)
+  # Multi-interest users: each interest's score is scaled alike.
+  poly = tiny_config(user_encoder="poly", scaled_dot=True)
+  plain = PREDICTORS.get("dot")(tiny_config(user_encoder="poly"),
+                                rngs=nnx.Rngs(0))
+  scaled = PREDICTORS.get("dot")(poly, rngs=nnx.Rngs(0))
+  interests = rng.normal(size=(B, 3, D)).astype(np.float32)
+  np.testing.assert_allclose(
+      np.asarray(scaled(interests, cands, None, None)),
+      np.asarray(plain(interests, cands, None, None)) / np.sqrt(D),
+      rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_compute_keeps_float32_params():
   config = tiny_config(item_encoder="transformer", user_encoder="gru",
                        predictor="dot", dtype="bfloat16")

@@ -63,6 +63,7 @@ class DotPredictor(nnx.Module):
 
   def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d = config.model.hidden_dim
+    self.scale = d ** -0.5 if config.model.get("scaled_dot", False) else 1.0
     self.target_proj = nnx.data(None)
     if returns_interests(config):
       self.target_proj = nnx.Linear(d, d, dtype=layers.compute_dtype(config),
@@ -73,8 +74,9 @@ class DotPredictor(nnx.Module):
     del hist, hist_mask
     if self.target_proj is None or user.ndim == 2:
       user = single_vector(user)  # [B, D]
-      return jnp.einsum("bd,bcd->bc", user, cands).astype(jnp.float32)
-    scores = jnp.einsum("bpd,bcd->bcp", user, cands)  # [B, C, P]
+      scores = jnp.einsum("bd,bcd->bc", user, cands).astype(jnp.float32)
+      return scores * self.scale  # [B, C]
+    scores = jnp.einsum("bpd,bcd->bcp", user, cands) * self.scale  # [B, C, P]
     keys = jax.nn.gelu(self.target_proj(user))  # [B, P, D]
     logits = jnp.einsum("bpd,bcd->bcp", keys, cands)  # [B, C, P]
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
