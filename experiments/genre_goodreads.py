@@ -152,8 +152,13 @@ def check_same_config(workdir: str, config) -> None:
   # Both through JSON, so tuples compare as lists.
   saved = _flat(json.loads(saved))
   wanted = _flat(json.loads(config.to_json_best_effort()))
+  # A key added to the config after the run was made, set to its default,
+  # describes what the run did all along (e.g. model.scaled_dot=False).
+  defaults = _flat(json.loads(config_lib.base_config().to_json_best_effort()))
   differ = [k for k in sorted(set(saved) | set(wanted))
-            if k not in _LOCATION_KEYS and saved.get(k) != wanted.get(k)]
+            if k not in _LOCATION_KEYS and saved.get(k) != wanted.get(k)
+            and not (k not in saved and k in defaults
+                     and wanted.get(k) == defaults[k])]
   if differ:
     shown = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now"
                       for k in differ[:5])

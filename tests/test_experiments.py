@@ -126,10 +126,26 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
   assert "no finished run" in empty.stderr
   assert not (tmp_path / "none").exists()
 
-  # A workdir trained with another config (e.g. by an older version of the
-  # script) is an error naming the differing field, never read as this run.
+  # A run made before a config key existed is still this run when the key
+  # now holds its default (the behaviour the run had)...
   [summ_dir] = (tmp_path / "runs").glob("nrms-summarizer-s0-*")
   saved = json.loads((summ_dir / "config.json").read_text())
+  del saved["model"]["scaled_dot"]
+  (summ_dir / "config.json").write_text(json.dumps(saved))
+  older = finished_only("runs", "older_out")
+  assert older.returncode == 0, older.stderr[-2000:]
+  assert json.loads(older.stdout.strip().splitlines()[-1])["cells"] == (
+      figures["cells"])
+  # ... while a run that set the key otherwise is not.
+  saved["model"]["scaled_dot"] = True
+  (summ_dir / "config.json").write_text(json.dumps(saved))
+  flipped = finished_only("runs", "flipped_out")
+  assert flipped.returncode != 0
+  assert "model.scaled_dot: True there, False now" in flipped.stderr
+
+  # A workdir trained with another config (e.g. by an older version of the
+  # script) is an error naming the differing field, never read as this run.
+  del saved["model"]["scaled_dot"]
   saved["data"]["max_len"]["title"] = 7
   (summ_dir / "config.json").write_text(json.dumps(saved))
   stale = finished_only("runs", "stale_out")
