@@ -384,6 +384,10 @@ def test_unknown_part_name_is_a_config_error():
     models.build_model(tiny_config(dtype="float16"), SPEC, seed=0)
   with pytest.raises(ConfigError, match="num_heads"):
     models.build_model(tiny_config(num_heads=3), SPEC, seed=0)
+  # scaled_dot means nothing to another predictor: refused, not ignored.
+  with pytest.raises(ConfigError, match="scaled_dot.*'mlp'"):
+    models.build_model(tiny_config(predictor="mlp", scaled_dot=True), SPEC,
+                       seed=0)
 
 
 def test_attention_implementations_agree_and_bad_names_are_config_errors():

@@ -170,6 +170,11 @@ def build_model(config: ml_collections.ConfigDict, spec: ItemInputSpec,
     raise ConfigError(
         f"config.data.fields: spec has fields {spec.fields} but lengths "
         f"{spec.lengths}; need one length per field and at least one field")
+  if config.model.get("scaled_dot", False) and config.model.predictor != "dot":
+    raise ConfigError(
+        "config.model.scaled_dot=True scales the dot predictor's scores, but "
+        f"config.model.predictor is '{config.model.predictor}'; set "
+        "predictor=dot or scaled_dot=False")
   rngs = nnx.Rngs(params=seed, dropout=jax.random.fold_in(
       jax.random.key(seed), 1))
   model = Recommender(config, spec, rngs=rngs)
