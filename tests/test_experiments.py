@@ -159,3 +159,27 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
   assert broken.returncode != 0
   assert f"{summ_dir / 'config.json'}:" in broken.stderr
   assert "Traceback" not in broken.stderr
+
+
+def test_init_scale_compares_scalings(tmp_path):
+  figures, table = _run(
+      "init_scale.py", "--presets=nrms,fastformer", "--compare_scaling",
+      "--batches=1", f"--data_cache={tmp_path}",
+      "--set=data.synthetic.num_users=100",
+      "--set=data.synthetic.num_items=300")
+  assert "score std" in table
+  rows = {(r["preset"], r["scaled_dot"]): r for r in figures["rows"]}
+  assert set(rows) == {(p, s) for p in ("nrms", "fastformer")
+                       for s in (False, True)}
+  for preset in ("nrms", "fastformer"):
+    plain, scaled = rows[preset, False], rows[preset, True]
+    # Same weights and batch: only the scores change, by exactly 1/sqrt(256).
+    assert plain["item_norm"] == pytest.approx(scaled["item_norm"])
+    assert scaled["score_std"] == pytest.approx(plain["score_std"] / 16,
+                                                rel=1e-3)
+  # The unscaled Fastformer starts far from a uniform softmax; NRMS does not.
+  fast = rows["fastformer", False]
+  assert fast["loss"] > fast["uniform_loss"] + 1.0
+  assert rows["nrms", False]["loss"] == pytest.approx(
+      rows["nrms", False]["uniform_loss"], abs=0.05)
+  assert rows["fastformer", True]["loss"] < fast["loss"]
