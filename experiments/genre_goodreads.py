@@ -108,7 +108,6 @@ def variant_config(model: str, variant: str, seed: int):
   if variant in ("summarizer", "all"):
     genre.summarizer = "release"
     genre.summary_field = "title"
-    config.data.max_len.title = config.data.max_len.summary
   if variant in ("profiler", "all"):
     genre.profiler = "release"
   if variant in ("generator", "all"):
@@ -116,6 +115,10 @@ def variant_config(model: str, variant: str, seed: int):
   if _QUICK.value:
     config.train.max_steps = _QUICK_STEPS
   config_lib.apply_overrides(config, _SET.value)
+  if genre.summarizer and genre.summary_field == "title":
+    # The title field holds the summary: cut it at the summary's length,
+    # after the overrides so that --set=data.max_len.summary=N reaches it.
+    config.data.max_len.title = config.data.max_len.summary
   return config
 
 

@@ -5,11 +5,13 @@ settings it offers; the figures themselves are checked for sanity only
 (speed is measured by the scripts, never asserted in tests).
 """
 
+import importlib.util
 import json
 import pathlib
 import subprocess
 import sys
 
+from absl import flags
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -183,3 +185,22 @@ def test_init_scale_compares_scalings(tmp_path):
   assert rows["nrms", False]["loss"] == pytest.approx(
       rows["nrms", False]["uniform_loss"], abs=0.05)
   assert rows["fastformer", True]["loss"] < fast["loss"]
+
+
+def test_genre_goodreads_summary_length_override_reaches_the_title():
+  # With summaries in place of titles the title field is cut at
+  # data.max_len.summary, also when an override sets that length.
+  spec = importlib.util.spec_from_file_location(
+      "genre_goodreads", ROOT / "experiments" / "genre_goodreads.py")
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  try:
+    flags.FLAGS(["genre_goodreads.py", "--workdir_root=/nonexistent",
+                 "--set=data.max_len.summary=64"])
+    summarized = script.variant_config("nrms", "summarizer", 0)
+    assert summarized.data.max_len.title == 64
+    assert summarized.data.genre.summary_field == "title"
+    original = script.variant_config("nrms", "original", 0)
+    assert original.data.max_len.title == 16  # the Goodreads titles' own
+  finally:
+    flags.FLAGS.unparse_flags()
