@@ -66,6 +66,8 @@ _SET = flags.DEFINE_multi_string(
 
 
 def preset_config(name: str, scaled_dot: bool | None):
+  """The preset's config on the chosen data; scaled_dot None keeps the
+  preset's own setting."""
   config = config_lib.load_preset(name, "goodreads" if _DATA_PATH.value
                                   else None)
   if _DATA_PATH.value:
@@ -122,6 +124,7 @@ def measure(name: str, config, dataset) -> dict:
 
 
 def table(rows: list[dict]) -> str:
+  """The rows as a fixed-width text table, one line per measured config."""
   lines = [f"{'preset':<12}{'scaled':>7}{'|item|':>9}{'|user|':>9}"
            f"{'score std':>11}{'range':>9}{'loss':>8}{'ln(1+K)':>9}"]
   for r in rows:
