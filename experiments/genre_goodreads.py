@@ -30,7 +30,11 @@ Each run has its own workdir under --workdir_root and is skipped when it has
 already finished, so an interrupted grid is continued by running the same
 command again; a workdir whose config.json differs from the run's config
 (another version of this script, other overrides) is an error, never reused
-as if it were the same run. --finished_only tabulates what has finished so
+as if it were the same run. Every finished run also leaves a record (its
+config and final metrics, a few KB) in --out_dir/run_metrics/<run>.json,
+which stands in for its workdir: a grid is extended on another machine, or
+after its workdirs (checkpoints) are deleted, without retraining or losing
+the seeds that ran before. --finished_only tabulates what has finished so
 far and trains nothing. Writes results.md and results.json to --out_dir,
 prints the table, and ends with one line of JSON: {"cells": [{model, variant,
 n_seeds, seeds, test: {metric: [mean, std]}, test_cold: {...}, per_seed},
@@ -146,14 +150,11 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
   return out
 
 
-def check_same_config(workdir: str, config) -> None:
-  """Raises UsageError when `workdir` holds a run of another config."""
-  try:
-    saved = ckpt_lib.load_config(workdir).to_json_best_effort()
-  except ConfigError as e:  # unreadable config.json: say where, no traceback
-    raise app.UsageError(str(e)) from e
+def check_same_config(path: str, saved: dict, config) -> None:
+  """Raises UsageError when `saved` (the config read from `path`) is not
+  `config`: a run of another config is never read as this one."""
   # Both through JSON, so tuples compare as lists.
-  saved = _flat(json.loads(saved))
+  saved = _flat(json.loads(json.dumps(saved)))
   wanted = _flat(json.loads(config.to_json_best_effort()))
   # A key added to the config after the run was made, set to its default,
   # describes what the run did all along (e.g. model.scaled_dot=False).
@@ -166,28 +167,80 @@ def check_same_config(workdir: str, config) -> None:
     shown = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now"
                       for k in differ[:5])
     raise app.UsageError(
-        f"{os.path.join(workdir, 'config.json')}: this workdir holds a run "
-        f"with another config ({shown}{'; ...' if len(differ) > 5 else ''}); "
-        "move it away or choose another --workdir_root")
+        f"{path}: this holds a run with another config "
+        f"({shown}{'; ...' if len(differ) > 5 else ''}); move it away or "
+        "choose another --workdir_root / --out_dir")
+
+
+def _workdir_config(workdir: str) -> dict:
+  try:
+    return json.loads(ckpt_lib.load_config(workdir).to_json_best_effort())
+  except ConfigError as e:  # unreadable config.json: say where, no traceback
+    raise app.UsageError(str(e)) from e
+
+
+def record_path(name: str) -> str:
+  """Where the record of run `name` (config and final metrics) is kept."""
+  return os.path.join(_OUT_DIR.value, "run_metrics", f"{name}.json")
+
+
+def write_record(name: str, config, final: dict) -> None:
+  ckpt_lib.atomic_write_text(record_path(name), json.dumps(
+      {"run": name, "config": json.loads(config.to_json_best_effort()),
+       "final_metrics": final}, indent=2))
+
+
+def read_record(path: str, config) -> dict:
+  """The final metrics a run record holds, once its config is `config`."""
+  with open(path, encoding="utf-8") as f:
+    try:
+      record = json.load(f)
+    except json.JSONDecodeError as e:
+      raise app.UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})"
+                           ) from e
+  missing = [k for k in ("config", "final_metrics")
+             if not isinstance(record, dict) or not isinstance(record.get(k),
+                                                               dict)]
+  if missing:
+    raise app.UsageError(f"{path}: not a run record (no {' or '.join(missing)}"
+                         " object)")
+  final = record["final_metrics"]
+  for split in ("all", "cold"):
+    for key in METRICS:
+      if not isinstance(final.get("test", {}).get(split, {}).get(key),
+                        (int, float)):
+        raise app.UsageError(f"{path}: final_metrics.test.{split}.{key} is "
+                             "missing or not a number")
+  check_same_config(path, record["config"], config)
+  return final
 
 
 def run_one(model: str, variant: str, seed: int) -> dict | None:
   """Trains (or reads back) one cell's run; its final metrics (None when
   --finished_only and the run has not finished)."""
-  workdir = os.path.join(_WORKDIR_ROOT.value, run_name(model, variant, seed))
+  name = run_name(model, variant, seed)
+  workdir = os.path.join(_WORKDIR_ROOT.value, name)
   config = variant_config(model, variant, seed)
-  if os.path.isfile(os.path.join(workdir, "config.json")):
-    check_same_config(workdir, config)
+  config_path = os.path.join(workdir, "config.json")
+  if os.path.isfile(config_path):
+    check_same_config(config_path, _workdir_config(workdir), config)
   final = os.path.join(workdir, "final_metrics.json")
   if os.path.isfile(final):
     with open(final, encoding="utf-8") as f:
       logging.info("Reusing the finished run %s", workdir)
-      return json.load(f)
+      result = json.load(f)
+    write_record(name, config, result)
+    return result
+  if os.path.isfile(record_path(name)):
+    logging.info("Reusing the record of a finished run %s", record_path(name))
+    return read_record(record_path(name), config)
   if _FINISHED_ONLY.value:
     return None
   logging.info("Training %s on %s (seed %d) in %s", model, variant, seed,
                workdir)
-  return train.train_and_evaluate(config, workdir)
+  result = train.train_and_evaluate(config, workdir)
+  write_record(name, config, result)
+  return result
 
 
 def _mean_std(values: Sequence[float]) -> list[float | None]:
@@ -281,8 +334,10 @@ def main(argv: Sequence[str]) -> None:
         if result is not None:
           runs.setdefault((model, variant), {})[seed] = result
   if not runs:
-    raise app.UsageError(f"no finished run under {_WORKDIR_ROOT.value} for "
-                         "this grid (--finished_only trains nothing)")
+    raise app.UsageError(
+        f"no finished run under {_WORKDIR_ROOT.value} or recorded in "
+        f"{os.path.dirname(record_path('x'))} for this grid (--finished_only "
+        "trains nothing)")
   cells = summarize(runs)
   header = (f"GENRE ablation on Goodreads ({'quick grid' if _QUICK.value else 'grid'}"
             f": {len(models)} models x {len(variants)} variants x "

@@ -128,6 +128,45 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
   assert "no finished run" in empty.stderr
   assert not (tmp_path / "none").exists()
 
+  # Each finished run left a record (config, final metrics) in
+  # --out_dir/run_metrics that stands in for its workdir: with the workdirs
+  # gone, the table is the same and nothing is trained.
+  records = sorted((tmp_path / "out" / "run_metrics").glob("*.json"))
+  assert [r.stem.rsplit("-", 1)[0] for r in records] == [
+      "nrms-original-s0", "nrms-summarizer-s0"]
+  for record in records:
+    saved = json.loads(record.read_text())
+    assert saved["final_metrics"] == json.loads(
+        (tmp_path / "runs" / record.stem / "final_metrics.json").read_text())
+  recorded = finished_only("gone", "out")
+  assert recorded.returncode == 0, recorded.stderr[-2000:]
+  assert json.loads(recorded.stdout.strip().splitlines()[-1])["cells"] == (
+      figures["cells"])
+  assert not (tmp_path / "gone").exists()
+  # A record of another config, or an unreadable one, is an error naming
+  # its file, never read as this run.
+  summ_record = records[1]
+  good = summ_record.read_text()
+  saved = json.loads(good)
+  saved["config"]["data"]["max_len"]["title"] = 7
+  summ_record.write_text(json.dumps(saved))
+  other = finished_only("gone", "out")
+  assert other.returncode != 0
+  assert f"{summ_record}: this holds a run with another config" in other.stderr
+  assert "data.max_len.title: 7 there, 32 now" in other.stderr
+  summ_record.write_text('{\n  "run": \n')
+  broken = finished_only("gone", "out")
+  assert broken.returncode != 0
+  assert f"{summ_record}:3: not valid JSON" in broken.stderr
+  assert "Traceback" not in broken.stderr
+  saved = json.loads(good)
+  del saved["final_metrics"]["test"]["cold"]["auc"]
+  summ_record.write_text(json.dumps(saved))
+  partial = finished_only("gone", "out")
+  assert partial.returncode != 0
+  assert "final_metrics.test.cold.auc is missing" in partial.stderr
+  summ_record.write_text(good)
+
   # A run made before a config key existed is still this run when the key
   # now holds its default (the behaviour the run had)...
   [summ_dir] = (tmp_path / "runs").glob("nrms-summarizer-s0-*")
