@@ -38,10 +38,12 @@ the seeds that ran before. --finished_only tabulates what has finished so
 far and trains nothing. Writes results.md and results.json to --out_dir,
 prints the table, and ends with one line of JSON: {"cells": [{model, variant,
 n_seeds, seeds, test: {metric: [mean, std]}, test_cold: {...}, per_seed},
-...], "gains": {model: {variant: {auc, cold_auc, seeds}}}}, where a gain is
-the AUC change over `original` averaged over the seeds both cells finished
-(the table's last column). A one-seed cell's std is null (a spread needs two
-seeds).
+...], "gains": {model: {variant: {auc, cold_auc, seeds, per_seed_auc,
+per_seed_cold_auc}}}, "gains_over": {baseline: {...}}}, where a gain is
+the AUC change over `original` (the first of --gains_over) averaged over
+the seeds both cells finished (the table's last column), and "gains_over"
+holds the same over each further variant of --gains_over. A one-seed cell's
+std is null (a spread needs two seeds).
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ _DATA_CACHE = flags.DEFINE_string(
     "data_cache", "", "config.data.data_dir; default: the presets' own.")
 _SET = flags.DEFINE_multi_string(
     "set", [], "Config overrides for every run, e.g. --set=train.epochs=1.")
+_GAINS_OVER = flags.DEFINE_list(
+    "gains_over", ["original"], "Variants every other variant is compared "
+    "with, paired by seed: the first fills the table's last column and "
+    "\"gains\", each further one gets a table of its own (e.g. "
+    "original,summarizer: does `all` add anything to summaries?).")
 _FINISHED_ONLY = flags.DEFINE_bool(
     "finished_only", False, "Train nothing: tabulate the grid's finished "
     "runs (a cell shows how many seeds it has; empty cells are left out).")
@@ -271,23 +278,47 @@ def summarize(runs: dict[tuple[str, str], dict[int, dict]]) -> list[dict]:
   return cells
 
 
-def gains(cells: list[dict]) -> dict[str, dict[str, dict]]:
-  """Test AUC change of every variant over `original`, per model, paired by
-  seed: the mean over the seeds both cells finished (listed as "seeds")."""
-  base = {c["model"]: c for c in cells if c["variant"] == "original"}
+def gains(cells: list[dict], baseline: str = "original"
+          ) -> dict[str, dict[str, dict]]:
+  """Test AUC change of every variant over `baseline`, per model, paired by
+  seed: the mean over the seeds both cells finished (listed as "seeds"),
+  with the per-seed changes."""
+  base = {c["model"]: c for c in cells if c["variant"] == baseline}
   out: dict[str, dict[str, dict]] = {}
   for c in cells:
-    if c["variant"] == "original" or c["model"] not in base:
+    if c["variant"] == baseline or c["model"] not in base:
       continue
     b = base[c["model"]]["per_seed"]
     seeds = [s for s in c["per_seed"] if s in b]
     if not seeds:
       continue
+    change = {key: [c["per_seed"][s][key] - b[s][key] for s in seeds]
+              for key in ("auc", "cold_auc")}
     out.setdefault(c["model"], {})[c["variant"]] = {
-        key: round(statistics.fmean(c["per_seed"][s][key] - b[s][key]
-                                    for s in seeds), 5)
-        for key in ("auc", "cold_auc")} | {"seeds": [int(s) for s in seeds]}
+        key: round(statistics.fmean(values), 5)
+        for key, values in change.items()} | {
+            "seeds": [int(s) for s in seeds],
+            "per_seed_auc": [round(v, 5) for v in change["auc"]],
+            "per_seed_cold_auc": [round(v, 5) for v in change["cold_auc"]]}
   return out
+
+
+def gains_table(baseline: str, gains_by_model: dict[str, dict[str, dict]]
+                ) -> str:
+  """The paired changes over a further baseline, per seed in brackets."""
+  def fmt(values):
+    return ", ".join(f"{v:+.4f}" for v in values)
+
+  lines = [f"Test AUC change over `{baseline}`, paired by seed:", "",
+           "| model | variant | seeds | AUC change | per seed | cold AUC change "
+           "| per seed |", "|---|---|---|---|---|---|---|"]
+  for model, by_variant in gains_by_model.items():
+    for variant, g in by_variant.items():
+      lines.append(
+          f"| {model} | {variant} | {','.join(map(str, g['seeds']))} | "
+          f"{g['auc']:+.4f} | {fmt(g['per_seed_auc'])} | "
+          f"{g['cold_auc']:+.4f} | {fmt(g['per_seed_cold_auc'])} |")
+  return "\n".join(lines) + "\n"
 
 
 def markdown(cells: list[dict], gains_by_model: dict[str, dict[str, dict]],
@@ -325,6 +356,10 @@ def main(argv: Sequence[str]) -> None:
     models = list(_MODELS.value)
     variants = list(_VARIANTS.value)
     seeds = [int(s) for s in _SEEDS.value]
+  unknown = [b for b in _GAINS_OVER.value if b not in variants]
+  if unknown or not _GAINS_OVER.value:
+    raise app.UsageError(f"--gains_over={','.join(_GAINS_OVER.value)}: "
+                         f"compare with variants of this grid ({variants})")
   start = time.time()
   runs: dict[tuple[str, str], dict[int, dict]] = {}
   for model in models:
@@ -344,13 +379,17 @@ def main(argv: Sequence[str]) -> None:
             f"{len(seeds)} seeds"
             + ("; finished runs only" if _FINISHED_ONLY.value else "")
             + "; test split, mean ± std over seeds, no spread for one seed; "
-            "AUC gain over original, paired by seed; "
+            f"AUC gain over {_GAINS_OVER.value[0]}, paired by seed; "
             f"wall {time.time() - start:.0f}s"
             + (f"; overrides: {' '.join(_SET.value)}" if _SET.value else "")
             + ")")
-  result = {"cells": cells, "gains": gains(cells), "quick": _QUICK.value,
-            "overrides": list(_SET.value)}
+  baselines = list(_GAINS_OVER.value)
+  result = {"cells": cells, "gains": gains(cells, baselines[0]),
+            "gains_over": {b: gains(cells, b) for b in baselines[1:]},
+            "quick": _QUICK.value, "overrides": list(_SET.value)}
   table = markdown(cells, result["gains"], header)
+  for baseline, by_model in result["gains_over"].items():
+    table += "\n" + gains_table(baseline, by_model)
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   name = "results_quick" if _QUICK.value else "results"
   ckpt_lib.atomic_write_text(os.path.join(_OUT_DIR.value, f"{name}.md"),

@@ -115,6 +115,28 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
                   f"--workdir_root={tmp_path}/runs",
                   f"--out_dir={tmp_path}/again", *common)
   assert again["cells"] == figures["cells"]
+  assert again["gains_over"] == {}
+
+  # --gains_over adds a table of changes over a further variant.
+  over, over_table = _run(
+      "genre_goodreads.py", "--quick", "--finished_only",
+      "--gains_over=original,summarizer", f"--workdir_root={tmp_path}/runs",
+      f"--out_dir={tmp_path}/over", *common)
+  assert over["gains"] == figures["gains"]
+  back = over["gains_over"]["summarizer"]["nrms"]["original"]
+  assert back["seeds"] == [0]
+  assert back["auc"] == pytest.approx(-gain["auc"], abs=2e-5)
+  assert back["per_seed_cold_auc"] == [back["cold_auc"]]
+  assert "change over `summarizer`" in over_table
+  assert f"| nrms | original | 0 | {back['auc']:+.4f} |" in over_table
+  unknown = subprocess.run(
+      [sys.executable, str(ROOT / "experiments" / "genre_goodreads.py"),
+       "--quick", "--finished_only", "--gains_over=profiler",
+       f"--workdir_root={tmp_path}/runs", f"--out_dir={tmp_path}/over", *common],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert unknown.returncode != 0
+  assert "--gains_over=profiler: compare with variants of this grid" in (
+      unknown.stderr)
 
   def finished_only(runs: str, out: str) -> subprocess.CompletedProcess:
     return subprocess.run(
