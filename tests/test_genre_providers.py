@@ -27,15 +27,13 @@ class FakeServer:
   The user text picks the behaviour: "500-once:..." and "429-once:..." fail
   the first request; "sleep-once:..." first sleeps past the client timeout;
   "broken:..." fails with 500 while `broken` is set; "bad:..." is a 400.
-  Every request's user text is logged; in-flight requests are counted.
+  Every request's user text is logged.
   """
 
   def __init__(self):
     self.log = []
     self.auth = []
     self.broken = True
-    self.in_flight = 0
-    self.max_in_flight = 0
     self.lock = threading.Lock()
     self.seen = collections.Counter()
     server = self
@@ -53,15 +51,10 @@ class FakeServer:
           server.auth.append(self.headers.get("Authorization"))
           server.seen[user] += 1
           first = server.seen[user] == 1
-          server.in_flight += 1
-          server.max_in_flight = max(server.max_in_flight, server.in_flight)
         try:
           self._answer(user, first)
         except (BrokenPipeError, ConnectionResetError):
           pass
-        finally:
-          with server.lock:
-            server.in_flight -= 1
 
       def _answer(self, user, first):
         kind = user.split(":", 1)[0]
@@ -118,10 +111,57 @@ def _prompts(texts):
           for i, t in enumerate(texts)]
 
 
+class _CountedUrlopen:
+  """urllib.request.urlopen, counting the requests the client has open.
+
+  Counted on the client: the server also sees requests the client has
+  already given up on (a timed-out one still sleeping there), which a
+  bound on the client's concurrency does not cover.
+  """
+
+  def __init__(self, urlopen):
+    self.urlopen = urlopen
+    self.lock = threading.Lock()
+    self.open = 0
+    self.max_open = 0
+
+  def _enter(self):
+    with self.lock:
+      self.open += 1
+      self.max_open = max(self.max_open, self.open)
+
+  def _leave(self):
+    with self.lock:
+      self.open -= 1
+
+  def __call__(self, *args, **kwargs):
+    self._enter()
+    try:
+      response = self.urlopen(*args, **kwargs)
+    except BaseException:
+      self._leave()
+      raise
+    counter = self
+
+    class Counted:
+      def __enter__(self):
+        return response.__enter__()
+
+      def __exit__(self, *exc):
+        try:
+          return response.__exit__(*exc)
+        finally:
+          counter._leave()
+
+    return Counted()
+
+
 def test_openai_retries_timeouts_and_bounded_concurrency(server, monkeypatch):
   monkeypatch.setenv("GENRE_TEST_KEY", "sk-test-secret")
   texts = ([f"ok:{i}" for i in range(8)] +
            ["500-once:a", "429-once:b", "sleep-once:c"])
+  urlopen = _CountedUrlopen(providers.urllib.request.urlopen)
+  monkeypatch.setattr(providers.urllib.request, "urlopen", urlopen)
   provider = _openai(server)
   replies = provider.generate(_prompts(texts))
   assert replies == [f"echo: {t}" for t in texts]
@@ -131,7 +171,8 @@ def test_openai_retries_timeouts_and_bounded_concurrency(server, monkeypatch):
   assert counts["sleep-once:c"] == 2
   assert provider.stats["retries"] == 3
   assert provider.stats["requests"] == len(texts) + 3
-  assert 1 <= server.max_in_flight <= 2
+  assert 1 <= urlopen.max_open <= 2
+  assert urlopen.open == 0
   assert set(server.auth) == {"Bearer sk-test-secret"}
 
 
