@@ -212,12 +212,15 @@ def read_record(path: str, config) -> dict:
     raise app.UsageError(f"{path}: not a run record (no {' or '.join(missing)}"
                          " object)")
   final = record["final_metrics"]
-  for split in ("all", "cold"):
-    for key in METRICS:
-      if not isinstance(final.get("test", {}).get(split, {}).get(key),
-                        (int, float)):
-        raise app.UsageError(f"{path}: final_metrics.test.{split}.{key} is "
-                             "missing or not a number")
+  # Every figure the tables read must be there, as a number.
+  for field in [f"test.{split}.{key}" for split in ("all", "cold")
+                for key in METRICS] + ["train_seconds"]:
+    value = final
+    for part in field.split("."):
+      value = value.get(part) if isinstance(value, dict) else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+      raise app.UsageError(f"{path}: final_metrics.{field} is missing or "
+                           "not a number")
   check_same_config(path, record["config"], config)
   return final
 

@@ -187,6 +187,13 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
   partial = finished_only("gone", "out")
   assert partial.returncode != 0
   assert "final_metrics.test.cold.auc is missing" in partial.stderr
+  saved = json.loads(good)
+  saved["final_metrics"]["test"] = []
+  summ_record.write_text(json.dumps(saved))
+  wrong = finished_only("gone", "out")
+  assert wrong.returncode != 0
+  assert "final_metrics.test.all.auc is missing" in wrong.stderr
+  assert "Traceback" not in wrong.stderr
   summ_record.write_text(good)
 
   # A run made before a config key existed is still this run when the key
