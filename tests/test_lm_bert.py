@@ -187,3 +187,14 @@ def test_bad_config_field_is_named(tmp_path):
   with pytest.raises(DataFormatError,
                      match=r"config\.json: field 'num_attention_heads'"):
     bert.load_bert(tmp_path, rngs=nnx.Rngs(0))
+
+
+def test_unsupported_activation_is_named(tmp_path):
+  _tiny_bert(tmp_path)
+  config_path = tmp_path / hf.CONFIG_FILE
+  config = json.loads(config_path.read_text())
+  config["hidden_act"] = "mish"
+  config_path.write_text(json.dumps(config))
+  with pytest.raises(DataFormatError, match=(
+      r"config\.json: field 'hidden_act'.*unsupported activation 'mish'")):
+    bert.load_bert(tmp_path, rngs=nnx.Rngs(0))

@@ -21,15 +21,6 @@ from genre_jax.lm import hf
 from genre_jax.models import layers
 from genre_jax.lm.hf import BertConfig
 
-_ACTIVATIONS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
 
 def _layer_norm(cfg: BertConfig, dtype, param_dtype, rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps,
@@ -104,7 +95,7 @@ class BertLayer(nnx.Module):
   def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
     x = self.attention_norm(
         x + self.attention_output_dropout(self._attention(x, mask)))
-    h = _ACTIVATIONS[self.activation](self.intermediate(x))  # [B, L, I]
+    h = hf.ACTIVATIONS[self.activation](self.intermediate(x))  # [B, L, I]
     return self.output_norm(x + self.output_dropout(self.output(h)))
 
 

@@ -11,6 +11,7 @@ built with `nnx.eval_shape`, so a checkpoint is never initialised twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -129,8 +130,15 @@ class LlamaConfig:
 
 BERT_MODEL_TYPES = ("bert",)
 LLAMA_MODEL_TYPES = ("llama",)
-_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu",
-                "swish")
+# `hidden_act` names of Hugging Face configs -> the JAX function each means.
+ACTIVATIONS = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
 
 
 def read_config_json(model_dir: str | pathlib.Path) -> dict[str, Any]:
@@ -199,10 +207,10 @@ class _Fields:
 
   def activation(self, name: str, default: str) -> str:
     value = self._get(name, default, (str,), "an activation name")
-    if value not in _ACTIVATIONS:
+    if value not in ACTIVATIONS:
       raise DataFormatError(self.path, None, name,
                             f"unsupported activation {value!r}; supported: "
-                            f"{_ACTIVATIONS}")
+                            f"{tuple(ACTIVATIONS)}")
     return value
 
   def check_type(self, allowed: Sequence[str]) -> None:

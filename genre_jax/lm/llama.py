@@ -36,15 +36,6 @@ import numpy as np
 from genre_jax.lm import hf
 from genre_jax.lm.hf import LlamaConfig
 
-_ACTIVATIONS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
-
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
   """Position ids [B, L] int32 counting real tokens: 0, 1, ... (pads get the
@@ -172,7 +163,7 @@ class LlamaMLP(nnx.Module):
     self.down_proj = linear(cfg.intermediate_size, cfg.hidden_size)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate = _ACTIVATIONS[self.activation](self.gate_proj(x))  # [B, T, I]
+    gate = hf.ACTIVATIONS[self.activation](self.gate_proj(x))  # [B, T, I]
     return self.down_proj(gate * self.up_proj(x))
 
 
