@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from absl import flags
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -272,3 +273,78 @@ def test_genre_goodreads_summary_length_override_reaches_the_title():
     assert original.data.max_len.title == 16  # the Goodreads titles' own
   finally:
     flags.FLAGS.unparse_flags()
+
+
+def test_cooccurrence_matches_a_brute_force_reference(tmp_path):
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  item_ids = [f"B{i}" for i in range(40)]
+  write_tsv(tmp_path / "news.tsv",
+            [[i, "book", "", f"title {i}", "", "", "[]", "[]"]
+             for i in item_ids])
+  rows = {"train": [], "test": []}
+  for split, count in (("train", 300), ("test", 60)):
+    for m in range(count):
+      user = f"U{rng.integers(25)}"
+      # Users like items near their own number: co-occurrence is informative.
+      own = int(user[1:])
+      picks = rng.choice(40, size=7, replace=False, p=_near(own))
+      history = " ".join(item_ids[k] for k in picks[:rng.integers(0, 5)])
+      cands = [f"{item_ids[picks[5]]}-1"] + [
+          f"{item_ids[k]}-0" for k in rng.choice(40, 3, replace=False)
+          if k != picks[5]]
+      rows[split].append([str(m), user, "", history, " ".join(cands)])
+  for split, split_rows in rows.items():
+    write_tsv(tmp_path / split / "behaviors.tsv", split_rows)
+
+  figures, table = _run("goodreads_cooccurrence.py", f"--data_dir={tmp_path}",
+                        "--splits=test", "--cold_threshold=2")
+  assert "cooccurrence" in table and "popularity" in table
+
+  # The reference: sets of users per item, sklearn's AUC per impression.
+  owners: dict[str, set[str]] = {}
+  shown: dict[str, int] = {}
+  for _, user, _, history, cands in rows["train"]:
+    for item in history.split() + [c[:-2] for c in cands.split()
+                                   if c.endswith("-1")]:
+      owners.setdefault(item, set()).add(user)
+    for c in cands.split():
+      shown[c[:-2]] = shown.get(c[:-2], 0) + 1
+
+  def cooc(h, c):
+    if h == c:
+      return 0.0
+    a, b = owners.get(h, set()), owners.get(c, set())
+    return len(a & b) / max(len(a) * len(b), 1) ** 0.5
+
+  expected = {"cooccurrence": ([], []), "popularity": ([], [])}
+  for _, _, _, history, cands in rows["test"]:
+    history = history.split()
+    labels = [int(c[-1]) for c in cands.split()]
+    items = [c[:-2] for c in cands.split()]
+    for name, scores in (
+        ("cooccurrence", [sum(cooc(h, c) for h in history) for c in items]),
+        ("popularity", [shown.get(c, 0) for c in items])):
+      auc = roc_auc_score(labels, scores)
+      expected[name][0].append(auc)
+      if len(history) <= 2:
+        expected[name][1].append(auc)
+  for name, (all_aucs, cold_aucs) in expected.items():
+    got = figures[name]["test"]
+    assert got["all"]["auc"] == pytest.approx(np.mean(all_aucs), abs=1e-9)
+    assert got["cold"]["auc"] == pytest.approx(np.mean(cold_aucs), abs=1e-9)
+    assert got["all"]["num_impressions"] == 60
+  # Planted taste: co-occurrence ranks better than chance; popularity is
+  # what it is, but both read the same impressions.
+  assert figures["cooccurrence"]["test"]["all"]["auc"] > 0.6
+
+
+def write_tsv(path: pathlib.Path, rows: list[list[str]]) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("".join("\t".join(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def _near(center: int) -> np.ndarray:
+  """Item probabilities peaked around item `center` (of 40)."""
+  weights = np.exp(-0.5 * ((np.arange(40) - center) / 3.0) ** 2) + 0.01
+  return weights / weights.sum()

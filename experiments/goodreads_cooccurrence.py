@@ -1,0 +1,164 @@
+r"""Content-free reference points on a MIND-format dataset: item co-occurrence
+and popularity, with no text and no training.
+
+How much of a title-only model's AUC could it get without reading the
+titles? On Goodreads most titles are unique, so a word-piece model can learn
+them as item identities; this script measures what item identity alone gives:
+
+  cooccurrence  score(c) = sum over history items h of
+                n(h, c) / sqrt(n(h) n(c)), where n(h, c) counts the train
+                users who have both h and c (in a history or clicked) and
+                n(i) those who have i: item-based collaborative filtering.
+  popularity    score(c) = how often c was shown in train impressions; the
+                Goodreads negatives are drawn in proportion to popularity,
+                so this should sit near 0.5.
+
+Only the train split is read for the counts, as the models are trained on it.
+
+  python experiments/goodreads_cooccurrence.py --data_dir=../shared/data/goodreads
+
+Prints a table (AUC, MRR, nDCG@5, nDCG@10 for all and cold users per split)
+and ends with one line of JSON: {scorer: {split: {"all": {...}, "cold":
+{...}}}}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Sequence
+
+from absl import app
+from absl import flags
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from genre_jax import metrics  # pylint: disable=g-import-not-at-top
+from genre_jax.data import mind  # pylint: disable=g-import-not-at-top
+from genre_jax.data import types  # pylint: disable=g-import-not-at-top
+
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", "../shared/data/goodreads", "A MIND-format dataset folder.")
+_SPLITS = flags.DEFINE_list("splits", ["dev", "test"], "Splits to score.")
+_COLD = flags.DEFINE_integer(
+    "cold_threshold", 5, "Users with at most this many history items are cold.")
+
+
+def user_item_pairs(train: types.Behaviors) -> tuple[np.ndarray, np.ndarray]:
+  """The distinct (user, item) pairs of train: history items and clicks."""
+  rows = np.repeat(np.arange(len(train)), train.history_lengths())
+  cand_rows = np.repeat(np.arange(len(train)), train.num_candidates())
+  clicked = train.cand_labels == 1
+  users = np.concatenate([train.users[rows], train.users[cand_rows[clicked]]])
+  items = np.concatenate([train.history_items, train.cand_items[clicked]])
+  pairs = np.unique(np.stack([users, items], 1).astype(np.int64), axis=0)
+  return pairs[:, 0], pairs[:, 1]
+
+
+class Cooccurrence:
+  """Item-item co-occurrence counts over users, looked up by pair. [P] keys."""
+
+  def __init__(self, users: np.ndarray, items: np.ndarray, num_items: int):
+    self.num_items = num_items
+    self.item_users = np.bincount(items, minlength=num_items).astype(np.float64)
+    order = np.lexsort((items, users))
+    users, items = users[order], items[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    ends = np.r_[starts[1:], len(users)]
+    keys = []
+    for s, e in zip(starts, ends):  # every ordered pair of one user's items
+      own = items[s:e]
+      a, b = np.meshgrid(own, own, indexing="ij")
+      off_diagonal = a != b
+      keys.append(a[off_diagonal] * num_items + b[off_diagonal])
+    self.keys, self.counts = np.unique(
+        np.concatenate(keys) if keys else np.zeros(0, np.int64),
+        return_counts=True)
+
+  def count(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """n(a, b) for aligned arrays of item indices."""
+    keys = a.astype(np.int64) * self.num_items + b
+    at = np.clip(np.searchsorted(self.keys, keys), 0, max(len(self.keys) - 1,
+                                                          0))
+    if not len(self.keys):
+      return np.zeros(len(keys))
+    return np.where(self.keys[at] == keys, self.counts[at], 0).astype(
+        np.float64)
+
+  def scores(self, split: types.Behaviors) -> np.ndarray:
+    """[sum_c] candidate scores: normalised co-occurrence with the history."""
+    hist_len, num_cand = split.history_lengths(), split.num_candidates()
+    # Every (history item, candidate) pair of a row, flattened.
+    pairs_per_row = hist_len * num_cand
+    row = np.repeat(np.arange(len(split)), pairs_per_row)
+    within = np.arange(pairs_per_row.sum()) - np.repeat(
+        np.cumsum(pairs_per_row) - pairs_per_row, pairs_per_row)
+    h = split.history_items[split.history_offsets[row] + within // num_cand[row]]
+    c_flat = split.cand_offsets[row] + within % num_cand[row]
+    c = split.cand_items[c_flat]
+    norm = np.sqrt(np.maximum(self.item_users[h] * self.item_users[c], 1.0))
+    return np.bincount(c_flat, weights=self.count(h, c) / norm,
+                       minlength=len(split.cand_items))
+
+
+def evaluate(split: types.Behaviors, flat_scores: np.ndarray,
+             cold_threshold: int) -> dict[str, dict[str, float]]:
+  """Per-impression metrics of flat candidate scores, all and cold users."""
+  num_cand = split.num_candidates()
+  width = int(num_cand.max())
+  mask = np.arange(width)[None, :] < num_cand[:, None]
+  scores = np.zeros(mask.shape)
+  labels = np.zeros(mask.shape)
+  scores[mask] = flat_scores
+  labels[mask] = split.cand_labels
+  per_impression = metrics.impression_metrics(scores, labels, mask)
+  cold = split.history_lengths() <= cold_threshold
+  return {"all": metrics.summarize(per_impression),
+          "cold": metrics.summarize(per_impression, cold)}
+
+
+def table(results: dict[str, dict[str, dict]]) -> str:
+  keys = metrics.METRIC_KEYS
+  header = (f"{'scorer':<14}{'split':<7}" + "".join(f"{k:>8}" for k in keys)
+            + "".join(f"{'cold ' + k:>12}" for k in keys))
+  lines = [header, "-" * len(header)]
+  for scorer, by_split in results.items():
+    for split, r in by_split.items():
+      lines.append(f"{scorer:<14}{split:<7}"
+                   + "".join(f"{r['all'][k]:>8.4f}" for k in keys)
+                   + "".join(f"{r['cold'][k]:>12.4f}" for k in keys))
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  data_dir = os.path.abspath(os.path.expanduser(_DATA_DIR.value))
+  splits = ["train"] + [s for s in _SPLITS.value if s != "train"]
+  try:
+    dataset = mind.read_mind_dir(data_dir, splits)
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(f"--data_dir={data_dir}: {e}") from e
+  missing = [s for s in splits if s not in dataset.splits]
+  if missing:
+    raise app.UsageError(f"--data_dir={data_dir} has no split {missing}")
+  train = dataset.splits["train"]
+  cooc = Cooccurrence(*user_item_pairs(train), len(dataset.items.ids))
+  popularity = dataset.items.popularity.astype(np.float64)
+  results: dict[str, dict[str, dict]] = {"cooccurrence": {}, "popularity": {}}
+  for name in splits[1:]:
+    split = dataset.splits[name]
+    results["cooccurrence"][name] = evaluate(split, cooc.scores(split),
+                                             _COLD.value)
+    results["popularity"][name] = evaluate(split, popularity[split.cand_items],
+                                           _COLD.value)
+  print(f"Content-free scorers on {data_dir} (counts from train: "
+        f"{len(train)} impressions, {len(cooc.keys)} co-occurring item pairs)")
+  print(table(results))
+  print(json.dumps(results))
+
+
+if __name__ == "__main__":
+  app.run(main)
