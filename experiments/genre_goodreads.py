@@ -66,7 +66,7 @@ sys.path.insert(0, ROOT)
 from genre_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import train  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+from genre_jax.errors import ConfigError, DataFormatError  # pylint: disable=g-import-not-at-top
 from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
 
 HERE = os.path.join(ROOT, "experiments", "genre_goodreads")
@@ -248,7 +248,10 @@ def run_one(model: str, variant: str, seed: int) -> dict | None:
     return None
   logging.info("Training %s on %s (seed %d) in %s", model, variant, seed,
                workdir)
-  result = train.train_and_evaluate(config, workdir)
+  try:
+    result = train.train_and_evaluate(config, workdir)
+  except (ConfigError, DataFormatError, FileNotFoundError) as e:
+    raise app.UsageError(f"{name}: {e}") from e  # bad input: no traceback
   write_record(name, config, result)
   return result
 
