@@ -36,6 +36,8 @@ which stands in for its workdir: a grid is extended on another machine, or
 after its workdirs (checkpoints) are deleted, without retraining or losing
 the seeds that ran before. --finished_only tabulates what has finished so
 far and trains nothing. Writes results.md and results.json to --out_dir,
+covering the grid and every other run recorded there with the same --set
+(a grid of one new cell adds it to the table rather than replacing it),
 prints the table, and ends with one line of JSON: {"cells": [{model, variant,
 n_seeds, seeds, test: {metric: [mean, std]}, test_cold: {...}, per_seed},
 ...], "gains": {model: {variant: {auc, cold_auc, seeds, per_seed_auc,
@@ -51,6 +53,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -256,6 +259,29 @@ def run_one(model: str, variant: str, seed: int) -> dict | None:
   return result
 
 
+_RECORD_NAME = re.compile(
+    r"(?P<model>[\w.]+)-(?P<variant>" + "|".join(VARIANTS) +
+    r")-s(?P<seed>\d+)(?:-(?P<digest>[0-9a-f]{8}))?")
+
+
+def recorded_runs() -> list[tuple[str, str, int]]:
+  """(model, variant, seed) of every run recorded in --out_dir/run_metrics
+  with this invocation's settings (--quick, --set), so that a grid run into
+  an out_dir that already holds others tabulates them all, never drops them."""
+  folder = os.path.dirname(record_path("x"))
+  if not os.path.isdir(folder):
+    return []
+  found = []
+  for file in sorted(os.listdir(folder)):
+    match = _RECORD_NAME.fullmatch(file.removesuffix(".json"))
+    if not file.endswith(".json") or match is None:
+      continue  # not a record of this script
+    run = (match["model"], match["variant"], int(match["seed"]))
+    if run_name(*run) == file.removesuffix(".json"):  # same settings
+      found.append(run)
+  return found
+
+
 def _mean_std(values: Sequence[float]) -> list[float | None]:
   """[mean, sample std]; the std is None for one seed (no spread measured)."""
   mean = statistics.fmean(values)
@@ -362,27 +388,45 @@ def main(argv: Sequence[str]) -> None:
     models = list(_MODELS.value)
     variants = list(_VARIANTS.value)
     seeds = [int(s) for s in _SEEDS.value]
-  unknown = [b for b in _GAINS_OVER.value if b not in variants]
+  # Runs recorded in --out_dir by earlier grids join the table (read back,
+  # never trained), so results.md/json always cover every finished run there.
+  recorded = recorded_runs()
+  tabulated = list(dict.fromkeys(variants + [v for _, v, _ in recorded]))
+  unknown = [b for b in _GAINS_OVER.value if b not in tabulated]
   if unknown or not _GAINS_OVER.value:
     raise app.UsageError(f"--gains_over={','.join(_GAINS_OVER.value)}: "
-                         f"compare with variants of this grid ({variants})")
+                         f"compare with variants of this grid ({tabulated})")
   start = time.time()
+  grid = [(m, v, s) for m in models for v in variants for s in seeds]
+  results = {run: run_one(*run) for run in grid}
+  for run in recorded:
+    if run not in results:
+      try:
+        results[run] = run_one(*run)
+      except ConfigError as e:  # e.g. the record of a preset since removed
+        raise app.UsageError(f"{record_path(run_name(*run))}: {e}") from e
+  model_order = {m: i for i, m in enumerate(dict.fromkeys(
+      models + sorted(m for m, _, _ in results)))}
   runs: dict[tuple[str, str], dict[int, dict]] = {}
-  for model in models:
-    for variant in variants:
-      for seed in seeds:
-        result = run_one(model, variant, seed)
-        if result is not None:
-          runs.setdefault((model, variant), {})[seed] = result
+  for (model, variant, seed), result in sorted(
+      results.items(), key=lambda item: (model_order[item[0][0]],
+                                         VARIANTS.index(item[0][1]),
+                                         item[0][2])):
+    if result is not None:
+      runs.setdefault((model, variant), {})[seed] = result
   if not runs:
     raise app.UsageError(
         f"no finished run under {_WORKDIR_ROOT.value} or recorded in "
         f"{os.path.dirname(record_path('x'))} for this grid (--finished_only "
         "trains nothing)")
   cells = summarize(runs)
+  extra = sum(run not in grid and result is not None
+              for run, result in results.items())
   header = (f"GENRE ablation on Goodreads ({'quick grid' if _QUICK.value else 'grid'}"
             f": {len(models)} models x {len(variants)} variants x "
             f"{len(seeds)} seeds"
+            + (f", with {extra} more finished runs recorded in --out_dir"
+               if extra else "")
             + ("; finished runs only" if _FINISHED_ONLY.value else "")
             + "; test split, mean ± std over seeds, no spread for one seed; "
             f"AUC gain over {_GAINS_OVER.value[0]}, paired by seed; "

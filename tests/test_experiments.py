@@ -166,6 +166,38 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
   assert json.loads(recorded.stdout.strip().splitlines()[-1])["cells"] == (
       figures["cells"])
   assert not (tmp_path / "gone").exists()
+  # A grid run into an out_dir holding records of runs outside it tabulates
+  # those too (read back, never trained), so a grid of one new cell adds to
+  # results.md/json instead of replacing them; records of other settings
+  # (another --set digest) are not this grid's and are left alone.
+  more = tmp_path / "more" / "run_metrics"
+  more.mkdir(parents=True)
+  for record in records:
+    (more / record.name).write_text(record.read_text())
+  seed1 = json.loads(records[1].read_text())
+  seed1["config"]["train"]["seed"] = 1
+  seed1_record = more / records[1].name.replace("-s0-", "-s1-")
+  seed1_record.write_text(json.dumps(seed1))
+  (more / "nrms-original-s3-0123abcd.json").write_text("not read")
+  extended = finished_only("gone", "more")
+  assert extended.returncode == 0, extended.stderr[-2000:]
+  assert "with 1 more finished runs recorded in --out_dir" in extended.stdout
+  written = json.loads((tmp_path / "more" / "results_quick.json").read_text())
+  assert written == json.loads(extended.stdout.strip().splitlines()[-1])
+  by_variant = {c["variant"]: c for c in written["cells"]}
+  assert by_variant["original"]["seeds"] == [0]
+  assert by_variant["summarizer"]["seeds"] == [0, 1]
+  assert by_variant["summarizer"]["per_seed"]["1"] == (
+      by_variant["summarizer"]["per_seed"]["0"])
+  assert written["gains"]["nrms"]["summarizer"]["seeds"] == [0]
+  # A record that is not the run its name says is an error naming it.
+  seed1["config"]["train"]["seed"] = 2
+  seed1_record.write_text(json.dumps(seed1))
+  misnamed = finished_only("gone", "more")
+  assert misnamed.returncode != 0
+  assert f"{seed1_record}: this holds a run with another config" in (
+      misnamed.stderr)
+  assert "train.seed: 2 there, 1 now" in misnamed.stderr
   # A record of another config, or an unreadable one, is an error naming
   # its file, never read as this run.
   summ_record = records[1]
