@@ -78,6 +78,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.embed_dim = 256
   c.model.hidden_dim = 256
   c.model.num_heads = 16
+  # Word embeddings of the from-scratch item encoders. init: "" (learnt
+  # from a random start) | "lm" (the token embeddings of model.lm.path,
+  # default MiniLM, 384 wide; data.tokenizer must be that LM's) | a .npy
+  # [vocab, width] matrix, row i for token id i of data.tokenizer (e.g.
+  # GloVe). A width other than embed_dim gets a trained Linear to it.
+  # frozen: the table gets no updates (Legommenders' default for pretrained
+  # tables), so item text is read through fixed word vectors.
+  c.model.word_embeddings = ml_collections.ConfigDict(dict(init="",
+                                                           frozen=False))
   # Additive-attention query size.
   c.model.attention_dim = 200
   c.model.dropout = 0.2

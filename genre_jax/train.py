@@ -169,29 +169,48 @@ def make_schedule(config: ml_collections.ConfigDict,
       [optax.linear_schedule(tc.lr / warmup, tc.lr, warmup), after], [warmup])
 
 
+def param_labels(config: ml_collections.ConfigDict, params):
+  """"rec" | "lm" | "frozen" for every parameter leaf (optax multi_transform):
+  the LM item encoder's own split, and a frozen word-embedding table."""
+  if config.model.item_encoder == "lm":
+    from genre_jax.models import lm_encoder  # pylint: disable=g-import-not-at-top
+
+    labels = lm_encoder.param_labels(config, params)
+  else:
+    labels = jax.tree.map(lambda _: "rec", params)
+  if not config.model.word_embeddings.frozen:
+    return labels
+
+  def freeze_word_table(path, label):
+    names = [str(getattr(k, "key", getattr(k, "idx", ""))) for k in path]
+    return "frozen" if "word_table" in names else label
+
+  return jax.tree_util.tree_map_with_path(freeze_word_table, labels)
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
                    total_steps: int) -> optax.GradientTransformation:
   """Clipped AdamW; with an LM item encoder, its own rate and frozen parts.
 
-  The LM's trainable weights get config.model.lm.lr (default train.lr) and
-  frozen ones no update and no optimizer state (optax.multi_transform).
+  The LM's trainable weights get config.model.lm.lr (default train.lr);
+  frozen ones (lower LM layers, a frozen word-embedding table) get no update
+  and no optimizer state (optax.multi_transform over param_labels).
   """
   tc = config.train
   clip = (optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0
           else optax.identity())
   adamw = optax.adamw(make_schedule(config, total_steps),
                       weight_decay=tc.weight_decay)
-  if config.model.item_encoder != "lm":
+  if config.model.item_encoder != "lm" and not (
+      config.model.word_embeddings.frozen):
     return optax.chain(clip, adamw)
-  from genre_jax.models import lm_encoder
-
   lm_config = config.copy_and_resolve_references()
   lm_config.train.lr = float(config.model.lm.lr or tc.lr)
   lm_adamw = optax.adamw(make_schedule(lm_config, total_steps),
                          weight_decay=tc.weight_decay)
   return optax.chain(clip, optax.multi_transform(
       {"rec": adamw, "lm": lm_adamw, "frozen": optax.set_to_zero()},
-      functools.partial(lm_encoder.param_labels, config)))
+      functools.partial(param_labels, config)))
 
 
 @dataclasses.dataclass

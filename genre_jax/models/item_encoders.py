@@ -13,10 +13,13 @@ configured fields concatenated along the token axis, in spec.fields order.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+import numpy as np
 
 from genre_jax.data.types import ItemInputSpec
 from genre_jax.errors import ConfigError
@@ -37,16 +40,95 @@ def field_inputs(tokens: dict[str, jax.Array], masks: dict[str, jax.Array],
   return ids, mask
 
 
-class WordEmbedding(nnx.Module):
-  """The word-embedding table shared by all fields; zero on padded tokens."""
+def _same_vocabulary(lm_dir: str, data_tokenizer: str) -> bool:
+  """Whether the LM's tokenizer and config.data.tokenizer map tokens to the
+  same ids (the table's rows are the LM's token ids)."""
+  from genre_jax.data import tokenize  # pylint: disable=g-import-not-at-top
 
-  def __init__(self, spec: ItemInputSpec, dim: int, *, dtype: jnp.dtype,
-               rngs: nnx.Rngs):
-    self.table = nnx.Embed(spec.vocab_size, dim, dtype=dtype, rngs=rngs)
+  return (tokenize.load_tokenizer(lm_dir).get_vocab(with_added_tokens=True) ==
+          tokenize.load_tokenizer(data_tokenizer).get_vocab(
+              with_added_tokens=True))
+
+
+def pretrained_word_table(config: ml_collections.ConfigDict,
+                          vocab_size: int) -> np.ndarray | None:
+  """The [vocab_size, width] float32 table config.model.word_embeddings.init
+  names, or None for a randomly initialised one.
+
+  "lm" takes the token embeddings of config.model.lm.path (default MiniLM),
+  whose tokenizer must be config.data.tokenizer's; a .npy path takes a matrix
+  whose row i is token id i of config.data.tokenizer (e.g. GloVe vectors
+  arranged by that vocabulary). Extra rows beyond the vocabulary (a padded
+  LM table) are dropped.
+  """
+  field = "config.model.word_embeddings.init"
+  source = config.model.get("word_embeddings", {}).get("init", "")
+  if not source:
+    return None
+  if source == "lm":
+    from genre_jax.lm import hf  # pylint: disable=g-import-not-at-top
+    from genre_jax.models import lm_encoder  # pylint: disable=g-import-not-at-top
+
+    path = lm_encoder.lm_path(config)
+    if not _same_vocabulary(path, str(config.data.tokenizer)):
+      raise ConfigError(
+          f"{field}='lm' takes the token embeddings of {path}, but "
+          f"config.data.tokenizer ('{config.data.tokenizer}') has another "
+          "vocabulary, so its token ids are not the table's rows: set "
+          f"--config.data.tokenizer={os.path.join(path, hf.TOKENIZER_FILE)}")
+    anchor = ("embeddings.word_embeddings.weight"
+              if lm_encoder.lm_kind(config) == "bert" else "embed_tokens.weight")
+    checkpoint = hf.Checkpoint(path)
+    key = hf.find_prefix(checkpoint, anchor, ("", "bert.", "model.")) + anchor
+    table, origin = checkpoint.get(key), f"{checkpoint.file_of(key)} ({key})"
+  elif source.endswith(".npy"):
+    try:
+      table = np.load(os.path.expanduser(source), mmap_mode="r",
+                      allow_pickle=False)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"{field}: cannot read {source} as a .npy matrix: {e}"
+                        ) from None
+    origin = source
+  else:
+    raise ConfigError(f"{field}: '{source}' is not 'lm' (the language "
+                      "model's token embeddings) or a .npy file")
+  if table.ndim != 2 or not np.issubdtype(table.dtype, np.floating):
+    raise ConfigError(f"{field}: {origin} holds a {table.dtype} array of shape "
+                      f"{table.shape}, not a float matrix [vocab, width]")
+  if table.shape[0] < vocab_size:
+    raise ConfigError(
+        f"{field}: {origin} has {table.shape[0]} rows but the tokenizer of "
+        f"config.data.tokenizer has {vocab_size} tokens; row i must be the "
+        "vector of token id i")
+  return np.asarray(table[:vocab_size], np.float32)
+
+
+class WordEmbedding(nnx.Module):
+  """The word embeddings shared by all fields, [vocab, embed_dim]; zero on
+  padded tokens.
+
+  Learnt from scratch by default. config.model.word_embeddings.init fills the
+  table from a pretrained one instead, followed by a trained Linear to
+  embed_dim when its width differs (Legommenders' `auto` transformation);
+  word_embeddings.frozen keeps the table (not the Linear) fixed in training,
+  which train.param_labels reads from the `word_table` name.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
+               *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    dim = config.model.embed_dim
+    table = pretrained_word_table(config, spec.vocab_size)
+    width = dim if table is None else table.shape[1]
+    self.word_table = nnx.Embed(spec.vocab_size, width, dtype=dtype, rngs=rngs)
+    if table is not None:
+      self.word_table.embedding[...] = jnp.asarray(table)
+    self.proj = _hidden_projection(width, dim, dtype, rngs)
 
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """ids [N, L] int32, mask [N, L] bool -> [N, L, E]."""
-    x = self.table(ids)
+    x = self.word_table(ids)  # [N, L, width]
+    if self.proj is not None:
+      x = self.proj(x)  # [N, L, E]
     return x * mask[..., None].astype(x.dtype)
 
 
@@ -84,7 +166,7 @@ class PositionedEmbedding(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
                *, dtype: jnp.dtype, rngs: nnx.Rngs):
     m = config.model
-    self.words = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
+    self.words = WordEmbedding(config, spec, dtype=dtype, rngs=rngs)
     self.proj = _hidden_projection(m.embed_dim, m.hidden_dim, dtype, rngs)
     self.positions = PositionEmbedding(sum(spec.lengths), m.hidden_dim,
                                        dtype=dtype, rngs=rngs)
@@ -109,7 +191,7 @@ class CNNItemEncoder(nnx.Module):
     dtype = layers.compute_dtype(config)
     filters = m.cnn.num_filters
     self.fields = tuple(spec.fields)
-    self.embed = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
+    self.embed = WordEmbedding(config, spec, dtype=dtype, rngs=rngs)
     self.convs = nnx.List([
         nnx.Conv(m.embed_dim, filters, m.cnn.kernel_size, padding="SAME",
                  dtype=dtype, rngs=rngs) for _ in self.fields])
@@ -147,7 +229,7 @@ class SelfAttentionItemEncoder(nnx.Module):
     m = config.model
     dtype = layers.compute_dtype(config)
     self.fields = tuple(spec.fields)
-    self.embed = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
+    self.embed = WordEmbedding(config, spec, dtype=dtype, rngs=rngs)
     self.attention = layers.MultiHeadSelfAttention(
         m.embed_dim, m.hidden_dim, m.num_heads, dtype=dtype, rngs=rngs,
         output_projection=False, implementation=m.attention)
@@ -204,7 +286,7 @@ class PoolingItemEncoder(nnx.Module):
     m = config.model
     dtype = layers.compute_dtype(config)
     self.fields = tuple(spec.fields)
-    self.embed = WordEmbedding(spec, m.embed_dim, dtype=dtype, rngs=rngs)
+    self.embed = WordEmbedding(config, spec, dtype=dtype, rngs=rngs)
     self.proj = nnx.Linear(m.embed_dim, m.hidden_dim, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(m.dropout, rngs=rngs)
 

