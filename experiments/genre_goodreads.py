@@ -242,7 +242,10 @@ def run_one(model: str, variant: str, seed: int) -> dict | None:
     with open(final, encoding="utf-8") as f:
       logging.info("Reusing the finished run %s", workdir)
       result = json.load(f)
-    write_record(name, config, result)
+    # Recorded once: re-tabulating leaves an up-to-date record untouched.
+    recorded = record_path(name)
+    if not os.path.isfile(recorded) or read_record(recorded, config) != result:
+      write_record(name, config, result)
     return result
   if os.path.isfile(record_path(name)):
     logging.info("Reusing the record of a finished run %s", record_path(name))
