@@ -19,6 +19,7 @@ import os
 import pathlib
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -90,6 +91,54 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
     return json.load(f)
 
 
+def _leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{'a/b/c': shape} of every array (or array metadata) leaf of a pytree."""
+  def name(key):  # DictKey, SequenceKey or GetAttrKey
+    return str(getattr(key, "key",
+                       getattr(key, "idx", getattr(key, "name", key))))
+
+  return {"/".join(map(name, path)): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_fits(manager, step: int, item: str, abstract_tree) -> None:
+  """Raises ConfigError naming every parameter the saved `item` lacks, has
+  extra or holds in another shape than `abstract_tree` (the model's).
+
+  Orbax reports only the first missing key and restores an array of another
+  shape as saved, leaving the error to surface later, deep inside JAX.
+  """
+  saved = _leaf_shapes(manager.item_metadata(step)[item].tree)
+  wanted = _leaf_shapes(abstract_tree)
+  missing = sorted(set(wanted) - set(saved))
+  extra = sorted(set(saved) - set(wanted))
+  reshaped = sorted(k for k in set(saved) & set(wanted)
+                    if saved[k] != wanted[k])
+  if not (missing or extra or reshaped):
+    return
+
+  def listing(title, keys, show):
+    shown = ", ".join(f"{k} {show(k)}" for k in keys[:8])
+    more = f" and {len(keys) - 8} more" if len(keys) > 8 else ""
+    return f"\n  {title} ({len(keys)}): {shown}{more}"
+
+  text = (f"{manager.directory}/{step}/{item}: the saved checkpoint does not "
+          "fit this model")
+  if missing:
+    text += listing("not in the checkpoint", missing, lambda k: list(wanted[k]))
+  if extra:
+    text += listing("in the checkpoint only", extra, lambda k: list(saved[k]))
+  if reshaped:
+    text += listing("shape differs (saved -> model)", reshaped,
+                    lambda k: f"{list(saved[k])} -> {list(wanted[k])}")
+  if any("word_table" in k.split("/") for k in missing) and any(
+      "table" in k.split("/") for k in extra):
+    text += ("\n  (genre_jax names the word embedding 'word_table' since "
+             "0944cdf; this checkpoint was written before: retrain it)")
+  raise ConfigError(text + "\nWas it trained with another config.model, "
+                    "config.data or version of genre_jax?")
+
+
 class Checkpoints:
   """The latest and the best checkpoint of one workdir.
 
@@ -102,13 +151,17 @@ class Checkpoints:
     root = os.path.abspath(os.path.join(workdir, "checkpoints"))
     options = dict(create=True, enable_async_checkpointing=False,
                    cleanup_tmp_directories=True)
-    names = ("params", "opt", "progress")
-    self.latest = ocp.CheckpointManager(
-        os.path.join(root, "latest"), item_names=names,
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
-    self.best = ocp.CheckpointManager(
-        os.path.join(root, "best"), item_names=names,
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+    # Handlers named up front, so that a fresh manager can read a saved
+    # item's metadata before restoring it (see check_fits).
+    def manager(name):
+      return ocp.CheckpointManager(
+          os.path.join(root, name),
+          item_handlers={"params": ocp.StandardCheckpointHandler(),
+                         "opt": ocp.StandardCheckpointHandler(),
+                         "progress": ocp.JsonCheckpointHandler()},
+          options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+    self.latest = manager("latest")
+    self.best = manager("best")
 
   @staticmethod
   def save(manager, state, progress: dict) -> None:
@@ -134,6 +187,9 @@ class Checkpoints:
     step = manager.latest_step()
     if step is None:
       return None
+    check_fits(manager, step, "params", abstract_state["params"])
+    check_fits(manager, step, "opt", {"opt": abstract_state["opt"],
+                                      "step": abstract_state["step"]})
     restored = manager.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_state["params"]),
         opt=ocp.args.StandardRestore({"opt": abstract_state["opt"],
@@ -148,13 +204,9 @@ class Checkpoints:
     step = manager.latest_step()
     if step is None:
       return None
-    try:
-      restored = manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract_params)))
-    except (ValueError, KeyError, TypeError) as e:
-      raise ConfigError(
-          f"{manager.directory}: the saved parameters do not fit this model "
-          f"(was it trained with a different config.model?): {e}") from e
+    check_fits(manager, step, "params", abstract_params)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params)))
     return restored["params"]
 
   @staticmethod

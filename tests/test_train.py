@@ -181,6 +181,56 @@ def test_init_from_starts_from_best_weights(trained, tmp_path):
                              init_from=str(tmp_path / "nothing"))
 
 
+def test_checkpoint_of_another_model_is_a_clear_error(trained, tmp_path):
+  """eval, init_from and resume name every parameter that does not fit."""
+  config, workdir, _ = trained
+  # eval of a workdir whose config.json no longer matches its checkpoint.
+  other = tmp_path / "edited"
+  subprocess.run(["cp", "-r", workdir, str(other)], check=True)
+  saved = json.loads((other / "config.json").read_text())
+  saved["model"]["embed_dim"] = 24
+  (other / "config.json").write_text(json.dumps(saved))
+  result = _run("--mode=eval", f"--workdir={other}", "--split=test")
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert "does not fit this model" in result.stderr
+  assert "shape differs (saved -> model)" in result.stderr
+  assert "-> [24" in result.stderr or ", 24]" in result.stderr
+
+  # init_from a run of another item encoder.
+  wider = config.copy_and_resolve_references()
+  wider.model.item_encoder = "cnn"
+  with pytest.raises(Exception, match="in the checkpoint only"):
+    train.train_and_evaluate(wider, str(tmp_path / "cnn"), init_from=workdir)
+
+  # Resume from a checkpoint whose word table is named as before 0944cdf.
+  checkpoints = ckpt_lib.Checkpoints(workdir)
+  try:
+    params, _ = checkpoints.restore_saved(checkpoints.latest)
+  finally:
+    checkpoints.close()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          params)
+  keys = next([k.key for k in p] for p, _ in
+              jax.tree_util.tree_flatten_with_path(params)[0]
+              if any(k.key == "word_table" for k in p))
+  node = params
+  for key in keys[:keys.index("word_table")]:
+    node = node[key]
+  node["table"] = node.pop("word_table")
+  old = ckpt_lib.Checkpoints(str(tmp_path / "old"))
+  try:
+    old.save(old.latest, {"params": params, "opt": {}, "step": 0}, {})
+    with pytest.raises(Exception) as error:
+      old.restore(old.latest, {"params": abstract, "opt": {}, "step": None})
+  finally:
+    old.close()
+  message = str(error.value)
+  assert "not in the checkpoint (1): item_encoder/embed/word_table" in message
+  assert "in the checkpoint only (1): item_encoder/embed/table" in message
+  assert "'word_table' since 0944cdf" in message
+
+
 def _run(*args, env=None):
   return subprocess.run([sys.executable, str(ROOT / "run.py"), *args],
                         capture_output=True, text=True, cwd=ROOT, env=env,
