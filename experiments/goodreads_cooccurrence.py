@@ -104,22 +104,6 @@ class Cooccurrence:
                        minlength=len(split.cand_items))
 
 
-def evaluate(split: types.Behaviors, flat_scores: np.ndarray,
-             cold_threshold: int) -> dict[str, dict[str, float]]:
-  """Per-impression metrics of flat candidate scores, all and cold users."""
-  num_cand = split.num_candidates()
-  width = int(num_cand.max())
-  mask = np.arange(width)[None, :] < num_cand[:, None]
-  scores = np.zeros(mask.shape)
-  labels = np.zeros(mask.shape)
-  scores[mask] = flat_scores
-  labels[mask] = split.cand_labels
-  per_impression = metrics.impression_metrics(scores, labels, mask)
-  cold = split.history_lengths() <= cold_threshold
-  return {"all": metrics.summarize(per_impression),
-          "cold": metrics.summarize(per_impression, cold)}
-
-
 def table(results: dict[str, dict[str, dict]]) -> str:
   keys = metrics.METRIC_KEYS
   header = (f"{'scorer':<14}{'split':<7}" + "".join(f"{k:>8}" for k in keys)
@@ -150,10 +134,10 @@ def main(argv: Sequence[str]) -> None:
   results: dict[str, dict[str, dict]] = {"cooccurrence": {}, "popularity": {}}
   for name in splits[1:]:
     split = dataset.splits[name]
-    results["cooccurrence"][name] = evaluate(split, cooc.scores(split),
-                                             _COLD.value)
-    results["popularity"][name] = evaluate(split, popularity[split.cand_items],
-                                           _COLD.value)
+    results["cooccurrence"][name] = metrics.behaviors_metrics(
+        split, cooc.scores(split), _COLD.value)
+    results["popularity"][name] = metrics.behaviors_metrics(
+        split, popularity[split.cand_items], _COLD.value)
   print(f"Content-free scorers on {data_dir} (counts from train: "
         f"{len(train)} impressions, {len(cooc.keys)} co-occurring item pairs)")
   print(table(results))

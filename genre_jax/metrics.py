@@ -103,3 +103,21 @@ def summarize(per_impression: dict[str, np.ndarray],
   out["num_impressions"] = int(use.sum())
   out["num_skipped"] = int((select & ~valid).sum())
   return out
+
+
+def behaviors_metrics(split, flat_scores: np.ndarray, cold_threshold: int
+                      ) -> dict[str, dict[str, float]]:
+  """Summarized metrics of one score per candidate of a Behaviors split.
+
+  flat_scores: [sum_c] scores in split.cand_items order. Returns {"all": ...,
+  "cold": ...}, cold = impressions with at most cold_threshold history items.
+  """
+  num_cand = split.num_candidates()
+  mask = np.arange(int(num_cand.max(initial=0)))[None, :] < num_cand[:, None]
+  scores, labels = np.zeros(mask.shape), np.zeros(mask.shape)
+  scores[mask] = flat_scores  # [M, C]
+  labels[mask] = split.cand_labels
+  per_impression = impression_metrics(scores, labels, mask)
+  cold = split.history_lengths() <= cold_threshold
+  return {"all": summarize(per_impression),
+          "cold": summarize(per_impression, cold)}

