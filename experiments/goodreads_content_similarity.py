@@ -159,18 +159,12 @@ def scores(split: types.Behaviors, vectors) -> np.ndarray:
 
 
 def table(results: dict, lengths: dict[str, int]) -> str:
-  keys = metrics.METRIC_KEYS
-  header = (f"{'scorer':<8}{'text':<14}{'split':<7}"
-            + "".join(f"{k:>8}" for k in keys)
-            + "".join(f"{'cold ' + k:>12}" for k in keys))
-  lines = [header, "-" * len(header)]
-  for scorer, by_text in results.items():
-    for text, by_split in by_text.items():
-      for split, r in by_split.items():
-        lines.append(f"{scorer:<8}{f'{text} ({lengths[text]})':<14}{split:<7}"
-                     + "".join(f"{r['all'][k]:>8.4f}" for k in keys)
-                     + "".join(f"{r['cold'][k]:>12.4f}" for k in keys))
-  return "\n".join(lines)
+  return metrics.format_table(
+      [("scorer", 8), ("text", 14), ("split", 7)],
+      [((scorer, f"{text} ({lengths[text]})", split), r)
+       for scorer, by_text in results.items()
+       for text, by_split in by_text.items()
+       for split, r in by_split.items()])
 
 
 def main(argv: Sequence[str]) -> None:

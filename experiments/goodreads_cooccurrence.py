@@ -105,16 +105,10 @@ class Cooccurrence:
 
 
 def table(results: dict[str, dict[str, dict]]) -> str:
-  keys = metrics.METRIC_KEYS
-  header = (f"{'scorer':<14}{'split':<7}" + "".join(f"{k:>8}" for k in keys)
-            + "".join(f"{'cold ' + k:>12}" for k in keys))
-  lines = [header, "-" * len(header)]
-  for scorer, by_split in results.items():
-    for split, r in by_split.items():
-      lines.append(f"{scorer:<14}{split:<7}"
-                   + "".join(f"{r['all'][k]:>8.4f}" for k in keys)
-                   + "".join(f"{r['cold'][k]:>12.4f}" for k in keys))
-  return "\n".join(lines)
+  return metrics.format_table(
+      [("scorer", 14), ("split", 7)],
+      [((scorer, split), r) for scorer, by_split in results.items()
+       for split, r in by_split.items()])
 
 
 def main(argv: Sequence[str]) -> None:

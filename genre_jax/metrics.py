@@ -13,6 +13,8 @@ the MIND evaluation script does with numpy's argsort.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 METRIC_KEYS = ("auc", "mrr", "ndcg5", "ndcg10")
@@ -121,3 +123,18 @@ def behaviors_metrics(split, flat_scores: np.ndarray, cold_threshold: int
   cold = split.history_lengths() <= cold_threshold
   return {"all": summarize(per_impression),
           "cold": summarize(per_impression, cold)}
+
+
+def format_table(labels: Sequence[tuple[str, int]],
+                 rows: Sequence[tuple[Sequence[str], dict]]) -> str:
+  """A text table of behaviors_metrics results, one row each: label
+  columns (name, width) first, then METRIC_KEYS for all and cold users."""
+  header = ("".join(f"{name:<{width}}" for name, width in labels)
+            + "".join(f"{k:>8}" for k in METRIC_KEYS)
+            + "".join(f"{'cold ' + k:>12}" for k in METRIC_KEYS))
+  lines = [header, "-" * len(header)]
+  for values, r in rows:
+    lines.append("".join(f"{v:<{w}}" for v, (_, w) in zip(values, labels))
+                 + "".join(f"{r['all'][k]:>8.4f}" for k in METRIC_KEYS)
+                 + "".join(f"{r['cold'][k]:>12.4f}" for k in METRIC_KEYS))
+  return "\n".join(lines)
