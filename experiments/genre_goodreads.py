@@ -37,11 +37,14 @@ after its workdirs (checkpoints) are deleted, without retraining or losing
 the seeds that ran before. --finished_only tabulates what has finished so
 far and trains nothing. Writes results.md and results.json to --out_dir,
 covering the grid and every other run recorded there with the same --set
-(a grid of one new cell adds it to the table rather than replacing it),
-prints the table, and ends with one line of JSON: {"cells": [{model, variant,
-n_seeds, seeds, test: {metric: [mean, std]}, test_cold: {...}, per_seed},
-...], "gains": {model: {variant: {auc, cold_auc, seeds, per_seed_auc,
-per_seed_cold_auc}}}, "gains_over": {baseline: {...}}}, where a gain is
+(a grid of one new cell adds it to the table rather than replacing it);
+a results file that tabulates runs this invocation can neither read back
+nor train (other --set overrides, a folder older than run records) is an
+error before any training, never overwritten. It prints the table, and
+ends with one line of JSON: {"cells": [{model, variant, n_seeds, seeds,
+test: {metric: [mean, std]}, test_cold: {...}, per_seed}, ...], "gains":
+{model: {variant: {auc, cold_auc, seeds, per_seed_auc, per_seed_cold_auc}}},
+"gains_over": {baseline: {...}}}, where a gain is
 the AUC change over `original` (the first of --gains_over) averaged over
 the seeds both cells finished (the table's last column), and "gains_over"
 holds the same over each further variant of --gains_over. A one-seed cell's
@@ -285,6 +288,48 @@ def recorded_runs() -> list[tuple[str, str, int]]:
   return found
 
 
+def check_nothing_dropped(path: str,
+                          covered: dict[tuple[str, str], set[int]]) -> None:
+  """Raises UsageError when the results file at `path` tabulates runs that a
+  table of `covered` ((model, variant) -> seeds) would drop: runs with no
+  record or workdir here, or made with other --set overrides. Rewriting it
+  must never lose a finished result (e.g. a grid older than run records)."""
+  if not os.path.isfile(path):
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    old_cells = old["cells"]
+    old_overrides = list(old.get("overrides", []))
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise app.UsageError(
+        f"{path}: cannot read the results it holds ({e}); move it away to "
+        "write a new table there") from e
+  if old_cells and old_overrides != list(_SET.value):
+    then = " ".join(old_overrides) or "(none)"
+    now = " ".join(_SET.value) or "(none)"
+    raise app.UsageError(
+        f"{path} tabulates runs made with the overrides {then}, not {now}: "
+        "choose another --out_dir, or move it away to replace it")
+  dropped = []
+  for cell in old_cells:
+    have = covered.get((cell["model"], cell["variant"]), set())
+    # Old tables name their seeds; the oldest give only how many.
+    seeds = cell.get("seeds", [int(s) for s in cell.get("per_seed", {})])
+    missing = (sorted(set(seeds) - have) if seeds
+               else ([] if len(have) >= cell["n_seeds"] else ["?"]))
+    if missing:
+      dropped.append(f"{cell['model']}/{cell['variant']} seeds "
+                     f"{','.join(map(str, missing))}")
+  if dropped:
+    raise app.UsageError(
+        f"{path} tabulates runs that this table would drop ({'; '.join(dropped)}"
+        f"): they have no record in {os.path.dirname(record_path('x'))} and no "
+        f"finished workdir under {_WORKDIR_ROOT.value} for this grid. Add them "
+        "to the grid (--models/--variants/--seeds) to retrain them, choose "
+        "another --out_dir, or move the file away to replace it")
+
+
 def _mean_std(values: Sequence[float]) -> list[float | None]:
   """[mean, sample std]; the std is None for one seed (no spread measured)."""
   mean = statistics.fmean(values)
@@ -401,6 +446,12 @@ def main(argv: Sequence[str]) -> None:
                          f"compare with variants of this grid ({tabulated})")
   start = time.time()
   grid = [(m, v, s) for m in models for v in variants for s in seeds]
+  name = "results_quick" if _QUICK.value else "results"
+  results_path = os.path.join(_OUT_DIR.value, f"{name}.json")
+  planned: dict[tuple[str, str], set[int]] = {}
+  for model, variant, seed in grid + recorded:
+    planned.setdefault((model, variant), set()).add(seed)
+  check_nothing_dropped(results_path, planned)  # before hours of training
   results = {run: run_one(*run) for run in grid}
   for run in recorded:
     if run not in results:
@@ -422,6 +473,8 @@ def main(argv: Sequence[str]) -> None:
         f"no finished run under {_WORKDIR_ROOT.value} or recorded in "
         f"{os.path.dirname(record_path('x'))} for this grid (--finished_only "
         "trains nothing)")
+  check_nothing_dropped(results_path, {cell: set(by_seed)
+                                       for cell, by_seed in runs.items()})
   cells = summarize(runs)
   extra = sum(run not in grid and result is not None
               for run, result in results.items())
@@ -444,11 +497,9 @@ def main(argv: Sequence[str]) -> None:
   for baseline, by_model in result["gains_over"].items():
     table += "\n" + gains_table(baseline, by_model)
   os.makedirs(_OUT_DIR.value, exist_ok=True)
-  name = "results_quick" if _QUICK.value else "results"
   ckpt_lib.atomic_write_text(os.path.join(_OUT_DIR.value, f"{name}.md"),
                              table)
-  ckpt_lib.atomic_write_text(os.path.join(_OUT_DIR.value, f"{name}.json"),
-                             json.dumps(result, indent=2))
+  ckpt_lib.atomic_write_text(results_path, json.dumps(result, indent=2))
   print(table)
   print(json.dumps(result))
 

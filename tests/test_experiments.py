@@ -307,6 +307,50 @@ def test_genre_goodreads_summary_length_override_reaches_the_title():
     flags.FLAGS.unparse_flags()
 
 
+def test_genre_goodreads_never_drops_a_tabulated_run(tmp_path):
+  # A results file tabulating runs this invocation can neither read back
+  # nor train (e.g. a grid made before run records existed) is refused
+  # before any training, and left as it was.
+  out = tmp_path / "out"
+  out.mkdir()
+  old = {"cells": [
+      {"model": "nrms", "variant": "original", "n_seeds": 2, "seeds": [0, 5]},
+      {"model": "naml", "variant": "all", "n_seeds": 1,
+       "per_seed": {"1": {"auc": 0.7, "cold_auc": 0.7}}}],
+         "gains": {}, "quick": False, "overrides": []}
+  results = out / "results.json"
+  results.write_text(json.dumps(old))
+
+  def tabulate(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "genre_goodreads.py"),
+         "--finished_only", f"--workdir_root={tmp_path}/runs",
+         f"--out_dir={out}", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+  dropped = tabulate("--models=nrms", "--variants=original", "--seeds=0")
+  assert dropped.returncode != 0
+  assert (f"{results} tabulates runs that this table would drop "
+          "(nrms/original seeds 5; naml/all seeds 1)") in dropped.stderr
+  assert "Traceback" not in dropped.stderr
+  # Runs made with other overrides are another grid, not these.
+  results.write_text(json.dumps(old | {"overrides": ["train.epochs=1"]}))
+  other = tabulate("--models=nrms", "--variants=original", "--seeds=0,5",
+                   "--set=train.epochs=2")
+  assert other.returncode != 0
+  assert ("made with the overrides train.epochs=1, not train.epochs=2"
+          in other.stderr)
+  assert json.loads(results.read_text())["overrides"] == ["train.epochs=1"]
+  # A grid that covers every tabulated run gets past the check (and, having
+  # no finished run here, stops at that).
+  results.write_text(json.dumps(old))
+  covered = tabulate("--models=nrms,naml", "--variants=original,all",
+                     "--seeds=0,1,5")
+  assert covered.returncode != 0
+  assert "no finished run" in covered.stderr
+  assert json.loads(results.read_text()) == old
+
+
 def test_cooccurrence_matches_a_brute_force_reference(tmp_path):
   from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
