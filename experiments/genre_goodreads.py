@@ -299,12 +299,16 @@ def check_nothing_dropped(path: str,
   try:
     with open(path, encoding="utf-8") as f:
       old = json.load(f)
-    old_cells = old["cells"]
     old_overrides = list(old.get("overrides", []))
-  except (OSError, ValueError, KeyError, TypeError) as e:
+    # (model, variant, seeds tabulated); the oldest tables give only how
+    # many seeds, not which.
+    old_cells = [(c["model"], c["variant"], [int(s) for s in c.get(
+        "seeds", c.get("per_seed", {}))], int(c["n_seeds"]))
+                 for c in old["cells"]]
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
     raise app.UsageError(
-        f"{path}: cannot read the results it holds ({e}); move it away to "
-        "write a new table there") from e
+        f"{path}: cannot read the results it holds ({type(e).__name__}: {e});"
+        " move it away to write a new table there") from e
   if old_cells and old_overrides != list(_SET.value):
     then = " ".join(old_overrides) or "(none)"
     now = " ".join(_SET.value) or "(none)"
@@ -312,15 +316,12 @@ def check_nothing_dropped(path: str,
         f"{path} tabulates runs made with the overrides {then}, not {now}: "
         "choose another --out_dir, or move it away to replace it")
   dropped = []
-  for cell in old_cells:
-    have = covered.get((cell["model"], cell["variant"]), set())
-    # Old tables name their seeds; the oldest give only how many.
-    seeds = cell.get("seeds", [int(s) for s in cell.get("per_seed", {})])
+  for model, variant, seeds, n_seeds in old_cells:
+    have = covered.get((model, variant), set())
     missing = (sorted(set(seeds) - have) if seeds
-               else ([] if len(have) >= cell["n_seeds"] else ["?"]))
+               else ([] if len(have) >= n_seeds else ["?"]))
     if missing:
-      dropped.append(f"{cell['model']}/{cell['variant']} seeds "
-                     f"{','.join(map(str, missing))}")
+      dropped.append(f"{model}/{variant} seeds {','.join(map(str, missing))}")
   if dropped:
     raise app.UsageError(
         f"{path} tabulates runs that this table would drop ({'; '.join(dropped)}"

@@ -349,6 +349,13 @@ def test_genre_goodreads_never_drops_a_tabulated_run(tmp_path):
   assert covered.returncode != 0
   assert "no finished run" in covered.stderr
   assert json.loads(results.read_text()) == old
+  # A results file it cannot read is named, never overwritten.
+  results.write_text(json.dumps({"cells": [{"variant": "all"}]}))
+  unreadable = tabulate("--models=nrms", "--variants=original", "--seeds=0")
+  assert unreadable.returncode != 0
+  assert f"{results}: cannot read the results it holds (KeyError" in (
+      unreadable.stderr)
+  assert "Traceback" not in unreadable.stderr
 
 
 def test_cooccurrence_matches_a_brute_force_reference(tmp_path):
