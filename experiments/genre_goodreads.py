@@ -44,10 +44,10 @@ error before any training, never overwritten. It prints the table, and
 ends with one line of JSON: {"cells": [{model, variant, n_seeds, seeds,
 test: {metric: [mean, std]}, test_cold: {...}, per_seed}, ...], "gains":
 {model: {variant: {auc, cold_auc, seeds, per_seed_auc, per_seed_cold_auc}}},
-"gains_over": {baseline: {...}}}, where a gain is
-the AUC change over `original` (the first of --gains_over) averaged over
-the seeds both cells finished (the table's last column), and "gains_over"
-holds the same over each further variant of --gains_over. A one-seed cell's
+"gains_over": {baseline: {...}}}, where a gain is the AUC change over
+`original` (the first of --gains_over) averaged over the seeds both cells
+finished (the table's last column), and "gains_over" holds the same over
+each further variant of --gains_over. A one-seed cell's
 std is null (a spread needs two seeds).
 """
 
