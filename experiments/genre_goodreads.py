@@ -37,18 +37,21 @@ after its workdirs (checkpoints) are deleted, without retraining or losing
 the seeds that ran before. --finished_only tabulates what has finished so
 far and trains nothing. Writes results.md and results.json to --out_dir,
 covering the grid and every other run recorded there with the same --set
-(a grid of one new cell adds it to the table rather than replacing it);
+(a grid of one new cell adds it to the table rather than replacing it),
+and rewrites them after every run it trains, so that a long grid shows its
+progress and an interrupted one leaves a table of everything it finished
+(the header says "in progress" and the JSON has "grid_complete": false);
 a results file that tabulates runs this invocation can neither read back
 nor train (other --set overrides, a folder older than run records) is an
 error before any training, never overwritten. It prints the table, and
 ends with one line of JSON: {"cells": [{model, variant, n_seeds, seeds,
 test: {metric: [mean, std]}, test_cold: {...}, per_seed}, ...], "gains":
 {model: {variant: {auc, cold_auc, seeds, per_seed_auc, per_seed_cold_auc}}},
-"gains_over": {baseline: {...}}}, where a gain is the AUC change over
-`original` (the first of --gains_over) averaged over the seeds both cells
-finished (the table's last column), and "gains_over" holds the same over
-each further variant of --gains_over. A one-seed cell's
-std is null (a spread needs two seeds).
+"gains_over": {baseline: {...}}, "quick", "overrides", "grid_complete"},
+where a gain is the AUC change over `original` (the first of --gains_over)
+averaged over the seeds both cells finished (the table's last column), and
+"gains_over" holds the same over each further variant of --gains_over. A
+one-seed cell's std is null (a spread needs two seeds).
 """
 
 from __future__ import annotations
@@ -288,14 +291,14 @@ def recorded_runs() -> list[tuple[str, str, int]]:
   return found
 
 
-def check_nothing_dropped(path: str,
-                          covered: dict[tuple[str, str], set[int]]) -> None:
-  """Raises UsageError when the results file at `path` tabulates runs that a
-  table of `covered` ((model, variant) -> seeds) would drop: runs with no
-  record or workdir here, or made with other --set overrides. Rewriting it
-  must never lose a finished result (e.g. a grid older than run records)."""
+def dropped_runs(path: str,
+                 covered: dict[tuple[str, str], set[int]]) -> list[str]:
+  """The runs ("model/variant seeds ...") that the results file at `path`
+  tabulates and a table of `covered` ((model, variant) -> seeds) would drop.
+  Raises UsageError when the file cannot be read or tabulates runs made with
+  other --set overrides (all of which a table here would drop)."""
   if not os.path.isfile(path):
-    return
+    return []
   try:
     with open(path, encoding="utf-8") as f:
       old = json.load(f)
@@ -322,6 +325,16 @@ def check_nothing_dropped(path: str,
                else ([] if len(have) >= n_seeds else ["?"]))
     if missing:
       dropped.append(f"{model}/{variant} seeds {','.join(map(str, missing))}")
+  return dropped
+
+
+def check_nothing_dropped(path: str,
+                          covered: dict[tuple[str, str], set[int]]) -> None:
+  """Raises UsageError when the results file at `path` tabulates runs that a
+  table of `covered` would drop: runs with no record or workdir here, or made
+  with other --set overrides. Rewriting it must never lose a finished result
+  (e.g. a grid older than run records)."""
+  dropped = dropped_runs(path, covered)
   if dropped:
     raise app.UsageError(
         f"{path} tabulates runs that this table would drop ({'; '.join(dropped)}"
@@ -428,6 +441,42 @@ def markdown(cells: list[dict], gains_by_model: dict[str, dict[str, dict]],
   return "\n".join(lines) + "\n"
 
 
+def tabulate(results: dict[tuple[str, str, int], dict | None],
+             models: list[str], grid: list[tuple[str, str, int]],
+             header: str) -> tuple[str, dict]:
+  """The markdown table and the JSON result of every finished run in
+  `results`; "grid_complete" says whether every run of `grid` is among them."""
+  model_order = {m: i for i, m in enumerate(dict.fromkeys(
+      models + sorted(m for m, _, _ in results)))}
+  runs: dict[tuple[str, str], dict[int, dict]] = {}
+  for (model, variant, seed), result in sorted(
+      results.items(), key=lambda item: (model_order[item[0][0]],
+                                         VARIANTS.index(item[0][1]),
+                                         item[0][2])):
+    if result is not None:
+      runs.setdefault((model, variant), {})[seed] = result
+  cells = summarize(runs)
+  baselines = list(_GAINS_OVER.value)
+  result = {"cells": cells, "gains": gains(cells, baselines[0]),
+            "gains_over": {b: gains(cells, b) for b in baselines[1:]},
+            "quick": _QUICK.value, "overrides": list(_SET.value),
+            "grid_complete": all(results.get(run) is not None for run in grid)}
+  table = markdown(cells, result["gains"], header)
+  for baseline, by_model in result["gains_over"].items():
+    table += "\n" + gains_table(baseline, by_model)
+  return table, result
+
+
+def covered_runs(results: dict[tuple[str, str, int], dict | None]
+                 ) -> dict[tuple[str, str], set[int]]:
+  """(model, variant) -> the seeds of the finished runs in `results`."""
+  covered: dict[tuple[str, str], set[int]] = {}
+  for (model, variant, seed), result in results.items():
+    if result is not None:
+      covered.setdefault((model, variant), set()).add(seed)
+  return covered
+
+
 def main(argv: Sequence[str]) -> None:
   del argv
   quiet_library_logging()
@@ -453,54 +502,56 @@ def main(argv: Sequence[str]) -> None:
   for model, variant, seed in grid + recorded:
     planned.setdefault((model, variant), set()).add(seed)
   check_nothing_dropped(results_path, planned)  # before hours of training
-  results = {run: run_one(*run) for run in grid}
-  for run in recorded:
-    if run not in results:
-      try:
-        results[run] = run_one(*run)
-      except ConfigError as e:  # e.g. the record of a preset since removed
-        raise app.UsageError(f"{record_path(run_name(*run))}: {e}") from e
-  model_order = {m: i for i, m in enumerate(dict.fromkeys(
-      models + sorted(m for m, _, _ in results)))}
-  runs: dict[tuple[str, str], dict[int, dict]] = {}
-  for (model, variant, seed), result in sorted(
-      results.items(), key=lambda item: (model_order[item[0][0]],
-                                         VARIANTS.index(item[0][1]),
-                                         item[0][2])):
-    if result is not None:
-      runs.setdefault((model, variant), {})[seed] = result
-  if not runs:
-    raise app.UsageError(
-        f"no finished run under {_WORKDIR_ROOT.value} or recorded in "
-        f"{os.path.dirname(record_path('x'))} for this grid (--finished_only "
-        "trains nothing)")
-  check_nothing_dropped(results_path, {cell: set(by_seed)
-                                       for cell, by_seed in runs.items()})
-  cells = summarize(runs)
-  extra = sum(run not in grid and result is not None
-              for run, result in results.items())
-  header = (f"GENRE ablation on Goodreads ({'quick grid' if _QUICK.value else 'grid'}"
+  results: dict[tuple[str, str, int], dict | None] = {}
+  for run in recorded:  # read back first: a stale record fails before training
+    try:
+      results[run] = run_one(*run)
+    except ConfigError as e:  # e.g. the record of a preset since removed
+      raise app.UsageError(f"{record_path(run_name(*run))}: {e}") from e
+
+  def header(finished: bool) -> str:
+    extra = sum(run not in grid and result is not None
+                for run, result in results.items())
+    done = sum(results.get(run) is not None for run in grid)
+    return (f"GENRE ablation on Goodreads ({'quick grid' if _QUICK.value else 'grid'}"
             f": {len(models)} models x {len(variants)} variants x "
             f"{len(seeds)} seeds"
             + (f", with {extra} more finished runs recorded in --out_dir"
                if extra else "")
             + ("; finished runs only" if _FINISHED_ONLY.value else "")
+            + ("" if finished else
+               f"; in progress: {done} of {len(grid)} grid runs finished")
             + "; test split, mean ± std over seeds, no spread for one seed; "
             f"AUC gain over {_GAINS_OVER.value[0]}, paired by seed; "
             f"wall {time.time() - start:.0f}s"
             + (f"; overrides: {' '.join(_SET.value)}" if _SET.value else "")
             + ")")
-  baselines = list(_GAINS_OVER.value)
-  result = {"cells": cells, "gains": gains(cells, baselines[0]),
-            "gains_over": {b: gains(cells, b) for b in baselines[1:]},
-            "quick": _QUICK.value, "overrides": list(_SET.value)}
-  table = markdown(cells, result["gains"], header)
-  for baseline, by_model in result["gains_over"].items():
-    table += "\n" + gains_table(baseline, by_model)
-  os.makedirs(_OUT_DIR.value, exist_ok=True)
-  ckpt_lib.atomic_write_text(os.path.join(_OUT_DIR.value, f"{name}.md"),
-                             table)
-  ckpt_lib.atomic_write_text(results_path, json.dumps(result, indent=2))
+
+  def write(table: str, result: dict) -> None:
+    os.makedirs(_OUT_DIR.value, exist_ok=True)
+    ckpt_lib.atomic_write_text(os.path.join(_OUT_DIR.value, f"{name}.md"),
+                               table)
+    ckpt_lib.atomic_write_text(results_path, json.dumps(result, indent=2))
+
+  for index, run in enumerate(grid):
+    if run in results:
+      continue
+    already = os.path.isfile(record_path(run_name(*run)))
+    results[run] = run_one(*run)
+    if (results[run] is None or already or index == len(grid) - 1
+        or dropped_runs(results_path, covered_runs(results))):
+      continue  # nothing new to show, or the final table comes next
+    # A long grid shows what has finished after every trained run, so an
+    # interrupted grid leaves a table of everything it finished.
+    write(*tabulate(results, models, grid, header(finished=False)))
+  if not any(result is not None for result in results.values()):
+    raise app.UsageError(
+        f"no finished run under {_WORKDIR_ROOT.value} or recorded in "
+        f"{os.path.dirname(record_path('x'))} for this grid (--finished_only "
+        "trains nothing)")
+  check_nothing_dropped(results_path, covered_runs(results))
+  table, result = tabulate(results, models, grid, header(finished=True))
+  write(table, result)
   print(table)
   print(json.dumps(result))
 

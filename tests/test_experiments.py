@@ -358,6 +358,54 @@ def test_genre_goodreads_never_drops_a_tabulated_run(tmp_path):
   assert "Traceback" not in unreadable.stderr
 
 
+def test_genre_goodreads_interrupted_grid_keeps_its_finished_runs(
+    goodreads_dir, goodreads_cache, tmp_path):
+  # The table is rewritten after every trained run: a grid that stops on a
+  # later run (here the profiler's replies are missing) leaves a table of
+  # the runs it finished, marked in progress, and the same grid resumes.
+  data = tmp_path / "goodreads"
+  (data / "genre").mkdir(parents=True)
+  for entry in goodreads_dir.iterdir():
+    if entry.name != "genre":
+      (data / entry.name).symlink_to(entry)
+  (data / "genre" / "summarizer.jsonl").symlink_to(
+      goodreads_dir / "genre" / "summarizer.jsonl")
+  out = tmp_path / "out"
+  args = [sys.executable, str(ROOT / "experiments" / "genre_goodreads.py"),
+          f"--data_dir={data}", "--models=nrms",
+          "--variants=original,summarizer,profiler", "--seeds=0",
+          f"--workdir_root={tmp_path}/runs", f"--out_dir={out}",
+          f"--data_cache={goodreads_cache}", "--set=train.max_steps=2",
+          "--set=model.embed_dim=32", "--set=model.hidden_dim=32",
+          "--set=model.num_heads=2"]
+  stopped = subprocess.run(args, capture_output=True, text=True, cwd=ROOT,
+                           timeout=900)
+  assert stopped.returncode != 0
+  assert "carries no GENRE table 'profiler'" in stopped.stderr
+  assert "Traceback" not in stopped.stderr
+  partial = json.loads((out / "results.json").read_text())
+  assert [(c["variant"], c["seeds"]) for c in partial["cells"]] == [
+      ("original", [0]), ("summarizer", [0])]
+  assert partial["grid_complete"] is False
+  assert "in progress: 2 of 3 grid runs finished" in (
+      out / "results.md").read_text()
+
+  # With the replies back, the same command trains only the missing run.
+  (data / "genre" / "profiler.jsonl").symlink_to(
+      goodreads_dir / "genre" / "profiler.jsonl")
+  resumed = subprocess.run(args, capture_output=True, text=True, cwd=ROOT,
+                           timeout=900)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert resumed.stderr.count("Training nrms on") == 1
+  final = json.loads(resumed.stdout.strip().splitlines()[-1])
+  assert final["grid_complete"] is True
+  assert [c["variant"] for c in final["cells"]] == [
+      "original", "summarizer", "profiler"]
+  assert final["cells"][:2] == partial["cells"]
+  assert json.loads((out / "results.json").read_text()) == final
+  assert "in progress" not in (out / "results.md").read_text()
+
+
 def test_cooccurrence_matches_a_brute_force_reference(tmp_path):
   from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
