@@ -34,16 +34,21 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from genre_jax.config import flag_error_message
 from genre_jax.genre import generate as generate_lib
 from genre_jax.logs import quiet_library_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Preset file, e.g. configs/nrms.py (train/generate).",
     lock_config=True)
-_GENERATE = config_flags.DEFINE_config_dict(
-    "generate", generate_lib.generate_config(),
-    "GENRE generation settings (--mode=generate), e.g. "
-    "--generate.scheme=summarizer --generate.provider=replay.")
+try:  # ml_collections applies --generate.* overrides here, on import.
+  _GENERATE = config_flags.DEFINE_config_dict(
+      "generate", generate_lib.generate_config(),
+      "GENRE generation settings (--mode=generate), e.g. "
+      "--generate.scheme=summarizer --generate.provider=replay.")
+except (KeyError, AttributeError) as _error:
+  print(f"error: {flag_error_message(_error, sys.argv)}", file=sys.stderr)
+  sys.exit(2)
 _MODE = flags.DEFINE_enum(
     "mode", "train", ["train", "eval", "recommend", "generate", "pretrain"],
     "What to do.")
@@ -224,6 +229,24 @@ def _generate(config, workdir):
   print(json.dumps(summary, default=str))
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad --config file or override reported in
+  one line (file, line, field) instead of ml_collections' traceback."""
+  try:
+    parsed = flags.FLAGS(argv)
+    if _CONFIG.value is not None:
+      _CONFIG.value.get("train")  # A file that failed to load raises here.
+    return parsed
+  except Exception as e:  # pylint: disable=broad-except
+    message = flag_error_message(e, argv)
+    if message is None:
+      if not isinstance(e, flags.Error):
+        raise
+      message = f"{e}\nPass --helpshort or --helpfull to see help on flags."
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -256,4 +279,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

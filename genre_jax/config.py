@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import re
+import traceback
 from typing import Sequence
 
 import ml_collections
@@ -254,3 +256,59 @@ def apply_overrides(config: ml_collections.ConfigDict,
       node[names[-1]] = value
     except TypeError as e:
       raise ConfigError(f"config override '{item}': {e}") from None
+
+
+def flag_error_message(error: BaseException, argv: Sequence[str]) -> str | None:
+  """One line naming the flag, file, line or field behind a config error
+  raised while absl parses --config/--generate, or None if it is not one.
+
+  ml_collections reports these as tracebacks from its own code (a typo in an
+  override, a config file that is missing, does not parse or raises).
+  """
+  config_arg, config_path = "--config", ""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      config_arg, config_path = arg, arg.partition("=")[2]
+    elif arg == "--config" and i + 1 < len(argv):
+      config_arg, config_path = f"--config={argv[i + 1]}", argv[i + 1]
+  config_path = os.path.abspath(config_path.split(":", 1)[0]) if config_path else ""
+
+  if isinstance(error, (KeyError, AttributeError)):  # An override's typo.
+    root = error
+    while root.args and isinstance(root.args[0], BaseException):
+      root = root.args[0]  # ml_collections wraps its KeyError in others.
+    text = str(root.args[0]) if root.args else str(root)
+    field, _, hint = text.partition("\n")  # "'batchsize'\nDid you mean ..."
+    field, hint = field.strip("'\""), hint.strip()
+    overrides = [a.partition("=")[0] for a in argv
+                 if a.startswith(("--config.", "--generate."))]
+    named = [a for a in overrides if field in a[2:].split(".")[1:]]
+    where = named[0] if named else "a --config./--generate. override"
+    return f"{where}: no field '{field}'" + (
+        f"; {hint[:1].lower()}{hint[1:]}" if hint else "")
+  if not config_path:
+    return None
+  if isinstance(error, OSError):  # ml_collections' "Failed loading ...".
+    if not os.path.isfile(config_path):
+      return f"{config_arg}: no such file {config_path}"
+    cause = error.__cause__ or error
+    return f"{config_arg}: {str(cause).strip().splitlines()[-1].strip()}"
+  if isinstance(error, SyntaxError) and error.filename:
+    where = ("" if os.path.abspath(error.filename) == config_path
+             else f" {error.filename}")
+    return f"{config_arg}:{where} line {error.lineno}: {error.msg}"
+  # The config module raised. ml_collections puts a ValueError's or
+  # TypeError's traceback into its flag error's text; others come as they are.
+  text = str(error)
+  if "Error whilst parsing config file" in text:
+    frames = re.findall(r'File "([^"]+)", line (\d+)', text)
+    message = text.strip().splitlines()[-1].strip()
+  else:
+    frames = [(f.filename, str(f.lineno))
+              for f in traceback.extract_tb(error.__traceback__)]
+    message = f"{type(error).__name__}: {error}"
+  lines = [line for name, line in frames
+           if os.path.abspath(name) == config_path]
+  if not lines:
+    return None
+  return f"{config_arg}: line {lines[-1]}: {message}"

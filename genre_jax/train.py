@@ -336,11 +336,8 @@ class Evaluator:
     self.items = items
     self.mesh = mesh
     self.num_rows = num_items + 1  # with the padding item
+    check_batch_size(config, "eval")
     self.batch_size = int(config.eval.batch_size)
-    if self.batch_size % jax.device_count():
-      raise ConfigError(
-          f"config.eval.batch_size={self.batch_size} must be divisible by the "
-          f"number of devices ({jax.device_count()})")
     self.chunk = self.batch_size * 4
     replicated = jax.sharding.NamedSharding(mesh, P())
     data = jax.sharding.NamedSharding(mesh, P("data"))
@@ -482,6 +479,15 @@ def dedup_capacity(batcher: batching.TrainBatcher, total_steps: int) -> int:
   return -(-most // multiple) * multiple
 
 
+def check_batch_size(config: ml_collections.ConfigDict, section: str) -> None:
+  """Fails with the config field's name unless config.<section>.batch_size
+  is a positive multiple of the device count (each device takes a slice)."""
+  size, devices = config[section].batch_size, jax.device_count()
+  if not isinstance(size, int) or size < 1 or size % devices:
+    raise ConfigError(f"config.{section}.batch_size={size!r} must be a "
+                      f"positive multiple of the number of devices ({devices})")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        dataset: Dataset | None = None,
                        init_from: str = "",
@@ -509,16 +515,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if wandb_mode not in ("disabled", "offline", "online"):
     raise ConfigError(f"--wandb_mode={wandb_mode}: choose disabled, offline "
                       "or online")
+  # Sizes are checked before the dataset is prepared, which can take minutes.
+  check_batch_size(config, "train")
+  check_batch_size(config, "eval")
   os.makedirs(workdir, exist_ok=True)
   if dataset is None:
     dataset = data_lib.load_dataset(config.data)
   ckpt_lib.save_config(workdir, config)
   tc = config.train
   mesh = make_mesh()
-  if tc.batch_size % jax.device_count():
-    raise ConfigError(f"config.train.batch_size={tc.batch_size} must be "
-                      f"divisible by the number of devices "
-                      f"({jax.device_count()})")
 
   # --- Data ---
   batcher = batching.TrainBatcher(

@@ -382,3 +382,36 @@ def test_config_of_an_older_workdir_gets_new_fields_defaults(tmp_path):
   (tmp_path / "config.json").write_text("{\n  \"model\": [1,\n")
   with pytest.raises(Exception, match=r"config.json:\d+: not valid JSON"):
     ckpt_lib.load_config(str(tmp_path))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config=configs/no_such_preset.py"],
+     "error: --config=configs/no_such_preset.py: no such file "),
+    (["--config=BROKEN"], "error: --config=BROKEN: line 2: closing "
+     "parenthesis '}' does not match"),
+    (["--config=configs/nrms.py:bogus"],
+     "unknown dataset argument 'bogus'"),
+    (["--config=configs/nrms.py", "--config.train.batchsize=3"],
+     "error: --config.train.batchsize: no field 'batchsize'; did you mean "
+     "\"batch_size\""),
+    (["--config=configs/nrms.py", "--generate.shceme=profiler"],
+     "error: --generate.shceme: no field 'shceme'; did you mean \"scheme\""),
+    (["--config=configs/nrms.py", "--config.train.batch_size=0",
+      "--config.data.data_dir=DATA"],
+     "error: config.train.batch_size=0 must be a positive multiple of the "
+     "number of devices"),
+])
+def test_bad_config_is_one_line_naming_the_flag(args, expected, tmp_path):
+  # A typo'd override, a missing or broken config file: one line that names
+  # the flag, the file and line or the field; never ml_collections' traceback.
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(arg=None):\n  return {'a': (1,}\n")
+  data = tmp_path / "data"
+  args = [a.replace("BROKEN", str(broken)).replace("DATA", str(data))
+          for a in args]
+  result = _run(*args, f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert expected.replace("BROKEN", str(broken)) in result.stderr
+  assert "Traceback" not in result.stderr
+  # Sizes are checked before anything is prepared or written.
+  assert not data.exists() and not (tmp_path / "run").exists()

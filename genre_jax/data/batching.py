@@ -29,7 +29,7 @@ _MAX_TOP_UP_ATTEMPTS = 64
 def _check_sizes(batch_size: int, history_len: int, process_index: int,
                  process_count: int) -> None:
   if batch_size < 1:
-    raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+    raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
   if history_len < 1:
     raise ConfigError(f"data.history_len must be >= 1, got {history_len}")
   if process_count < 1 or not 0 <= process_index < process_count:
@@ -37,7 +37,7 @@ def _check_sizes(batch_size: int, history_len: int, process_index: int,
         f"process_index {process_index} must lie in [0, {process_count})")
   if batch_size % process_count:
     raise ConfigError(
-        f"data.batch_size {batch_size} is not divisible by the process count "
+        f"batch_size {batch_size} is not divisible by the process count "
         f"{process_count}")
 
 

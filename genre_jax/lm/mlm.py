@@ -128,6 +128,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   from genre_jax import data as data_lib
   from genre_jax import train as train_lib
 
+  train_lib.check_batch_size(config, "pretrain")
   os.makedirs(workdir, exist_ok=True)
   pc = config.pretrain
   if dataset is None:
@@ -137,9 +138,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   mesh = train_lib.make_mesh()
   replicated = jax.sharding.NamedSharding(mesh, P())
   data_sharding = jax.sharding.NamedSharding(mesh, P("data"))
-  if pc.batch_size % jax.device_count():
-    raise ConfigError(f"config.pretrain.batch_size={pc.batch_size} must be "
-                      f"divisible by {jax.device_count()} devices")
 
   model = build_mlm(config, rngs=nnx.Rngs(int(config.train.seed)))
   model.train()
