@@ -35,6 +35,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from genre_jax.config import flag_error_message
+from genre_jax.errors import ConfigError, DataFormatError
 from genre_jax.genre import generate as generate_lib
 from genre_jax.logs import quiet_library_logging
 
@@ -67,7 +68,8 @@ _USER_IDS = flags.DEFINE_list("user_ids", [], "recommend: user ids.")
 _BEHAVIORS_FILE = flags.DEFINE_string(
     "behaviors_file", "", "recommend: recommend for every user of this "
     "MIND-format behaviors file (their last row's history).")
-_TOP_K = flags.DEFINE_integer("top_k", 10, "recommend: items per user.")
+_TOP_K = flags.DEFINE_integer("top_k", 10, "recommend: items per user.",
+                               lower_bound=1)
 _OUT = flags.DEFINE_string(
     "out", "", "recommend: output JSONL (default WORKDIR/recommendations.jsonl).")
 _DEMO_USERS = flags.DEFINE_integer(
@@ -142,6 +144,8 @@ def _eval(workdir):
   from genre_jax.data import mind
   from genre_jax.genre import augment
 
+  if _EVAL_FILE.value and not os.path.isfile(_EVAL_FILE.value):
+    raise ConfigError(f"--eval_file={_EVAL_FILE.value}: no such file")
   config, dataset, evaluator, params = train.load_for_inference(workdir)
   if _EVAL_FILE.value:
     user_index = {u: i for i, u in enumerate(dataset.user_vocab) if i > 0}
@@ -252,7 +256,6 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logging()
   from genre_jax import train
-  from genre_jax.errors import ConfigError, DataFormatError
 
   train.maybe_initialize_distributed()
   workdir = _WORKDIR.value

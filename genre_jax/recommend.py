@@ -21,6 +21,7 @@ import numpy as np
 from genre_jax import checkpoint as ckpt_lib
 from genre_jax import train as train_lib
 from genre_jax.data.types import Behaviors
+from genre_jax.errors import ConfigError
 
 
 def _latest_rows(behaviors: Behaviors) -> dict[str, int]:
@@ -61,11 +62,16 @@ def recommend(workdir: str, out_path: str, *, user_ids: Sequence[str] = (),
   """Writes JSONL {"user_id", "items": [{"item_id", "score"}, ...]} per user.
 
   Returns a summary: number of users written and the unknown user ids (each
-  reported with a clear message, never a crash).
+  reported with a clear message, never a crash). With no user left to score
+  it fails and leaves out_path as it was.
   """
   from genre_jax.data import mind  # reader for --behaviors_file
   from genre_jax.genre import augment
 
+  if top_k < 1:
+    raise ConfigError(f"top_k must be >= 1, got {top_k}")
+  if behaviors_file and not os.path.isfile(behaviors_file):
+    raise ConfigError(f"behaviors file {behaviors_file}: no such file")
   config, dataset, evaluator, params = train_lib.load_for_inference(workdir)
   if behaviors_file:
     user_index = {u: i for i, u in enumerate(dataset.user_vocab) if i > 0}
@@ -83,6 +89,11 @@ def recommend(workdir: str, out_path: str, *, user_ids: Sequence[str] = (),
                   "the dataset's train/dev/test splits; skipped. Pass a "
                   "--behaviors_file with its history to score a new user.",
                   user_id)
+  if not users:  # Nothing to write: keep whatever out_path holds.
+    raise ConfigError(
+        f"no user to recommend for: behaviors file {behaviors_file} has no "
+        f"rows" if behaviors_file else "no user to recommend for: none of "
+        f"the user ids {list(user_ids)} has a history in the dataset")
 
   history_len = int(config.data.history_len)
   item_vecs = evaluator.item_vectors(params)  # [N+1, D]

@@ -285,6 +285,36 @@ def test_recommend_known_and_unknown_users(trained, tmp_path):
   assert not history & {i["item_id"] for i in items}
 
 
+
+def test_bad_recommend_or_eval_input_keeps_earlier_results(trained, tmp_path):
+  # Each is one line naming the input, and no earlier output is overwritten.
+  _, workdir, _ = trained
+  out = tmp_path / "recs.jsonl"
+  out.write_text("earlier results\n")
+  empty = tmp_path / "empty.tsv"
+  empty.write_text("")
+  missing = tmp_path / "missing.tsv"
+  for args, expected in [
+      (["--user_ids=NO_SUCH_USER"],
+       "error: no user to recommend for: none of the user ids "
+       "['NO_SUCH_USER'] has a history in the dataset"),
+      (["--user_ids=NO_SUCH_USER", "--top_k=0"],
+       "error: flag --top_k=0: 0 is not a positive integer"),
+      ([f"--behaviors_file={missing}"],
+       f"error: behaviors file {missing}: no such file"),
+      ([f"--behaviors_file={empty}"],
+       f"error: no user to recommend for: behaviors file {empty} has no rows"),
+  ]:
+    result = _run("--mode=recommend", f"--workdir={workdir}", f"--out={out}",
+                  *args)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+  assert out.read_text() == "earlier results\n"
+  result = _run("--mode=eval", f"--workdir={workdir}", f"--eval_file={missing}")
+  assert result.returncode == 2
+  assert f"error: --eval_file={missing}: no such file" in result.stderr
+
 _LOSS_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, {root!r})
