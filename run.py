@@ -37,6 +37,7 @@ from ml_collections import config_flags
 from genre_jax.config import flag_error_message
 from genre_jax.errors import ConfigError, DataFormatError
 from genre_jax.genre import generate as generate_lib
+from genre_jax.genre.providers import ProviderError
 from genre_jax.logs import quiet_library_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -275,7 +276,8 @@ def main(argv):
       _pretrain(_CONFIG.value, workdir)
     else:
       _generate(_CONFIG.value, workdir)
-  except (ConfigError, DataFormatError, FileNotFoundError) as e:
+  except (ConfigError, DataFormatError, FileNotFoundError,
+          ProviderError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -186,6 +186,33 @@ def test_openai_gives_up_and_does_not_retry_client_errors(server):
   assert server.auth[0] is None  # GENRE_TEST_KEY unset: no header.
 
 
+
+def test_openai_stops_asking_when_the_endpoint_is_down(server):
+  # Every prompt fails: after give_up_after in a row the rest are not asked,
+  # and that is an error even with raise_on_failure=False.
+  provider = _openai(server, max_retries=1, give_up_after=3,
+                     raise_on_failure=False)
+  texts = [f"broken:{i}" for i in range(40)]
+  with pytest.raises(providers.ProviderError) as error:
+    provider.generate(_prompts(texts))
+  assert "stopped asking after 3 prompts in a row got no answer" in str(
+      error.value)
+  assert "HTTP 500" in str(error.value)
+  assert len(error.value.failed) == 40
+  # At most the 3 failures plus one in flight on the other thread, 2 tries
+  # each, reached the server.
+  assert provider.stats["failures"] == 40
+  assert len(server.log) <= (3 + 1) * 2
+
+
+def test_openai_an_answer_resets_the_count_of_failures_in_a_row(server):
+  provider = _openai(server, max_retries=0, give_up_after=2, concurrency=1,
+                     raise_on_failure=False)
+  texts = ["broken:a", "ok:b", "broken:c", "ok:d", "broken:e", "ok:f"]
+  replies = provider.generate(_prompts(texts))
+  assert replies == ["", "echo: ok:b", "", "echo: ok:d", "", "echo: ok:f"]
+  assert provider.stats["failures"] == 3
+
 def test_openai_resumes_from_cache_after_a_crash(server, tmp_path):
   cache = tmp_path / "cache.jsonl"
   texts = ["ok:a", "ok:b", "broken:c", "ok:d"]

@@ -106,3 +106,28 @@ def test_unknown_provider_is_a_clear_error(tmp_path, make_tiny_mind):
       capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert result.returncode == 2
   assert "--generate.replay.path" in result.stderr
+
+
+def test_openai_endpoint_down_is_a_clear_error_and_writes_nothing(
+    tmp_path, make_tiny_mind):
+  import socket  # pylint: disable=g-import-not-at-top
+  root = make_tiny_mind(tmp_path / "tiny")
+  with socket.socket() as s:  # A port nothing listens on.
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "run.py"), "--mode=generate",
+       "--config=configs/nrms.py", "--config.data.name=goodreads_genre",
+       f"--config.data.path={root}", f"--config.data.data_dir={tmp_path}/d",
+       "--generate.scheme=summarizer", "--generate.provider=openai",
+       f"--generate.openai.base_url=http://127.0.0.1:{port}/v1",
+       "--generate.openai.max_retries=1", "--generate.openai.backoff=0.01",
+       "--generate.openai.give_up_after=3", f"--workdir={tmp_path}/w"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert ("error: openai: stopped asking after 3 prompts in a row got no "
+          f"answer from http://127.0.0.1:{port}/v1/chat/completions"
+          in result.stderr)
+  assert "Connection refused" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "w" / "summarizer.jsonl").exists()

@@ -266,6 +266,8 @@ def generate_config() -> ml_collections.ConfigDict:
       # again for an answered prompt.
       cache="", concurrency=4, rate=0.0, max_retries=5, timeout=60.0,
       backoff=1.0, max_backoff=30.0,
+      # Stop after this many prompts in a row got no answer (0 = never).
+      give_up_after=8,
       temperature=0.0, max_tokens=256))
   # local: the Flax Llama decoder on a local Hugging Face Llama directory.
   g.local = ml_collections.ConfigDict(dict(

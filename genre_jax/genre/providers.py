@@ -258,6 +258,10 @@ class ReplyCache:
     self._file.close()
 
 
+class _NotAsked(RuntimeError):
+  """A prompt skipped because the provider stopped (see give_up_after)."""
+
+
 class _Retryable(Exception):
   """A failed request worth trying again (429, 5xx, timeout, connection)."""
 
@@ -281,6 +285,9 @@ class OpenAIProvider(Provider):
   ReplyCache as they arrive and cached keys are never requested again.
   Prompts still unanswered at the end raise ProviderError (all answers that
   did arrive are cached), or come back as "" when `raise_on_failure=False`.
+  After `give_up_after` prompts in a row got no answer (0 = never), the rest
+  are not asked and ProviderError is raised either way: the endpoint is
+  down or refuses us, and retrying every prompt would take hours.
   The API key is read from the environment variable named `api_key_env`;
   without it, no Authorization header is sent (local servers need none).
   """
@@ -291,7 +298,7 @@ class OpenAIProvider(Provider):
                timeout: float = 60.0, backoff: float = 1.0,
                max_backoff: float = 30.0, temperature: float = 0.0,
                max_tokens: int = 256, raise_on_failure: bool = True,
-               seed: int = 0):
+               give_up_after: int = 8, seed: int = 0):
     super().__init__()
     if concurrency < 1:
       raise ConfigError(f"openai provider: concurrency must be >= 1, got "
@@ -299,6 +306,9 @@ class OpenAIProvider(Provider):
     if max_retries < 0:
       raise ConfigError(f"openai provider: max_retries must be >= 0, got "
                         f"{max_retries}")
+    if give_up_after < 0:
+      raise ConfigError(f"openai provider: give_up_after must be >= 0, got "
+                        f"{give_up_after}")
     self.model = model
     self.url = base_url.rstrip("/") + "/chat/completions"
     self._api_key = os.environ.get(api_key_env, "")
@@ -314,6 +324,9 @@ class OpenAIProvider(Provider):
     self.temperature = temperature
     self.max_tokens = max_tokens
     self.raise_on_failure = raise_on_failure
+    self.give_up_after = give_up_after
+    self._failures_in_a_row = 0
+    self._stopped = threading.Event()  # Set when give_up_after is reached.
     self._random = random.Random(seed)
     self._stats_lock = threading.Lock()
     self.cache = ReplyCache(cache_path) if cache_path else None
@@ -366,6 +379,8 @@ class OpenAIProvider(Provider):
     """Asks with retries; caches and returns the answer."""
     attempt = 0
     while True:
+      if self._stopped.is_set():
+        raise _NotAsked(f"'{prompt.key}': not asked, the provider stopped")
       self.bucket.acquire()
       self._count("requests")
       try:
@@ -373,6 +388,7 @@ class OpenAIProvider(Provider):
         break
       except _Retryable as e:
         if attempt == self.max_retries:
+          self._no_answer()
           raise RuntimeError(f"'{prompt.key}': gave up after "
                              f"{attempt + 1} tries: {e}") from None
         self._count("retries")
@@ -385,9 +401,21 @@ class OpenAIProvider(Provider):
                      prompt.key, attempt + 1, e, delay)
         time.sleep(delay)
         attempt += 1
+      except RuntimeError:
+        self._no_answer()
+        raise
+    with self._stats_lock:
+      self._failures_in_a_row = 0
     if self.cache is not None:
       self.cache.add(prompt.key, answer, self.model)
     return answer
+
+  def _no_answer(self) -> None:
+    """Counts a prompt given up on; stops the provider after too many."""
+    with self._stats_lock:
+      self._failures_in_a_row += 1
+      if self.give_up_after and self._failures_in_a_row >= self.give_up_after:
+        self._stopped.set()
 
   def generate(self, prompts: Sequence[Prompt]) -> list[str]:
     answers: dict[str, str] = {}
@@ -398,7 +426,7 @@ class OpenAIProvider(Provider):
         self.stats["cache_hits"] += 1
       else:
         todo.setdefault(prompt.key, prompt)
-    failed = {}
+    failed, last_error = {}, ""
     with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
       futures = {pool.submit(self._ask, p): key for key, p in todo.items()}
       for future in concurrent.futures.as_completed(futures):
@@ -408,7 +436,15 @@ class OpenAIProvider(Provider):
         except RuntimeError as e:
           failed[key] = str(e)
           self.stats["failures"] += 1
-          logging.warning("openai: %s", e)
+          if not isinstance(e, _NotAsked):
+            last_error = str(e)
+            logging.warning("openai: %s", e)
+    if self._stopped.is_set():
+      raise ProviderError(
+          f"openai: stopped asking after {self.give_up_after} prompts in a "
+          f"row got no answer from {self.url} (is it up, and are the model "
+          f"and key right?); last: {last_error or '?'}. Answers received "
+          f"are cached: the same command resumes.", sorted(failed))
     if failed and self.raise_on_failure:
       first = next(iter(failed.values()))
       raise ProviderError(f"openai: {len(failed)} of {len(todo)} prompts got "
