@@ -31,11 +31,10 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from genre_jax.config import flag_error_message
-from genre_jax.errors import ConfigError, DataFormatError
+from genre_jax.errors import ConfigError, exit_on_input_error
 from genre_jax.genre import generate as generate_lib
 from genre_jax.genre.providers import ProviderError
 from genre_jax.logs import quiet_library_logging
@@ -261,27 +260,22 @@ def main(argv):
   train.maybe_initialize_distributed()
   workdir = _WORKDIR.value
   mode = _MODE.value
-  try:
-    if mode in ("train", "generate", "pretrain") and _CONFIG.value is None:
-      raise app.UsageError(f"--mode={mode} needs --config=configs/<preset>.py")
-    if mode in ("train", "eval", "recommend", "pretrain") and not workdir:
-      raise app.UsageError(f"--mode={mode} needs --workdir")
-    if mode == "train":
-      _train(_CONFIG.value, workdir)
-    elif mode == "eval":
-      _eval(workdir)
-    elif mode == "recommend":
-      _recommend(workdir)
-    elif mode == "pretrain":
-      _pretrain(_CONFIG.value, workdir)
-    else:
-      _generate(_CONFIG.value, workdir)
-  except (ConfigError, DataFormatError, FileNotFoundError,
-          ProviderError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  if mode in ("train", "generate", "pretrain") and _CONFIG.value is None:
+    raise app.UsageError(f"--mode={mode} needs --config=configs/<preset>.py")
+  if mode in ("train", "eval", "recommend", "pretrain") and not workdir:
+    raise app.UsageError(f"--mode={mode} needs --workdir")
+  if mode == "train":
+    _train(_CONFIG.value, workdir)
+  elif mode == "eval":
+    _eval(workdir)
+  elif mode == "recommend":
+    _recommend(workdir)
+  elif mode == "pretrain":
+    _pretrain(_CONFIG.value, workdir)
+  else:
+    _generate(_CONFIG.value, workdir)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(exit_on_input_error(main, ProviderError),
+          flags_parser=_parse_flags)

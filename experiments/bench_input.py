@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from genre_jax.data import batching  # pylint: disable=g-import-not-at-top
 from genre_jax.data import mind  # pylint: disable=g-import-not-at-top
+from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "../shared/data/goodreads", "MIND-format dataset folder.")
@@ -84,4 +85,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(exit_on_input_error(main))

@@ -38,7 +38,7 @@ from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-to
 from genre_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import train  # pylint: disable=g-import-not-at-top
 from genre_jax.data import batching  # pylint: disable=g-import-not-at-top
-from genre_jax.models import lm_encoder  # pylint: disable=g-import-not-at-top
+from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
 
 _DATA_PATH = flags.DEFINE_string(
     "data_path", "", "A Goodreads-layout MIND folder; default: the synthetic "
@@ -146,4 +146,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(exit_on_input_error(main))

@@ -75,7 +75,8 @@ sys.path.insert(0, ROOT)
 from genre_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import train  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import ConfigError, DataFormatError  # pylint: disable=g-import-not-at-top
+from genre_jax.errors import (  # pylint: disable=g-import-not-at-top
+    ConfigError, DataFormatError, exit_on_input_error)
 from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
 
 HERE = os.path.join(ROOT, "experiments", "genre_goodreads")
@@ -485,6 +486,9 @@ def main(argv: Sequence[str]) -> None:
   else:
     models = list(_MODELS.value)
     variants = list(_VARIANTS.value)
+    if not all(s.isdigit() for s in _SEEDS.value):
+      raise app.UsageError(f"--seeds={','.join(_SEEDS.value)}: give "
+                           "non-negative integers, e.g. --seeds=0,1,2")
     seeds = [int(s) for s in _SEEDS.value]
   # Runs recorded in --out_dir by earlier grids join the table (read back,
   # never trained), so results.md/json always cover every finished run there.
@@ -557,4 +561,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(exit_on_input_error(main))

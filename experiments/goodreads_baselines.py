@@ -43,7 +43,8 @@ sys.path.insert(0, ROOT)
 from genre_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import train  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import ConfigError, DataFormatError  # pylint: disable=g-import-not-at-top
+from genre_jax.errors import (  # pylint: disable=g-import-not-at-top
+    ConfigError, DataFormatError, exit_on_input_error)
 from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
 
 _DATA_DIR = flags.DEFINE_string(
@@ -157,4 +158,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(exit_on_input_error(main))

@@ -52,7 +52,8 @@ from genre_jax import config as config_lib
 from genre_jax import data as data_lib
 from genre_jax import metrics
 from genre_jax.data import types
-from genre_jax.errors import ConfigError, DataFormatError
+from genre_jax.errors import (
+    ConfigError, DataFormatError, exit_on_input_error)
 from genre_jax.lm import bert
 from genre_jax.models import lm_encoder
 # pylint: enable=g-import-not-at-top
@@ -211,4 +212,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(exit_on_input_error(main))

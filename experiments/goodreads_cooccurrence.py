@@ -39,6 +39,7 @@ sys.path.insert(0, ROOT)
 from genre_jax import metrics  # pylint: disable=g-import-not-at-top
 from genre_jax.data import mind  # pylint: disable=g-import-not-at-top
 from genre_jax.data import types  # pylint: disable=g-import-not-at-top
+from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "../shared/data/goodreads", "A MIND-format dataset folder.")
@@ -139,4 +140,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(exit_on_input_error(main))

@@ -45,7 +45,8 @@ from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-to
 from genre_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import train  # pylint: disable=g-import-not-at-top
 from genre_jax.data import batching  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+from genre_jax.errors import (  # pylint: disable=g-import-not-at-top
+    ConfigError, exit_on_input_error)
 from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
 
 _PRESETS = flags.DEFINE_list(
@@ -159,7 +160,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  try:
-    app.run(main)
-  except ConfigError as e:
-    sys.exit(f"error: {e}")
+  app.run(exit_on_input_error(main))

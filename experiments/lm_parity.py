@@ -29,6 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from genre_jax.lm import bert  # pylint: disable=g-import-not-at-top
 from genre_jax.lm import hf  # pylint: disable=g-import-not-at-top
 from genre_jax.lm import llama  # pylint: disable=g-import-not-at-top
+from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
 
 _DEFAULT_DATA = (pathlib.Path(__file__).resolve().parents[2] / "shared"
                  / "data" / "goodreads")
@@ -148,4 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(exit_on_input_error(main))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from typing import Callable
+
 
 class DataFormatError(ValueError):
   """A malformed row in an input file.
@@ -22,3 +26,20 @@ class DataFormatError(ValueError):
 
 class ConfigError(ValueError):
   """An invalid or inconsistent configuration value (names the config field)."""
+
+
+def exit_on_input_error(main: Callable, *also: type[BaseException]
+                        ) -> Callable:
+  """An absl `main` that ends on bad input (a ConfigError, DataFormatError or
+  missing file, plus the `also` types) with one line `error: ...` and exit
+  status 2: the message names what to fix, a traceback would bury it."""
+
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except (ConfigError, DataFormatError, FileNotFoundError, *also) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  return wrapped

@@ -28,6 +28,40 @@ def _run(script, *args, timeout=900):
   return json.loads(lines[-1]), result.stdout
 
 
+
+@pytest.mark.parametrize("script, args, expected", [
+    ("benchmark.py", ["--smoke", "--preset=no_such_preset"],
+     "error: no preset "),
+    ("benchmark.py", ["--smoke", "--set=train.batchsize=8"],
+     "error: config override 'train.batchsize=8': no field"),
+    ("init_scale.py", ["--presets=no_such_preset"], "error: no preset "),
+    ("goodreads_baselines.py", ["--data_dir=DATA", "--presets=nrms",
+                                "--set=model.no_such_field=1"],
+     "error: config override 'model.no_such_field=1': no field"),
+    ("bench_input.py", ["--data_dir=MISSING"],
+     "error: MIND data folder MISSING does not exist"),
+    ("lm_parity.py", ["--lm_path=MISSING"],
+     "error: MISSING/config.json: no config.json"),
+])
+def test_bad_input_to_a_script_is_one_line(script, args, expected, tmp_path):
+  # A typo in a preset, an override or a path: one line, exit status 2, no
+  # traceback, and nothing measured or trained first (a benchmark used to
+  # report such a preset as "skipped" and exit 0).
+  missing = str(tmp_path / "missing")
+  (tmp_path / "data").mkdir()
+  (tmp_path / "data" / "news.tsv").write_text("")
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "experiments" / script),
+       *(a.replace("MISSING", missing).replace("DATA", str(tmp_path / "data"))
+         for a in args),
+       f"--workdir_root={tmp_path}/runs" if script.startswith("goodreads")
+       else "--verbosity=0"],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert result.returncode == 2, (result.stdout[-2000:], result.stderr[-3000:])
+  assert expected.replace("MISSING", missing) in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "runs").exists()
+
 def test_benchmark_smoke():
   figures, table = _run("benchmark.py", "--preset=nrms", "--smoke")
   (row,) = figures["rows"]
