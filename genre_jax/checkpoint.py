@@ -225,5 +225,12 @@ class Checkpoints:
     return restored["params"], restored["progress"]
 
   def close(self) -> None:
-    self.latest.close()
-    self.best.close()
+    for manager in (self.latest, self.best):
+      # Orbax 0.12 starts a background clean-up of half-written saves when a
+      # manager opens, and close() does not wait for it: a program that
+      # exits right after (an error, a quick eval) gets a traceback from
+      # that thread at interpreter shutdown. Wait for it here.
+      cleanup = getattr(manager, "_cleanup_tmp_directory_future", None)
+      if cleanup is not None:
+        cleanup.result()
+      manager.close()

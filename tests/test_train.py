@@ -315,6 +315,21 @@ def test_bad_recommend_or_eval_input_keeps_earlier_results(trained, tmp_path):
   assert result.returncode == 2
   assert f"error: --eval_file={missing}: no such file" in result.stderr
 
+
+def test_eval_of_a_run_with_no_checkpoint_yet(trained, tmp_path):
+  # A run stopped before its first checkpoint: one line, and no traceback
+  # from Orbax's clean-up thread at exit (it used to print one, by chance).
+  _, workdir, _ = trained
+  early = tmp_path / "early"
+  early.mkdir()
+  (early / "config.json").write_text(
+      (pathlib.Path(workdir) / "config.json").read_text())
+  for _ in range(2):
+    result = _run("--mode=eval", f"--workdir={early}")
+    assert result.returncode == 2
+    assert f"error: {early}: no best checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+
 _LOSS_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, {root!r})
