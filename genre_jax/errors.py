@@ -30,15 +30,18 @@ class ConfigError(ValueError):
 
 def exit_on_input_error(main: Callable, *also: type[BaseException]
                         ) -> Callable:
-  """An absl `main` that ends on bad input (a ConfigError, DataFormatError or
-  missing file, plus the `also` types) with one line `error: ...` and exit
-  status 2: the message names what to fix, a traceback would bury it."""
+  """An absl `main` that ends on bad input (a ConfigError, DataFormatError,
+  missing file or absl UsageError, plus the `also` types) with one line
+  `error: ...` and exit status 2: the message names what to fix; a traceback
+  or a page of usage text would bury it."""
+  from absl import app  # pylint: disable=g-import-not-at-top
 
   @functools.wraps(main)
   def wrapped(argv):
     try:
       return main(argv)
-    except (ConfigError, DataFormatError, FileNotFoundError, *also) as e:
+    except (ConfigError, DataFormatError, FileNotFoundError,
+            app.UsageError, *also) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
 
