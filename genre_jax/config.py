@@ -271,7 +271,8 @@ def flag_error_message(error: BaseException, argv: Sequence[str]) -> str | None:
       config_arg, config_path = arg, arg.partition("=")[2]
     elif arg == "--config" and i + 1 < len(argv):
       config_arg, config_path = f"--config={argv[i + 1]}", argv[i + 1]
-  config_path = os.path.abspath(config_path.split(":", 1)[0]) if config_path else ""
+  if config_path:  # Without the `:arg` that get_config receives.
+    config_path = os.path.abspath(config_path.split(":", 1)[0])
 
   if isinstance(error, (KeyError, AttributeError)):  # An override's typo.
     root = error

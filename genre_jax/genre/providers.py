@@ -444,7 +444,8 @@ class OpenAIProvider(Provider):
           f"openai: stopped asking after {self.give_up_after} prompts in a "
           f"row got no answer from {self.url} (is it up, and are the model "
           f"and key right?); last: {last_error or '?'}. Answers received "
-          f"are cached: the same command resumes.", sorted(failed))
+          f"are cached: the same command resumes (give_up_after=0 never "
+          f"stops, e.g. when only some prompts are refused).", sorted(failed))
     if failed and self.raise_on_failure:
       first = next(iter(failed.values()))
       raise ProviderError(f"openai: {len(failed)} of {len(todo)} prompts got "
