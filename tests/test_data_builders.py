@@ -270,6 +270,19 @@ def test_goodreads_side_tables_and_rebuild_on_change(tmp_path, monkeypatch):
   assert changed.items.ids[-1] == "N5"
   forbid_rebuilding(monkeypatch)
   assert_same_dataset(data_lib.load_dataset(config), changed)
+  # A new generations file (e.g. from run.py --mode=generate) rebuilds the
+  # genre table only: news and behaviours are neither read nor tokenized
+  # again (forbid_rebuilding holds).
+  write_lines(root / "genre" / "generator.jsonl", [
+      json.dumps({"user_id": "U1", "response": {"title": "A new book"}})])
+  more = data_lib.load_dataset(config)
+  dirs, before = more.info["tfds_dirs"], changed.info["tfds_dirs"]
+  assert {t: dirs[t] for t in ("items", "behaviors")} == {
+      t: before[t] for t in ("items", "behaviors")}
+  assert dirs["genre"] != before["genre"]
+  assert sorted(more.side_tables) == ["generator", "profiler", "summarizer"]
+  assert list(more.side_tables["generator"]["user_id"]) == ["U1"]
+  assert_same_dataset(more, changed)
 
 
 def test_goodreads_bad_genre_line_names_file_line_field(tmp_path):

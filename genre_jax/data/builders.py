@@ -13,8 +13,9 @@ files, keyed by what they depend on, and written atomically.
 
 The builder prefix is the MIND variant (demo/small/large: the official release
 never changes) or a short hash of what the data depends on: the Goodreads
-files' names, sizes and mtimes, or the synthetic sizes, seed and generator
-code. A changed source therefore gets a new config and is rebuilt.
+files' names, sizes and mtimes (news and behaviours for those tables, the
+generation files for the genre table), or the synthetic sizes, seed and
+generator code. A changed source therefore gets a new config and is rebuilt.
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class Source:
     tables: the tables this dataset has.
     read: reads the source into an untokenized Dataset.
     side_files: GENRE generation files, table name -> path.
+    side_prefix: the genre table's prefix (a hash of the side files alone),
+      so adding or changing a generations file rebuilds that table only.
   """
 
   prefix: str
@@ -82,6 +85,13 @@ class Source:
   tables: tuple[str, ...]
   read: Callable[[], types.Dataset]
   side_files: dict[str, str] = dataclasses.field(default_factory=dict)
+  side_prefix: str = ""
+
+  def config_name(self, table: str) -> str:
+    """The builder-config name of a table: `<prefix>_<table>`."""
+    if table == "genre" and self.side_prefix:
+      return f"{self.side_prefix}_{table}"
+    return f"{self.prefix}_{table}"
 
   @functools.cached_property
   def dataset(self) -> types.Dataset:
@@ -374,13 +384,13 @@ class GenreJaxGoodreads(_TableBuilder):
     news, behaviors = mind.mind_files(root)
     side = {os.path.splitext(os.path.basename(p))[0]: p
             for p in sorted(glob.glob(os.path.join(root, "genre", "*.jsonl")))}
-    files = news + [behaviors[s] for s in sorted(behaviors)] + list(
-        side.values())
+    files = news + [behaviors[s] for s in sorted(behaviors)]
     tables = ("items", "behaviors") + (("genre",) if side else ())
     return Source(prefix="g" + _files_hash(root, files), path=root,
                   tables=tables, read=functools.partial(mind.read_mind_dir,
                                                         root),
-                  side_files=side)
+                  side_files=side,
+                  side_prefix="g" + _files_hash(root, list(side.values())))
 
 
 @registry.DATASETS.register("synthetic")
@@ -692,7 +702,7 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> types.Dataset:
   builders = {}
   for table in source.tables:
     builder = builder_cls(data_dir=data_dir, source=source,
-                          config=f"{source.prefix}_{table}",
+                          config=source.config_name(table),
                           file_format="array_record")
     builder.download_and_prepare()
     builders[table] = builder
