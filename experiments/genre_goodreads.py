@@ -72,12 +72,11 @@ from absl import logging
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from genre_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from genre_jax import train  # pylint: disable=g-import-not-at-top
 from genre_jax.errors import (  # pylint: disable=g-import-not-at-top
     ConfigError, DataFormatError, exit_on_input_error)
 from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
+from genre_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
 HERE = os.path.join(ROOT, "experiments", "genre_goodreads")
 
@@ -191,7 +190,7 @@ def check_same_config(path: str, saved: dict, config) -> None:
 
 def _workdir_config(workdir: str) -> dict:
   try:
-    return json.loads(ckpt_lib.load_config(workdir).to_json_best_effort())
+    return json.loads(workdir_lib.load_config(workdir).to_json_best_effort())
   except ConfigError as e:  # unreadable config.json: say where, no traceback
     raise app.UsageError(str(e)) from e
 
@@ -202,7 +201,7 @@ def record_path(name: str) -> str:
 
 
 def write_record(name: str, config, final: dict) -> None:
-  ckpt_lib.atomic_write_text(record_path(name), json.dumps(
+  workdir_lib.atomic_write_text(record_path(name), json.dumps(
       {"run": name, "config": json.loads(config.to_json_best_effort()),
        "final_metrics": final}, indent=2))
 
@@ -261,6 +260,8 @@ def run_one(model: str, variant: str, seed: int) -> dict | None:
     return None
   logging.info("Training %s on %s (seed %d) in %s", model, variant, seed,
                workdir)
+  # Imported here: tabulating finished runs (--finished_only) needs no JAX.
+  from genre_jax import train  # pylint: disable=g-import-not-at-top
   try:
     result = train.train_and_evaluate(config, workdir)
   except (ConfigError, DataFormatError, FileNotFoundError) as e:
@@ -533,9 +534,9 @@ def main(argv: Sequence[str]) -> None:
 
   def write(table: str, result: dict) -> None:
     os.makedirs(_OUT_DIR.value, exist_ok=True)
-    ckpt_lib.atomic_write_text(os.path.join(_OUT_DIR.value, f"{name}.md"),
+    workdir_lib.atomic_write_text(os.path.join(_OUT_DIR.value, f"{name}.md"),
                                table)
-    ckpt_lib.atomic_write_text(results_path, json.dumps(result, indent=2))
+    workdir_lib.atomic_write_text(results_path, json.dumps(result, indent=2))
 
   for index, run in enumerate(grid):
     if run in results:

@@ -40,9 +40,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from genre_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import train  # pylint: disable=g-import-not-at-top
+from genre_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 from genre_jax.errors import (  # pylint: disable=g-import-not-at-top
     ConfigError, DataFormatError, exit_on_input_error)
 from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
@@ -95,7 +95,7 @@ def permuted_titles_copy(source: str, target: str, seed: int) -> str:
     link = os.path.join(target, split)
     if os.path.isdir(os.path.join(source, split)) and not os.path.lexists(link):
       os.symlink(os.path.join(source, split), link)
-  ckpt_lib.atomic_write_text(news, "".join("\t".join(r) + "\n" for r in rows))
+  workdir_lib.atomic_write_text(news, "".join("\t".join(r) + "\n" for r in rows))
   return target
 
 

@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from genre_jax import checkpoint as ckpt_lib
 from genre_jax import train as train_lib
+from genre_jax import workdir as workdir_lib
 from genre_jax.data.types import Behaviors
 from genre_jax.errors import ConfigError
 
@@ -127,7 +127,7 @@ def recommend(workdir: str, out_path: str, *, user_ids: Sequence[str] = (),
           "user_id": user_id,
           "items": [{"item_id": str(dataset.items.ids[j]),
                      "score": float(row[j])} for j in top]}))
-  ckpt_lib.atomic_write_text(out_path, "".join(l + "\n" for l in lines))
+  workdir_lib.atomic_write_text(out_path, "".join(l + "\n" for l in lines))
   logging.info("Wrote top-%d recommendations for %d users to %s", top_k,
                len(lines), out_path)
   return {"num_users": len(lines), "unknown_users": unknown,

@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 
 from genre_jax import checkpoint as ckpt_lib
 from genre_jax import metrics as metrics_lib
+from genre_jax import workdir as workdir_lib
 from genre_jax.data import batching
 from genre_jax.data.types import Behaviors, Dataset, ItemInputSpec
 from genre_jax.errors import ConfigError
@@ -521,7 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   if dataset is None:
     dataset = data_lib.load_dataset(config.data)
-  ckpt_lib.save_config(workdir, config)
+  workdir_lib.save_config(workdir, config)
   tc = config.train
   mesh = make_mesh()
 
@@ -630,7 +631,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                 dataset.splits[config.eval.dev_split])
     record = {"step": step, "epoch": epoch, "split": config.eval.dev_split,
               **result["all"], "cold": result["cold"]}
-    ckpt_lib.append_metrics(workdir, record)
+    workdir_lib.append_metrics(workdir, record)
     logging.info("eval %s epoch %d step %d: auc %.4f mrr %.4f ndcg5 %.4f "
                  "ndcg10 %.4f (cold users: auc %.4f)", record["split"], epoch,
                  step, record["auc"], record["mrr"], record["ndcg5"],
@@ -671,7 +672,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                           item_vecs)
   if "oracle" in dataset.info:
     summary["oracle"] = dataset.info["oracle"]
-  ckpt_lib.atomic_write_text(os.path.join(workdir, "final_metrics.json"),
+  workdir_lib.atomic_write_text(os.path.join(workdir, "final_metrics.json"),
                              json.dumps(summary, indent=2))
   if run is not None:
     if "test" in summary:
@@ -698,7 +699,7 @@ def load_for_inference(workdir: str, *, dataset: Dataset | None = None):
   """(config, dataset, evaluator, best params) of a trained workdir."""
   from genre_jax import data as data_lib
 
-  config = ckpt_lib.load_config(workdir)
+  config = workdir_lib.load_config(workdir)
   if dataset is None:
     dataset = data_lib.load_dataset(config.data)
   mesh = make_mesh()

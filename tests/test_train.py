@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from genre_jax import checkpoint as ckpt_lib
+from genre_jax import workdir as workdir_lib
 from genre_jax import data as data_lib
 from genre_jax import train
 from genre_jax.config import load_preset
@@ -83,7 +84,7 @@ def test_every_preset_builds_and_trains(preset, data_dir, tmp_path):
 
 def test_summary_and_metrics_file(trained):
   _, workdir, summary = trained
-  records = ckpt_lib.read_metrics(workdir)
+  records = workdir_lib.read_metrics(workdir)
   assert records and records[-1]["step"] == 6
   assert {"auc", "mrr", "ndcg5", "ndcg10", "cold"} <= set(records[-1])
   assert summary["test"]["all"]["num_impressions"] > 0
@@ -420,13 +421,13 @@ def test_config_of_an_older_workdir_gets_new_fields_defaults(tmp_path):
   del saved["model"]["attention"]  # a field added after this run
   saved["train"]["lr"] = 0.123
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  config = ckpt_lib.load_config(str(tmp_path))
+  config = workdir_lib.load_config(str(tmp_path))
   assert config.model.attention == "auto"
   assert config.train.lr == 0.123
   assert config.model.item_encoder == "cnn"
   (tmp_path / "config.json").write_text("{\n  \"model\": [1,\n")
   with pytest.raises(Exception, match=r"config.json:\d+: not valid JSON"):
-    ckpt_lib.load_config(str(tmp_path))
+    workdir_lib.load_config(str(tmp_path))
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from genre_jax import checkpoint as ckpt_lib
+from genre_jax import workdir as workdir_lib
 from genre_jax.errors import ConfigError
 from genre_jax.lm import bert
 from genre_jax.lm import hf
@@ -133,7 +134,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   pc = config.pretrain
   if dataset is None:
     dataset = data_lib.load_dataset(config.data)
-  ckpt_lib.save_config(workdir, config)
+  workdir_lib.save_config(workdir, config)
   ids, mask, special, mask_id = corpus(config, dataset)
   mesh = train_lib.make_mesh()
   replicated = jax.sharding.NamedSharding(mesh, P())
@@ -193,7 +194,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
       if not math.isfinite(value):
         raise FloatingPointError(f"MLM loss is {value} at step {s + 1}")
       losses.append({"step": s + 1, "loss": value})
-      ckpt_lib.append_metrics(workdir, {"step": s + 1, "mlm_loss": value})
+      workdir_lib.append_metrics(workdir, {"step": s + 1, "mlm_loss": value})
       logging.info("pretrain step %d/%d mlm loss %.4f (%.1f steps/s)", s + 1,
                    steps, value, (s + 1 - start) / (time.time() - tick))
     if (s + 1) % int(pc.checkpoint_every) == 0 or s + 1 == steps:
@@ -201,14 +202,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   checkpoints.close()
   summary = {"steps": steps, "losses": losses,
              "seconds": time.time() - tick, "num_texts": int(len(ids))}
-  ckpt_lib.atomic_write_text(os.path.join(workdir, "final_metrics.json"),
+  workdir_lib.atomic_write_text(os.path.join(workdir, "final_metrics.json"),
                              json.dumps(summary, indent=2))
   return summary
 
 
 def load_encoder_weights(workdir: str, encoder: bert.BertEncoder) -> None:
   """Replaces `encoder`'s weights by those of a pretraining run, in place."""
-  config = ckpt_lib.load_config(workdir)
+  config = workdir_lib.load_config(workdir)
   if "pretrain" not in config:
     raise ConfigError(f"{workdir}: not a masked-LM pretraining workdir "
                       "(run.py --mode=pretrain); cannot use it as lm.init")
