@@ -11,6 +11,7 @@ import time
 import pytest
 
 from genre_jax.errors import ConfigError, DataFormatError
+from genre_jax.genre import local_provider
 from genre_jax.genre import providers
 from genre_jax.genre.providers import Prompt
 
@@ -356,7 +357,7 @@ def _hf_greedy(model_dir, prompts, max_new_tokens):
   import transformers  # pylint: disable=g-import-not-at-top
   tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
   model = transformers.LlamaForCausalLM.from_pretrained(model_dir).eval()
-  encodings = [tokenizer.encode(providers.render_plain(p.system, p.user)).ids
+  encodings = [tokenizer.encode(local_provider.render_plain(p.system, p.user)).ids
                for p in prompts]
   length = max(map(len, encodings))
   ids = torch.zeros((len(prompts), length), dtype=torch.long)
@@ -425,11 +426,11 @@ def test_sample_next_top_p_keeps_the_nucleus():
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   logits = np.log(np.array([[0.1, 0.4, 0.2, 0.3]] * 400, np.float32))
-  draws = np.asarray(providers.sample_next(
+  draws = np.asarray(local_provider.sample_next(
       logits, jax.random.key(0), temperature=1.0, top_p=0.6))
   assert set(draws.tolist()) == {1, 3}  # 0.4 + 0.3 reaches 0.6.
   assert abs((draws == 1).mean() - 0.4 / 0.7) < 0.1
-  greedy = providers.sample_next(logits[:2], jax.random.key(0),
+  greedy = local_provider.sample_next(logits[:2], jax.random.key(0),
                                  temperature=0.0, top_p=1.0)
   assert np.asarray(greedy).tolist() == [1, 1]
 
@@ -440,9 +441,9 @@ def test_chat_template_renders_and_falls_back(tmp_path):
               "{% if add_generation_prompt %}<assistant>{% endif %}")
   (tmp_path / "tokenizer_config.json").write_text(json.dumps(
       {"chat_template": template, "bos_token": "<s>"}))
-  render = providers.chat_renderer(tmp_path)
+  render = local_provider.chat_renderer(tmp_path)
   assert render("S", "U") == "<s><system>S\n<user>U\n<assistant>"
   refusing = "{{ raise_exception('no system role') }}"
   (tmp_path / "tokenizer_config.json").write_text(json.dumps(
       {"chat_template": refusing}))
-  assert providers.chat_renderer(tmp_path) is None
+  assert local_provider.chat_renderer(tmp_path) is None
