@@ -89,7 +89,15 @@ def measure(name: str, config, dataset) -> dict:
   host_items, spec = train.model_inputs(config, dataset)
   parts, state = train.init_model(config, spec, total_steps=1)
   items = jax.device_put(host_items)
-  model = nnx.merge(parts.eval_graphdef, state["params"], parts.rest)
+
+  @jax.jit  # one compilation per config, instead of one per primitive
+  def forward(params, rest, batch, items):
+    model = nnx.merge(parts.eval_graphdef, params, rest)
+    logits, aux = model(batch, items["tokens"], items["masks"])  # [B, C]
+    loss, _ = train.compute_loss(params, rest, parts.eval_graphdef, batch,
+                                 items, jax.random.key(0))
+    return logits, aux, loss
+
   batcher = batching.TrainBatcher(
       dataset.splits["train"], dataset.items,
       batch_size=int(config.train.batch_size),
@@ -99,10 +107,7 @@ def measure(name: str, config, dataset) -> dict:
   item_norms, user_norms, stds, ranges, losses = [], [], [], [], []
   for batch in itertools.islice(batcher.epoch(0), _BATCHES.value):
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    logits, aux = model(batch, items["tokens"], items["masks"])  # [B, C]
-    loss, _ = train.compute_loss(state["params"], parts.rest,
-                                 parts.eval_graphdef, batch, items,
-                                 jax.random.key(0))
+    logits, aux, loss = forward(state["params"], parts.rest, batch, items)
     real = np.asarray(batch["weights"]) > 0  # [B]
     mask = np.asarray(batch["candidate_mask"], bool)[real]  # [B', C]
     scores = np.where(mask, np.asarray(logits, np.float64)[real], np.nan)
