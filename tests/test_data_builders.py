@@ -303,11 +303,12 @@ def test_goodreads_needs_a_path(tmp_path):
     data_lib.load_dataset(data_config(tmp_path, name="goodreads_genre"))
 
 
-def test_goodreads_release(tmp_path, goodreads_dir):
-  # goodreads_dir (tests/conftest.py) skips when ../shared/data is absent.
+def test_goodreads_release(tmp_path, goodreads_dir, goodreads_cache):
+  # goodreads_dir (tests/conftest.py) skips when ../shared/data is absent;
+  # the release is prepared once per session, in goodreads_cache.
   root = goodreads_dir
   config = data_config(tmp_path, name="goodreads_genre", path=str(root),
-                       fields=("title",))
+                       fields=("title",), data_dir=str(goodreads_cache))
   dataset = data_lib.load_dataset(config)
   assert dataset.items.num_items == 16833
   assert {s: len(b) for s, b in dataset.splits.items()} == {
