@@ -3,9 +3,10 @@
   config.json          the run's full config (written before training)
   metrics.json         every evaluation, appended as training goes
   final_metrics.json   the best checkpoint's dev/test metrics
+  checkpoints/         Orbax checkpoints (checkpoint.py)
 
-Kept apart from the Orbax checkpoints (checkpoint.py) so tools that only
-read or tabulate runs (eval tables, experiment grids) load no JAX.
+Kept apart from the checkpoints so that tools which only read or tabulate
+finished runs (experiment grids) load no JAX.
 """
 
 from __future__ import annotations
