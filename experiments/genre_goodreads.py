@@ -534,8 +534,8 @@ def main(argv: Sequence[str]) -> None:
 
   def write(table: str, result: dict) -> None:
     os.makedirs(_OUT_DIR.value, exist_ok=True)
-    workdir_lib.atomic_write_text(os.path.join(_OUT_DIR.value, f"{name}.md"),
-                               table)
+    workdir_lib.atomic_write_text(
+        os.path.join(_OUT_DIR.value, f"{name}.md"), table)
     workdir_lib.atomic_write_text(results_path, json.dumps(result, indent=2))
 
   for index, run in enumerate(grid):
