@@ -95,7 +95,8 @@ def permuted_titles_copy(source: str, target: str, seed: int) -> str:
     link = os.path.join(target, split)
     if os.path.isdir(os.path.join(source, split)) and not os.path.lexists(link):
       os.symlink(os.path.join(source, split), link)
-  workdir_lib.atomic_write_text(news, "".join("\t".join(r) + "\n" for r in rows))
+  workdir_lib.atomic_write_text(
+      news, "".join("\t".join(r) + "\n" for r in rows))
   return target
 
 

@@ -673,7 +673,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if "oracle" in dataset.info:
     summary["oracle"] = dataset.info["oracle"]
   workdir_lib.atomic_write_text(os.path.join(workdir, "final_metrics.json"),
-                             json.dumps(summary, indent=2))
+                                json.dumps(summary, indent=2))
   if run is not None:
     if "test" in summary:
       run.summary.update({f"test/{k}": summary["test"]["all"][k]

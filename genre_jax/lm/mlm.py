@@ -203,7 +203,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   summary = {"steps": steps, "losses": losses,
              "seconds": time.time() - tick, "num_texts": int(len(ids))}
   workdir_lib.atomic_write_text(os.path.join(workdir, "final_metrics.json"),
-                             json.dumps(summary, indent=2))
+                                json.dumps(summary, indent=2))
   return summary
 
 
