@@ -255,25 +255,26 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   quiet_library_logging()
-  from genre_jax import train
-
-  train.maybe_initialize_distributed()
   workdir = _WORKDIR.value
   mode = _MODE.value
   if mode in ("train", "generate", "pretrain") and _CONFIG.value is None:
     raise app.UsageError(f"--mode={mode} needs --config=configs/<preset>.py")
   if mode in ("train", "eval", "recommend", "pretrain") and not workdir:
     raise app.UsageError(f"--mode={mode} needs --workdir")
+  if mode == "generate":  # replay and openai need no JAX; local loads it
+    _generate(_CONFIG.value, workdir)
+    return
+  from genre_jax import train
+
+  train.maybe_initialize_distributed()
   if mode == "train":
     _train(_CONFIG.value, workdir)
   elif mode == "eval":
     _eval(workdir)
   elif mode == "recommend":
     _recommend(workdir)
-  elif mode == "pretrain":
-    _pretrain(_CONFIG.value, workdir)
   else:
-    _generate(_CONFIG.value, workdir)
+    _pretrain(_CONFIG.value, workdir)
 
 
 if __name__ == "__main__":

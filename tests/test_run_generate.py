@@ -2,6 +2,7 @@
 file fed back into training as a GENRE augmentation."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -13,14 +14,24 @@ from tests.test_genre_providers import FakeServer, build_tiny_llama
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _generate(root, workdir, *flags, scheme="summarizer"):
+def imported_modules(stderr: str) -> set[str]:
+  """Modules a Python run with PYTHONPROFILEIMPORTTIME=1 imported."""
+  return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines()
+          if line.startswith("import time:") and "|" in line}
+
+
+# Set in a subprocess's environment, Python lists every import on stderr.
+LIST_IMPORTS = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+
+
+def _generate(root, workdir, *flags, scheme="summarizer", env=None):
   cmd = [sys.executable, str(ROOT / "run.py"), "--mode=generate",
          "--config=configs/nrms.py", "--config.data.name=goodreads_genre",
          f"--config.data.path={root}",
          f"--config.data.data_dir={workdir}/data",
          f"--generate.scheme={scheme}", f"--workdir={workdir}", *flags]
   result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                          timeout=600)
+                          timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   out = pathlib.Path(summary["out_path"])
@@ -37,8 +48,12 @@ def test_replay_then_train_on_the_generations(tmp_path, make_tiny_mind):
       + "\n" for i in range(1, 6)))
   summary, rows, result = _generate(
       root, tmp_path / "w", "--generate.provider=replay",
-      f"--generate.replay.path={released}")
+      f"--generate.replay.path={released}", env=LIST_IMPORTS)
   assert [r["item_id"] for r in rows] == ["N1", "N2", "N3", "N4", "N5"]
+  # Replaying (like asking an endpoint) needs no JAX: none is loaded.
+  modules = imported_modules(result.stderr)
+  assert "genre_jax.genre.generate" in modules
+  assert not modules & {"jax", "flax", "orbax", "genre_jax.train"}
   assert summary["statuses"] == {"ok": 5}
   assert "summarizer" in result.stdout  # the table
   # The written file is a generations source for training.

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from genre_jax import checkpoint as ckpt_lib
-from genre_jax import workdir as workdir_lib
 from genre_jax import data as data_lib
 from genre_jax import train
+from genre_jax import workdir as workdir_lib
 from genre_jax.config import load_preset
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -461,3 +461,19 @@ def test_bad_config_is_one_line_naming_the_flag(args, expected, tmp_path):
   assert "Traceback" not in result.stderr
   # Sizes are checked before anything is prepared or written.
   assert not data.exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--mode=recommend", "--workdir=RUN", "--top_k=0"],
+     "error: flag --top_k=0: 0 is not a positive integer"),
+    (["--mode=eval"], "error: --mode=eval needs --workdir"),
+])
+def test_flag_and_usage_errors_come_before_loading_jax(args, expected,
+                                                       tmp_path):
+  # A typo is answered at once: JAX (seconds to import) is never loaded.
+  from tests.test_run_generate import LIST_IMPORTS, imported_modules
+  result = _run(*[a.replace("RUN", str(tmp_path)) for a in args],
+                env=LIST_IMPORTS)
+  assert result.returncode == 2
+  assert expected in result.stderr
+  assert not imported_modules(result.stderr) & {"jax", "flax", "orbax"}
