@@ -15,6 +15,8 @@ from absl import flags
 import numpy as np
 import pytest
 
+from tests.test_run_generate import LIST_IMPORTS, imported_modules
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -173,12 +175,13 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
   assert "--gains_over=profiler: compare with variants of this grid" in (
       unknown.stderr)
 
-  def finished_only(runs: str, out: str) -> subprocess.CompletedProcess:
+  def finished_only(runs: str, out: str,
+                    env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "experiments" / "genre_goodreads.py"),
          "--quick", "--finished_only", f"--workdir_root={tmp_path}/{runs}",
          f"--out_dir={tmp_path}/{out}", *common],
-        capture_output=True, text=True, cwd=ROOT, timeout=300)
+        capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
 
   empty = finished_only("none", "none_out")
   assert empty.returncode != 0
@@ -195,11 +198,13 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
     saved = json.loads(record.read_text())
     assert saved["final_metrics"] == json.loads(
         (tmp_path / "runs" / record.stem / "final_metrics.json").read_text())
-  recorded = finished_only("gone", "out")
+  recorded = finished_only("gone", "out", env=LIST_IMPORTS)
   assert recorded.returncode == 0, recorded.stderr[-2000:]
   assert json.loads(recorded.stdout.strip().splitlines()[-1])["cells"] == (
       figures["cells"])
   assert not (tmp_path / "gone").exists()
+  # Tabulating trains nothing, so it loads no JAX (seconds to import).
+  assert not imported_modules(recorded.stderr) & {"jax", "flax", "orbax"}
   # A grid run into an out_dir holding records of runs outside it tabulates
   # those too (read back, never trained), so a grid of one new cell adds to
   # results.md/json instead of replacing them; records of other settings
