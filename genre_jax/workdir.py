@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import tempfile
 from typing import Any
 
 import ml_collections
@@ -22,15 +23,23 @@ from genre_jax.errors import ConfigError
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes text to `path` through a temporary file and an atomic rename."""
-  path = pathlib.Path(path)
+  """Writes text to `path` (newlines as given) through a temporary file in
+  the same folder and an atomic rename: readers see the old file or the new
+  one, never part of one, and a failed write leaves no temporary behind."""
+  path = pathlib.Path(path).expanduser()
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -477,3 +477,17 @@ def test_flag_and_usage_errors_come_before_loading_jax(args, expected,
   assert result.returncode == 2
   assert expected in result.stderr
   assert not imported_modules(result.stderr) & {"jax", "flax", "orbax"}
+
+
+def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
+  # Every result file (metrics, recommendations, generations, demo data)
+  # goes through atomic_write_text.
+  path = tmp_path / "final_metrics.json"
+  path.write_text("old\n")
+  with pytest.raises(TypeError):
+    workdir_lib.atomic_write_text(path, None)  # fails half-way
+  assert path.read_text() == "old\n"
+  assert [p.name for p in tmp_path.iterdir()] == ["final_metrics.json"]
+  workdir_lib.atomic_write_text(path, "a\tb\r\nc\n")
+  assert path.read_bytes() == b"a\tb\r\nc\n"  # written as given
+  assert [p.name for p in tmp_path.iterdir()] == ["final_metrics.json"]

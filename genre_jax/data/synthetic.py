@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
+from genre_jax.workdir import atomic_write_text
+
 SPLITS = ("train", "dev", "test")
 # Fractions of impressions (in time order) that go to train and dev.
 _TRAIN_FRACTION = 0.8
@@ -393,14 +395,6 @@ def _time_string(seconds: int) -> str:
   return f"{t.month}/{t.day}/{t.year} {hour}:{t.minute:02d}:{t.second:02d} {half}"
 
 
-def _write_atomic(path: str, text: str) -> None:
-  """Writes a file under a temporary name, then renames it into place."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _news_tsv(data: SyntheticData) -> str:
   lines = [f"N{k + 1}\t{data.categories[k]}\t{data.subcategories[k]}\t"
            f"{data.titles[k]}\t{data.abstracts[k]}\t\t[]\t[]\n"
@@ -433,13 +427,12 @@ def write_synthetic(out_dir: str, *, num_users: int = 2000,
                   num_topics=num_topics, seed=seed)
   result = oracle(data, seed)
   os.makedirs(out_dir, exist_ok=True)
-  _write_atomic(os.path.join(out_dir, "news.tsv"), _news_tsv(data))
+  atomic_write_text(os.path.join(out_dir, "news.tsv"), _news_tsv(data))
   for name, split in data.splits.items():
-    os.makedirs(os.path.join(out_dir, name), exist_ok=True)
-    _write_atomic(os.path.join(out_dir, name, "behaviors.tsv"),
-                  _behaviors_tsv(split))
-  _write_atomic(os.path.join(out_dir, "oracle.json"),
-                json.dumps(result, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(os.path.join(out_dir, name, "behaviors.tsv"),
+                      _behaviors_tsv(split))
+  atomic_write_text(os.path.join(out_dir, "oracle.json"),
+                    json.dumps(result, indent=2, sort_keys=True) + "\n")
   return result
 
 

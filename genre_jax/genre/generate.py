@@ -11,9 +11,7 @@ the Goodreads GENRE release, so a written file can be served back by the
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -21,6 +19,7 @@ from absl import logging
 
 import ml_collections
 
+from genre_jax import workdir
 from genre_jax.data.types import Dataset
 from genre_jax.errors import ConfigError
 from genre_jax.genre import parsing
@@ -120,23 +119,10 @@ def write_generations(path: str, id_field: str, subjects: Sequence[str],
                       replies: Sequence[str],
                       parsed: Sequence[parsing.Parsed]) -> None:
   """Writes JSONL rows {id_field, "response", "status"} atomically."""
-  path = pathlib.Path(path).expanduser()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                             suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for subject, reply, result in zip(subjects, replies, parsed):
-        f.write(json.dumps({id_field: subject, "response": reply,
-                            "status": result.status.value},
-                           ensure_ascii=False) + "\n")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  workdir.atomic_write_text(path, "".join(
+      json.dumps({id_field: subject, "response": reply,
+                  "status": result.status.value}, ensure_ascii=False) + "\n"
+      for subject, reply, result in zip(subjects, replies, parsed)))
 
 
 def _run_step(scheme: prompts_lib.Scheme, provider: providers_lib.Provider,
