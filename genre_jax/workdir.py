@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import tempfile
+import uuid
 from typing import Any
 
 import ml_collections
@@ -28,17 +28,18 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   one, never part of one, and a failed write leaves no temporary behind."""
   path = pathlib.Path(path).expanduser()
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                             suffix=".tmp")
+  # A new name per call ("x": never an existing file), created with the
+  # usual permissions (mkstemp's would be owner-only).
+  tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+  f = open(tmp, "x", encoding="utf-8", newline="")
   try:
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+    with f:
       f.write(text)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+    os.remove(tmp)
     raise
 
 

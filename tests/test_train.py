@@ -491,3 +491,10 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
   workdir_lib.atomic_write_text(path, "a\tb\r\nc\n")
   assert path.read_bytes() == b"a\tb\r\nc\n"  # written as given
   assert [p.name for p in tmp_path.iterdir()] == ["final_metrics.json"]
+  # With the permissions any new file gets (the umask's), not owner-only:
+  # colleagues on a shared machine can read the results.
+  plain = tmp_path / "plain.txt"
+  plain.write_text("")
+  new = tmp_path / "new.json"
+  workdir_lib.atomic_write_text(new, "{}")
+  assert new.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
