@@ -230,6 +230,43 @@ def test_mind_bad_variant(tmp_path):
     data_lib.load_dataset(data_config(tmp_path, name="mind", variant="xl"))
 
 
+def test_mind_rebuilds_for_other_or_changed_files(tmp_path, monkeypatch):
+  # One data_dir, two releases: each is prepared from its own files.
+  first, other = tmp_path / "a", tmp_path / "b"
+  make_mind_release(first)
+  make_mind_release(other)
+  with (other / "MINDdemo_dev" / "news.tsv").open("a", encoding="utf-8") as f:
+    f.write("N7\tfood\tbaking\tOther cake\t\t\t[]\t[]\n")
+  zip_release(other, tmp_path / "b_zips")
+
+  def load(path):
+    config = data_config(tmp_path, name="mind", variant="demo",
+                         path=str(path))
+    return data_lib.load_dataset(config)
+
+  def reference(path):
+    return mind.read_mind_dir(path, ("train", "dev"), variant="demo")
+
+  a = load(first)
+  b = load(tmp_path / "b_zips")
+  assert b.info["source"] == str(tmp_path / "b_zips")
+  assert b.info["tfds_dirs"] != a.info["tfds_dirs"]
+  assert "N7" in set(b.items.ids)
+  assert_same_dataset(b, reference(other))
+  ref_a = reference(first)
+  with monkeypatch.context() as m:  # The same files again: no rebuild.
+    forbid_rebuilding(m)
+    assert_same_dataset(load(first), ref_a)
+    assert tfds_files(load(tmp_path / "b_zips")) == tfds_files(b)
+  with (first / "MINDdemo_train" / "behaviors.tsv").open(
+      "a", encoding="utf-8") as f:
+    f.write("4\tU9\t\tN1\tN3-1 N2-0\n")
+  changed = load(first)
+  assert changed.info["tfds_dirs"] != a.info["tfds_dirs"]
+  assert "U9" in set(changed.user_vocab)
+  assert_same_dataset(changed, reference(first))
+
+
 def make_goodreads(root):
   """A tiny Goodreads-layout release with two GENRE files."""
   write_lines(root / "news.tsv", NEWS)
@@ -296,6 +333,32 @@ def test_goodreads_bad_genre_line_names_file_line_field(tmp_path):
     data_lib.load_dataset(config)
   assert (e.value.path, e.value.line, e.value.field) == (str(path), 3,
                                                           "response")
+
+
+def test_goodreads_moved_source_names_it_and_the_prepared_data(
+    tmp_path, monkeypatch):
+  root = tmp_path / "goodreads"
+  make_goodreads(root)
+  config = data_config(tmp_path, name="goodreads_genre", path=str(root))
+  first = data_lib.load_dataset(config)
+  moved = tmp_path / "moved"
+  os.rename(root, moved)  # Keeps names, sizes and mtimes.
+  with pytest.raises(FileNotFoundError) as e:
+    data_lib.load_dataset(config)
+  message = str(e.value)
+  prefix = pathlib.Path(first.info["tfds_dirs"]["items"]).parent.name[:-6]
+  for part in (f"{root} does not exist",
+               os.path.join(config.data_dir, "genre_jax_goodreads"),
+               f"{prefix} (from {root})", "config.data.path"):
+    assert part in message
+  # Pointed at the moved folder, the prepared data is used as it is.
+  forbid_rebuilding(monkeypatch)
+  config.path = str(moved)
+  again = data_lib.load_dataset(config)
+  assert again.info["tfds_dirs"] == first.info["tfds_dirs"]
+  assert tfds_files(again) == tfds_files(first)
+  assert again.info["source"] == str(moved)
+  assert_same_dataset(again, first)
 
 
 def test_goodreads_needs_a_path(tmp_path):

@@ -4,18 +4,22 @@ Each dataset is a TFDS builder (array_record files, rows in file order) with
 one BuilderConfig per table: `<prefix>_items`, `<prefix>_behaviors` (splits
 train/dev/test) and, for Goodreads, `<prefix>_genre` (one split per GENRE
 generation file). Rows hold the validated file content as strings (item ids,
-not indices), so a prepared dataset reads without the source files.
+not indices), so a prepared table reads back on its own (open the builder by
+config name), but load_dataset needs the source files: see the prefix below.
 
 `load_dataset` prepares the tables once under config data.data_dir, converts
 them to the in-memory Dataset (item indices, ragged behaviours) and tokenizes
 the item text; both conversions are cached as .npz files next to the TFDS
 files, keyed by what they depend on, and written atomically.
 
-The builder prefix is the MIND variant (demo/small/large: the official release
-never changes) or a short hash of what the data depends on: the Goodreads
-files' names, sizes and mtimes (news and behaviours for those tables, the
-generation files for the genre table), or the synthetic sizes, seed and
-generator code. A changed source therefore gets a new config and is rebuilt.
+The builder prefix is a short hash of what the data depends on: the source
+files' names (relative to config data.path), sizes and mtimes (MIND: the
+variant's zips or unpacked TSVs; Goodreads: news and behaviours for those
+tables, the generation files for the genre table), or the synthetic sizes,
+seed and generator code. A changed source therefore gets a new config and is
+rebuilt; the same files moved elsewhere (mtimes kept) are not. As the prefix
+is computed from the source files, load_dataset fails without them, naming
+the prepared versions under data_dir: it cannot tell which one they were.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ class Source:
   """Where a dataset comes from, read lazily (only when a table is prepared).
 
   Attributes:
-    prefix: the builder-config name prefix (variant or source hash).
+    prefix: the builder-config name prefix (a hash of the source).
     path: the source folder, reported in Dataset.info["source"].
     tables: the tables this dataset has.
     read: reads the source into an untokenized Dataset.
@@ -277,7 +281,8 @@ class GenreJaxMind(_TableBuilder):
 
   There is no download: config data.path is the manual_dir holding
   MIND<variant>_train.zip and MIND<variant>_dev.zip, or the folders they
-  unpack to (each with news.tsv and behaviors.tsv).
+  unpack to (each with news.tsv and behaviors.tsv). The prefix is
+  `<variant>_<hash of those files>`.
   """
 
   name = "genre_jax_mind"
@@ -285,9 +290,6 @@ class GenreJaxMind(_TableBuilder):
       f"Download MIND<variant>_train.zip and MIND<variant>_dev.zip (variant "
       f"demo, small or large) from {_MIND_URL} into the manual_dir "
       "(config data.path); unpacked folders of the same names work too.")
-  BUILDER_CONFIGS = [TableConfig(name=f"{v}_{t}", table=t,
-                                 description=f"MIND{v} {t}")
-                     for v in _MIND_VARIANTS for t in ("items", "behaviors")]
 
   @classmethod
   def source(cls, data_config: ml_collections.ConfigDict,
@@ -298,15 +300,24 @@ class GenreJaxMind(_TableBuilder):
                         f"{list(_MIND_VARIANTS)}")
     manual_dir = os.path.abspath(os.path.expanduser(
         str(data_config.path) or os.path.join(data_dir, "downloads", "manual")))
+    found = _find_mind_release(manual_dir, variant)
+    # Every file the reader may open: the zips, or the unpacked TSVs (and a
+    # news.tsv beside the folders, which mind.read_mind_dir also reads).
+    files = [os.path.join(manual_dir, "news.tsv")]
+    for kind, path in found.values():
+      files += [path] if kind == "zip" else [
+          os.path.join(path, "news.tsv"), os.path.join(path, "behaviors.tsv")]
+    files = [f for f in files if os.path.isfile(f)]
     return Source(
-        prefix=variant, path=manual_dir, tables=("items", "behaviors"),
+        prefix=f"{variant}_{_files_hash(manual_dir, files)}", path=manual_dir,
+        tables=("items", "behaviors"),
         read=functools.partial(_read_mind_release, manual_dir, variant,
-                               data_dir))
+                               data_dir, found))
 
 
-def _read_mind_release(manual_dir: str, variant: str,
-                       data_dir: str) -> types.Dataset:
-  """Reads MIND<variant>_{train,dev} from zips or unpacked folders."""
+def _find_mind_release(manual_dir: str, variant: str
+                       ) -> dict[str, tuple[str, str]]:
+  """Split -> ("dir", folder) or ("zip", path) of MIND<variant>_<split>."""
   found, missing = {}, []
   for split in _MIND_SPLITS:
     stem = os.path.join(manual_dir, f"MIND{variant}_{split}")
@@ -325,6 +336,12 @@ def _read_mind_release(manual_dir: str, variant: str,
         f"({', '.join(n[:-4] + '/' for n in names)} each with news.tsv and "
         f"behaviors.tsv). Download them from {_MIND_URL} (this code never "
         "downloads).")
+  return found
+
+
+def _read_mind_release(manual_dir: str, variant: str, data_dir: str,
+                       found: dict[str, tuple[str, str]]) -> types.Dataset:
+  """Reads MIND<variant>_{train,dev} from zips or unpacked folders."""
   if all(kind == "dir" for kind, _ in found.values()):
     dataset = mind.read_mind_dir(manual_dir, _MIND_SPLITS, variant=variant)
   else:
@@ -682,6 +699,27 @@ def _tokenize(items: types.ItemTable, items_builder,
   return tokenizer.get_vocab_size()
 
 
+def _missing_source_error(error: FileNotFoundError, builder_cls,
+                          data_dir: str) -> FileNotFoundError:
+  """error, plus the versions already prepared in data_dir, if any."""
+  folder = os.path.join(data_dir, builder_cls.name)
+  pattern = os.path.join(folder, "*_items", str(builder_cls.VERSION),
+                         "metadata.json")
+  prepared = []
+  for path in sorted(glob.glob(pattern)):
+    with open(path, encoding="utf-8") as f:
+      recorded = json.load(f).get("source", "?")
+    name = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    prepared.append(f"{name[:-len('_items')]} (from {recorded})")
+  if not prepared:
+    return error
+  return FileNotFoundError(
+      f"{str(error).rstrip('.')}. Prepared in {folder}: "
+      f"{', '.join(prepared)}; load_dataset needs the source files to tell "
+      "which version is theirs (it hashes their names, sizes and mtimes): "
+      "restore them, or set config.data.path to where they are now")
+
+
 def load_dataset(data_config: ml_collections.ConfigDict) -> types.Dataset:
   """Prepares (once) and loads the dataset that data_config names.
 
@@ -697,7 +735,10 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> types.Dataset:
   builder_cls = registry.DATASETS.get(name)
   data_dir = os.path.abspath(os.path.expanduser(str(data_config.data_dir)))
   os.makedirs(data_dir, exist_ok=True)
-  source = builder_cls.source(data_config, data_dir)
+  try:
+    source = builder_cls.source(data_config, data_dir)
+  except FileNotFoundError as e:
+    raise _missing_source_error(e, builder_cls, data_dir) from None
   tfds.disable_progress_bar()  # one bar per record file floods the logs
   builders = {}
   for table in source.tables:
@@ -714,7 +755,8 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> types.Dataset:
   side_tables = (_load_side_tables(builders["genre"], source)
                  if "genre" in builders else {})
   metadata = builders["items"].info.metadata
-  info = {"source": metadata.get("source", source.path),
+  # source.path, not the recorded one: the same files may have moved.
+  info = {"source": source.path,
           "read_stats": dict(builders["behaviors"].info.metadata.get(
               "read_stats", {})),
           "tfds_dirs": {t: os.fspath(b.data_dir) for t, b in builders.items()}}
