@@ -167,6 +167,84 @@ def test_parse_list_broken_and_trimmed():
   assert parsed == parsing.Parsed(["a", "b"], Status.TRIMMED)
 
 
+# An apostrophe in bracketed prose opens a "string" that never closes.
+@pytest.mark.parametrize("reply, value", [
+    ('Based on [the reader\'s history]: ["space opera", "found family"]',
+     ["space opera", "found family"]),
+    ("Based on [the reader's history]:\n['space opera', 'found family']",
+     ["space opera", "found family"]),
+])
+def test_unclosed_prose_bracket_does_not_hide_a_later_list(reply, value):
+  assert parsing.parse_list(reply) == parsing.Parsed(value, Status.OK)
+
+
+def test_unclosed_prose_brace_does_not_hide_a_later_object():
+  reply = ('I\'d pick {the reader\'s next read}:\n'
+           '{"title": "Dune", "description": "A desert planet."}')
+  assert parsing.parse_json_object(reply, ("title", "description")) == (
+      parsing.Parsed({"title": "Dune", "description": "A desert planet."},
+                     Status.OK))
+
+
+@pytest.mark.parametrize("reply", [
+    'Based on [the reader\'s history]: ["space opera", "found',
+    '[["space opera", "found family"], ["cosy',  # Nested parts: not answers.
+])
+def test_truncated_list_after_prose_is_still_truncated(reply):
+  assert parsing.parse_list(reply) == parsing.Parsed(None, Status.TRUNCATED)
+
+
+def test_deeply_nested_reply_is_malformed_not_a_crash(tmp_path):
+  deep = "[" * 5000 + "]" * 5000
+  reply = '{"title": "a", "description": "b", "x": ' + deep + "}"
+  assert parsing.parse_json_object(reply, ("title",)) == parsing.Parsed(
+      None, Status.MALFORMED)
+  assert parsing.parse_list(deep) == parsing.Parsed(None, Status.MALFORMED)
+  path = tmp_path / "deep.jsonl"
+  path.write_text('{"user_id": "U1", "response": ' + deep + "}\n")
+  with pytest.raises(DataFormatError, match="nested too deeply") as error:
+    parsing.load_generations(str(path), "user_id")
+  assert error.value.line == 1
+
+
+@pytest.mark.parametrize("reply", [
+    '{"likes": "space opera, found family"}',
+    'Here you go: {"tastes": "space opera"}',
+    '```json\n{"likes": "space opera"}\n```',
+])
+def test_parse_list_rejects_an_object(reply):
+  assert parsing.parse_list(reply) == parsing.Parsed(None, Status.MALFORMED)
+
+
+@pytest.mark.parametrize("reply", [
+    "Sorry, I can't help with that.",
+    "I'm sorry, but I cannot determine this user's interests.",
+    "I cannot provide a profile without more information",
+    "As an AI language model, I don\u2019t have personal preferences.",
+    '"I apologize, but I am unable to do that."',
+])
+def test_refusals_are_refused(reply):
+  assert parsing.parse_list(reply) == parsing.Parsed(None, Status.REFUSED)
+  assert parsing.parse_tagged(reply, ("description",)) == parsing.Parsed(
+      None, Status.REFUSED)
+  assert not Status.REFUSED.usable
+
+
+@pytest.mark.parametrize("reply, value", [
+    # Several lines or sentences, or a list: an answer, however it opens.
+    ("- sorry-state detectives\n- space opera",
+     ["sorry-state detectives", "space opera"]),
+    ('Sorry for the wait! ["space opera"]', ["space opera"]),
+    ("Sorrow, space opera", ["Sorrow", "space opera"]),
+    ("I can't get enough of space opera. Found family too",
+     ["I can't get enough of space opera. Found family too"]),
+])
+def test_answers_opening_like_refusals_are_kept(reply, value):
+  assert parsing.parse_list(reply) == parsing.Parsed(value, Status.OK)
+  assert parsing.parse_tagged("[description] Sorry, no.",
+                              ("description",)).status is Status.OK
+
+
 def test_parse_profile_news():
   reply = '{"topics": ["sports", "politics"], "regions": "Texas, Ohio"}'
   parsed = parsing.parse_profile(reply, ("topics", "regions"))
@@ -218,6 +296,33 @@ def test_load_generations_malformed_jsonl(tmp_path, text, line, field):
     parsing.load_generations(str(path), "user_id")
   assert (error.value.path, error.value.line, error.value.field) == (
       str(path), line, field)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("g.jsonl", '{"item_id": "N1", "response": "[description] x"}\n'),
+    ("g.tsv", "N1\t[description] x\n"),
+])
+def test_load_generations_skips_a_byte_order_mark(tmp_path, name, text):
+  path = tmp_path / name
+  path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+  gens = parsing.load_generations(str(path), "item_id")
+  assert dict(gens) == {"N1": "[description] x"}
+
+
+@pytest.mark.parametrize("name, first, second", [
+    ("g.jsonl", '{"item_id": "N1", "response": "a"}',
+     '{"item_id": "N2", "response": "caf\u00e9"}'),
+    ("g.tsv", "N1\ta", "N2\tcaf\u00e9"),
+])
+def test_load_generations_names_the_first_line_not_utf8(tmp_path, name,
+                                                          first, second):
+  path = tmp_path / name
+  path.write_bytes((first + "\n\n" + second + "\n").encode("latin-1"))
+  with pytest.raises(DataFormatError, match="not UTF-8") as error:
+    parsing.load_generations(str(path), "item_id")
+  assert (error.value.path, error.value.line, error.value.field) == (
+      str(path), 3, None)
+  assert "byte 0xe9" in str(error.value)
 
 
 def test_load_generations_malformed_tsv(tmp_path):

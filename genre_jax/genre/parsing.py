@@ -10,6 +10,7 @@ odd one. Nothing is repaired silently: a JSON object cut off mid-way is
 from __future__ import annotations
 
 import ast
+import codecs
 import collections
 import dataclasses
 import enum
@@ -33,6 +34,7 @@ class Status(str, enum.Enum):
   WRONG_TAG = "wrong_tag"  # Tagged, but with another tag than asked for.
   INCOMPLETE = "incomplete"  # Valid JSON lacking a required field.
   TRUNCATED = "truncated"  # A JSON object or list cut off before its end.
+  REFUSED = "refused"      # A one-sentence refusal ("Sorry, I can't ...").
   MALFORMED = "malformed"  # Anything else that cannot be read.
 
   @property
@@ -56,6 +58,14 @@ _NEXT_TAG_RE = re.compile(r"\n\s*\[\s*[A-Za-z][A-Za-z _-]{0,30}\s*\]")
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019"}
 _BULLET_RE = re.compile(r"^\s*(?:[-*\u2022+]|\d{1,3}[.)]|\(\d{1,3}\))\s+")
 _LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z ]{0,30}:\s+")
+# Openings of an LLM refusal; matched on a lower-cased one-sentence reply.
+_REFUSAL_RE = re.compile(
+    r"^(?:i'm sorry|i am sorry|sorry|i apologi[sz]e|i can't|i cannot|"
+    r"i can not|i'm unable|i am unable|i'm not able|i am not able|as an ai)"
+    r"\b")
+# A sentence end followed by more text: the reply has several sentences.
+_NEXT_SENTENCE_RE = re.compile(r"[.!?][\"')\]]*\s+\S")
+_REFUSAL_MAX_LEN = 300
 
 
 def _strip_quotes(text: str) -> str:
@@ -89,6 +99,16 @@ def _norm_tag(tag: str) -> str:
   return re.sub(r"[\s_-]+", "", tag.lower())
 
 
+def _is_refusal(text: str) -> bool:
+  """Whether plain text is a one-sentence refusal such as "Sorry, I can't
+  help with that."; conservative, so that a real answer is never dropped."""
+  text = _strip_quotes(text.strip(" *\r\n\t"))
+  if (not text or "\n" in text or len(text) > _REFUSAL_MAX_LEN
+      or _NEXT_SENTENCE_RE.search(text)):
+    return False
+  return bool(_REFUSAL_RE.match(text.lower().replace("\u2019", "'")))
+
+
 def parse_tagged(reply: Reply, tags: Sequence[str], *,
                  max_len: int = 0) -> Parsed:
   """Reads a `[tag] text` reply, e.g. `[description] A novel about ...`.
@@ -97,7 +117,9 @@ def parse_tagged(reply: Reply, tags: Sequence[str], *,
   (`[New Title]:`, or `newtitle:` at the very start), anywhere in the reply
   (an LLM may chat before it); earlier names in `tags` win. The text runs to
   the next tag on a new line. A reply without any tag is kept as UNTAGGED
-  plain text; one that opens with another tag is WRONG_TAG.
+  plain text, unless it is a one-sentence refusal ("Sorry, I can't help with
+  that.": REFUSED, not a description); one that opens with another tag is
+  WRONG_TAG.
 
   Args:
     reply: the raw reply.
@@ -124,6 +146,8 @@ def parse_tagged(reply: Reply, tags: Sequence[str], *,
     status, value = Status.OK, text[bare.end():]
   elif _LEADING_TAG_RE.match(text):
     return Parsed(None, Status.WRONG_TAG)
+  elif _is_refusal(text):
+    return Parsed(None, Status.REFUSED)
   else:
     status, value = Status.UNTAGGED, text
   following = _NEXT_TAG_RE.search(value)
@@ -138,15 +162,21 @@ def parse_tagged(reply: Reply, tags: Sequence[str], *,
   return Parsed(value, status)
 
 
-def _scan_balanced(text: str, start: int) -> int | None:
+def _scan_balanced(text: str, start: int) -> tuple[int | None, list[int]]:
   """End index (exclusive) of the bracketed value opening at text[start].
 
   String-aware (JSON or Python quotes): brackets inside strings do not count.
   A mismatched closer ends the span early (it will not load: malformed).
-  Returns None when the text ends before the value closes (truncated).
+
+  Returns:
+    (end, nested): end is None when the text ends before the value closes
+    (truncated); nested lists the positions of the brackets opened inside
+    the value outside strings (its parts, never a value of their own when
+    the value is cut off).
   """
   closing = {"{": "}", "[": "]"}
   stack = []
+  nested = []
   in_string = None
   escaped = False
   for i in range(start, len(text)):
@@ -161,19 +191,26 @@ def _scan_balanced(text: str, start: int) -> int | None:
     elif ch in "\"'":
       in_string = ch
     elif ch in closing:
+      if stack:
+        nested.append(i)
       stack.append(closing[ch])
     elif ch in "}]":
       if stack.pop() != ch or not stack:
-        return i + 1
-  return None
+        return i + 1, nested
+  return None, nested
 
 
 def _load_literal(span: str) -> Any:
-  """Parses a JSON (or Python-literal) value; raises ValueError if neither."""
+  """Parses a JSON (or Python-literal) value; raises ValueError if neither.
+
+  A value nested too deeply for the parser is malformed too, not a crash.
+  """
   try:
     return json.loads(span, strict=False)
   except json.JSONDecodeError:
     pass
+  except RecursionError:
+    raise ValueError("nested too deeply") from None
   try:
     return ast.literal_eval(span)
   except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
@@ -181,15 +218,26 @@ def _load_literal(span: str) -> Any:
 
 
 def _first_value(text: str, opener: str, kind: type) -> Parsed:
-  """Finds the first complete value of `kind` opening with `opener`."""
+  """Finds the first complete value of `kind` opening with `opener`.
+
+  An opener that never closes may be prose (`[the reader's history]`: the
+  apostrophe opens a string), so the search goes on after it, skipping only
+  the brackets nested in it; TRUNCATED only when no later value parses.
+  """
   truncated = False
   malformed = False
+  skip: set[int] = set()
   pos = text.find(opener)
   while pos >= 0:
-    end = _scan_balanced(text, pos)
+    if pos in skip:
+      pos = text.find(opener, pos + 1)
+      continue
+    end, nested = _scan_balanced(text, pos)
     if end is None:
       truncated = True
-      break
+      skip.update(nested)
+      pos = text.find(opener, pos + 1)
+      continue
     try:
       value = _load_literal(text[pos:end])
     except ValueError:
@@ -263,6 +311,8 @@ def parse_list(reply: Reply, *, max_items: int = 0,
   Accepts a JSON or Python-style list (anywhere in the text or a fence), a
   list object itself, numbered or bulleted lines, one phrase per line, or a
   comma/semicolon-separated line (an optional `Label:` prefix dropped).
+  A reply holding a JSON object but no list is MALFORMED (another format,
+  not phrases), and a one-sentence refusal is REFUSED.
 
   Args:
     reply: the raw reply.
@@ -286,6 +336,10 @@ def parse_list(reply: Reply, *, max_items: int = 0,
       items, status = parsed.value, Status.OK
     elif parsed.status is Status.TRUNCATED:
       return parsed
+    elif _first_value(text, "{", dict).status is Status.OK:
+      return Parsed(None, Status.MALFORMED)
+    elif _is_refusal(text):
+      return Parsed(None, Status.REFUSED)
     else:
       items, status = _split_phrases(text), Status.OK
   else:
@@ -402,7 +456,7 @@ class Generations(dict):
 
 
 def _looks_jsonl(path: str) -> bool:
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8-sig") as f:
     for line in f:
       if line.strip():
         return line.lstrip().startswith("{")
@@ -416,19 +470,45 @@ def load_generations(path: str, key: str) -> Generations:
   Goodreads GENRE release; extra fields such as "status" are ignored) and
   `id<TAB>response` lines (the MIND release of ONCE/GENRE). The layout is
   detected from the first non-blank line. Duplicate ids keep the last reply.
+  The file must be UTF-8 (a leading byte-order mark is skipped).
 
   Args:
     path: the file.
     key: the id field of JSONL rows, "item_id" or "user_id".
 
   Raises:
-    DataFormatError: naming file, line and field of a malformed row.
+    DataFormatError: naming file, line and field of a malformed row, or the
+      first line that is not UTF-8.
   """
   path = str(path)
+  try:
+    return _load_generations(path, key)
+  except UnicodeDecodeError:
+    raise _not_utf8_error(path) from None
+
+
+def _not_utf8_error(path: str) -> DataFormatError:
+  """The error naming the first line of `path` that is not valid UTF-8."""
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, 1):
+      if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+      try:
+        raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        return DataFormatError(
+            path, lineno, None,
+            f"not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of "
+            "the line); save the file as UTF-8")
+  return DataFormatError(path, None, None, "not UTF-8")
+
+
+def _load_generations(path: str, key: str) -> Generations:
+  """load_generations, which see; raises UnicodeDecodeError on bad bytes."""
   responses: dict[str, Any] = {}
   lines = duplicates = 0
   jsonl = _looks_jsonl(path)
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8-sig") as f:
     for lineno, line in enumerate(f, 1):
       line = line.rstrip("\r\n")
       if not line.strip():
@@ -461,6 +541,9 @@ def _jsonl_row(path: str, lineno: int, line: str, key: str) -> tuple[str, Any]:
     raise DataFormatError(path, lineno, None,
                           f"not valid JSON ({e.msg} at column {e.colno})"
                           ) from None
+  except RecursionError:
+    raise DataFormatError(path, lineno, None,
+                          "not valid JSON (nested too deeply)") from None
   if not isinstance(row, dict):
     raise DataFormatError(path, lineno, None, "a row must be a JSON object")
   item_id = row.get(key)
