@@ -2,19 +2,24 @@
 that fails on purpose) and local (a tiny random Llama from transformers)."""
 
 import collections
+import concurrent.futures
 import http.server
 import json
 import pathlib
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
 from genre_jax.errors import ConfigError, DataFormatError
+from genre_jax.genre import generate
 from genre_jax.genre import local_provider
 from genre_jax.genre import providers
 from genre_jax.genre.providers import Prompt
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 GENRE = DATA / "goodreads" / "genre"
 
@@ -27,13 +32,19 @@ class FakeServer:
 
   The user text picks the behaviour: "500-once:..." and "429-once:..." fail
   the first request; "sleep-once:..." first sleeps past the client timeout;
-  "broken:..." fails with 500 while `broken` is set; "bad:..." is a 400.
-  Every request's user text is logged.
+  "broken:..." fails with 500 while `broken` is set; "bad:..." (or a text
+  holding one of `refuse`) is a 400; "slow:..." takes 0.1 s. Odd replies:
+  "parts:..." has a list of content parts, "null-message:..." no message,
+  "empty-once:..." empty content at first, "filtered:..." null content
+  filtered by the endpoint, "surrogate:..." half a surrogate pair. Every
+  request's user text (and model, temperature) is logged.
   """
 
   def __init__(self):
     self.log = []
+    self.bodies = []
     self.auth = []
+    self.refuse = ()
     self.broken = True
     self.lock = threading.Lock()
     self.seen = collections.Counter()
@@ -49,6 +60,7 @@ class FakeServer:
         user = body["messages"][1]["content"]
         with server.lock:
           server.log.append(user)
+          server.bodies.append(body)
           server.auth.append(self.headers.get("Authorization"))
           server.seen[user] += 1
           first = server.seen[user] == 1
@@ -66,11 +78,24 @@ class FakeServer:
           return self._send(500, {"error": "boom"})
         elif kind == "429-once" and first:
           return self._send(429, {"error": "slow down"})
-        elif kind == "bad":
+        elif kind == "bad" or any(s in user for s in server.refuse):
           return self._send(400, {"error": "bad request"})
-        time.sleep(0.03)
+        time.sleep(0.1 if kind == "slow" else 0.03)
+        message = {"role": "assistant", "content": f"echo: {user}"}
+        finish = "stop"
+        if kind == "parts":
+          message["content"] = [{"type": "text", "text": "echo: "},
+                                {"type": "text", "text": user}]
+        elif kind == "null-message":
+          message = None
+        elif kind == "empty-once" and first:
+          message["content"] = ""
+        elif kind == "filtered":
+          message["content"], finish = None, "content_filter"
+        elif kind == "surrogate":
+          message["content"] = "echo: \ud83d cut"  # Sent as JSON "\ud83d".
         self._send(200, {"choices": [
-            {"message": {"role": "assistant", "content": f"echo: {user}"}}]})
+            {"message": message, "finish_reason": finish}]})
 
       def _send(self, code, payload):
         data = json.dumps(payload).encode()
@@ -100,11 +125,11 @@ def server():
 
 
 def _openai(server, **kwargs):
-  options = dict(base_url=server.url, api_key_env="GENRE_TEST_KEY",
-                 concurrency=2, max_retries=3, timeout=0.25, backoff=0.01,
-                 max_backoff=0.05)
+  options = dict(model="test-model", base_url=server.url,
+                 api_key_env="GENRE_TEST_KEY", concurrency=2, max_retries=3,
+                 timeout=0.25, backoff=0.01, max_backoff=0.05)
   options.update(kwargs)
-  return providers.get_provider("openai", model="test-model", **options)
+  return providers.get_provider("openai", **options)
 
 
 def _prompts(texts):
@@ -199,6 +224,8 @@ def test_openai_stops_asking_when_the_endpoint_is_down(server):
   assert "stopped asking after 3 prompts in a row got no answer" in str(
       error.value)
   assert "HTTP 500" in str(error.value)
+  assert "--generate.openai.give_up_after=0 never stops" in str(error.value)
+  assert "raise_on_failure" not in str(error.value)  # Nothing was refused.
   assert len(error.value.failed) == 40
   # At most the 3 failures plus one in flight on the other thread, 2 tries
   # each, reached the server.
@@ -246,11 +273,201 @@ def test_openai_resumes_from_cache_after_a_crash(server, tmp_path):
   assert third.stats["torn_cache_lines"] == 1
 
 
+def test_openai_cache_serves_an_answer_only_to_the_same_request(server,
+                                                               tmp_path):
+  cache = str(tmp_path / "cache.jsonl")
+  prompts = _prompts(["ok:a", "ok:b"])
+
+  def asked(prompts, **kwargs):
+    """The request bodies one provider run sent to the server."""
+    before = len(server.bodies)
+    provider = _openai(server, cache_path=cache, **kwargs)
+    assert provider.generate(prompts) == [f"echo: {p.user}" for p in prompts]
+    provider.close()
+    return server.bodies[before:]
+
+  assert len(asked(prompts)) == 2
+  # Another model, sampling setting or prompt wording is asked again ...
+  assert {b["model"] for b in asked(prompts, model="other")} == {"other"}
+  assert len(asked(prompts, temperature=0.7)) == 2
+  assert len(asked(prompts, max_tokens=64)) == 2
+  assert len(asked([Prompt(p.key, "new system", p.user)
+                    for p in prompts])) == 2
+  reworded = asked(_prompts(["ok:a, more history", "ok:b"]))
+  assert [b["messages"][1]["content"] for b in reworded] == [
+      "ok:a, more history"]
+  # ... and every answer is kept: asking any of them again asks nothing.
+  assert not asked(prompts)
+  assert not asked(prompts, model="other")
+  assert not asked(prompts, temperature=0.7)
+
+
+def test_cache_rows_without_a_fingerprint_are_not_served(server, tmp_path):
+  cache = tmp_path / "cache.jsonl"
+  cache.write_text(json.dumps({"key": "generator:book:U0",
+                               "response": "stale answer",
+                               "model": "test-model"}) + "\n")
+  provider = _openai(server, cache_path=str(cache))
+  assert provider.stats["ignored_cache_rows"] == 1
+  assert provider.generate(_prompts(["ok:a"])) == ["echo: ok:a"]
+  provider.close()
+  assert server.log == ["ok:a"]
+  again = _openai(server, cache_path=str(cache))
+  assert again.generate(_prompts(["ok:a"])) == ["echo: ok:a"]
+  again.close()
+  assert server.log == ["ok:a"] and again.stats["cache_hits"] == 1
+
+
+def test_openai_odd_replies_are_retried_refused_or_joined(server, tmp_path):
+  # A list of content parts is joined; no message or empty content is
+  # retried; content filtered by the endpoint is a refusal, not retried.
+  # Nothing empty or unreadable reaches the cache, which stays readable.
+  cache = tmp_path / "cache.jsonl"
+  texts = ["parts:a", "null-message:b", "empty-once:c", "filtered:d"]
+  provider = _openai(server, cache_path=str(cache), max_retries=2,
+                     give_up_after=0, raise_on_failure=False)
+  replies = provider.generate(_prompts(texts))
+  provider.close()
+  assert replies == ["echo: parts:a", "", "echo: empty-once:c", ""]
+  assert collections.Counter(server.log) == {
+      "parts:a": 1, "null-message:b": 3, "empty-once:c": 2, "filtered:d": 1}
+  assert provider.stats["refused"] == 1
+  assert provider.stats["unanswered"] == 2
+  rows = [json.loads(l) for l in cache.read_text().splitlines()]
+  assert sorted(r["response"] for r in rows) == ["echo: empty-once:c",
+                                                 "echo: parts:a"]
+  del server.log[:]
+  again = _openai(server, cache_path=str(cache), max_retries=0,
+                  raise_on_failure=False)
+  assert again.generate(_prompts(texts)) == replies
+  again.close()
+  assert sorted(server.log) == ["filtered:d", "null-message:b"]
+  with pytest.raises(providers._Retryable, match="content is int"):  # pylint: disable=protected-access
+    providers._message_text({"message": {"content": 42}})  # pylint: disable=protected-access
+
+
+def test_openai_reply_with_a_lone_surrogate_is_valid_utf8(server, tmp_path):
+  cache = tmp_path / "cache.jsonl"
+  provider = _openai(server, cache_path=str(cache))
+  replies = provider.generate(_prompts(["surrogate:a"]))
+  provider.close()
+  assert replies == ["echo: ? cut"]
+  assert json.loads(cache.read_text())["response"] == "echo: ? cut"
+
+
+def test_openai_interrupt_cancels_the_prompts_not_yet_asked(
+    server, tmp_path, monkeypatch):
+  # Ctrl-C while waiting for answers: as_completed raises KeyboardInterrupt
+  # once the first answer is in.
+  as_completed = concurrent.futures.as_completed
+
+  def interrupted(futures):
+    for future in as_completed(futures):
+      yield future
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(providers.concurrent.futures, "as_completed",
+                      interrupted)
+  cache = tmp_path / "cache.jsonl"
+  texts = [f"slow:{i}" for i in range(20)]
+  provider = _openai(server, cache_path=str(cache))
+  start = time.monotonic()
+  with pytest.raises(KeyboardInterrupt):
+    provider.generate(_prompts(texts))
+  assert time.monotonic() - start < 1.0
+  time.sleep(0.5)  # Requests in flight finish; no queued one may start.
+  provider.close()
+  assert 1 <= len(server.log) <= 5
+  # The answers that arrived are cached: a re-run asks only the rest.
+  cached = len(cache.read_text().splitlines())
+  assert cached >= 1
+  monkeypatch.undo()
+  del server.log[:]
+  again = _openai(server, cache_path=str(cache), concurrency=8)
+  assert again.generate(_prompts(texts)) == [f"echo: {t}" for t in texts]
+  again.close()
+  assert len(server.log) == 20 - cached
+
+
+def test_openai_refused_prompts_can_be_left_unanswered(server, tmp_path):
+  texts = ["ok:a", "bad:b", "ok:c"]
+  strict = _openai(server, give_up_after=0)
+  with pytest.raises(providers.ProviderError) as error:
+    strict.generate(_prompts(texts))
+  message = str(error.value)
+  assert "1 of 3 prompts got no answer (1 refused by the endpoint)" in message
+  assert "'generator:book:U1': HTTP 400" in message
+  assert "--generate.openai.raise_on_failure=False" in message
+  assert "give_up_after" not in message
+  lenient = _openai(server, raise_on_failure=False)
+  assert lenient.generate(_prompts(texts)) == ["echo: ok:a", "",
+                                               "echo: ok:c"]
+  assert lenient.stats["unanswered"] == 1
+  assert lenient.stats["refused"] == 1
+  # The setting exists on the command line and reaches the provider.
+  g = generate.generate_config()
+  assert g.openai.raise_on_failure is True
+  g.provider = "openai"
+  g.openai.base_url = server.url
+  g.openai.raise_on_failure = False
+  provider = generate.make_provider(g, str(tmp_path / "out.jsonl"))
+  assert provider.raise_on_failure is False
+  provider.close()
+
+
+def test_run_generate_completes_despite_a_refused_prompt(
+    server, tmp_path, make_tiny_mind):
+  root = make_tiny_mind(tmp_path / "tiny")
+  server.refuse = ("Soup of the day",)  # The title of item N4.
+
+  def run(*flags):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), "--mode=generate",
+         "--config=configs/nrms.py", "--config.data.name=goodreads_genre",
+         f"--config.data.path={root}", f"--config.data.data_dir={tmp_path}/d",
+         "--generate.scheme=summarizer", "--generate.provider=openai",
+         f"--generate.openai.base_url={server.url}",
+         "--generate.openai.model=test", f"--workdir={tmp_path}/w", *flags],
+        capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+  refused = run()
+  assert refused.returncode == 2, refused.stderr[-3000:]
+  assert "--generate.openai.raise_on_failure=False" in refused.stderr
+  assert "Traceback" not in refused.stderr
+  done = run("--generate.openai.raise_on_failure=False")
+  assert done.returncode == 0, done.stderr[-3000:]
+  summary = json.loads(done.stdout.strip().splitlines()[-1])
+  assert summary["provider_stats"]["unanswered"] == 1
+  assert summary["provider_stats"]["cache_hits"] == 4
+  rows = [json.loads(l) for l in
+          pathlib.Path(summary["out_path"]).read_text().splitlines()]
+  assert [r["item_id"] for r in rows if not r["response"]] == ["N4"]
+  assert len(server.log) == 5 + 1  # Only the refused prompt asked twice.
+
+
+def test_openai_backoff_does_not_overflow_with_many_retries(monkeypatch):
+  provider = providers.get_provider(
+      "openai", model="m", base_url="http://127.0.0.1:9/v1",
+      api_key_env="GENRE_TEST_KEY", max_retries=1100, max_backoff=0.0,
+      raise_on_failure=False)
+
+  def unavailable(prompt):
+    raise providers._Retryable(f"'{prompt.key}': HTTP 503")  # pylint: disable=protected-access
+
+  monkeypatch.setattr(provider, "_request", unavailable)
+  assert provider.generate(_prompts(["x"])) == [""]
+  assert provider.stats["requests"] == 1101
+
+
 def test_cache_rejects_rows_without_fields(tmp_path):
   cache = tmp_path / "cache.jsonl"
   cache.write_text('{"key": "k", "response": "r"}\n{"key": "k2"}\n')
   with pytest.raises(DataFormatError,
                      match=r"cache.jsonl:2: field 'response'"):
+    providers.ReplyCache(str(cache))
+  cache.write_text('{"key": "k", "response": "r", "fingerprint": 1}\n')
+  with pytest.raises(DataFormatError,
+                     match=r"cache.jsonl:1: field 'fingerprint'"):
     providers.ReplyCache(str(cache))
 
 
@@ -278,10 +495,28 @@ def test_replay_files_missing_keys_and_strict(tmp_path):
   assert replies == ["[description] two", "", "['x', 'y']"]
   assert replay.stats == {"served": 2, "missing": 1}
   strict = providers.get_provider("replay", path=str(tmp_path), strict=True)
-  with pytest.raises(KeyError, match="summarizer:book:B2"):
-    strict.generate([Prompt("summarizer:book:B2", "", "")])
+  # A ProviderError, which run.py reports in one line, naming key and file.
+  with pytest.raises(providers.ProviderError,
+                     match=r"no reply for 'summarizer:book:B2' in .*"
+                     r"summarizer.jsonl") as error:
+    strict.generate([Prompt("summarizer:book:B1", "", ""),
+                     Prompt("summarizer:book:B2", "", "")])
+  assert error.value.failed == ["summarizer:book:B2"]
   with pytest.raises(ConfigError, match="no generation file"):
     replay.generate([Prompt("generator:book:U1", "", "")])
+
+
+def test_replay_replies_are_valid_utf8(tmp_path):
+  # JSON may hold half a surrogate pair, which no UTF-8 writer takes.
+  (tmp_path / "summarizer.jsonl").write_text(
+      '{"item_id": "B1", "response": "cut \\ud83d here"}\n'
+      '{"item_id": "B2", "response": ["cut \\ud83d"]}\n')
+  replay = providers.get_provider("replay", path=str(tmp_path))
+  replies = replay.generate([Prompt("summarizer:book:B1", "", ""),
+                             Prompt("summarizer:book:B2", "", "")])
+  assert replies == ["cut ? here", '["cut ?"]']
+  for reply in replies:
+    reply.encode("utf-8")
 
 
 def test_replay_goodreads_release():

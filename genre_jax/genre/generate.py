@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from absl import logging
 
 import ml_collections
+import numpy as np
 
 from genre_jax import workdir
 from genre_jax.data.types import Dataset
@@ -37,16 +38,20 @@ def item_dicts(dataset: Dataset) -> list[dict[str, str]]:
           for i in range(len(dataset.items.ids))]
 
 
-def user_histories(dataset: Dataset) -> dict[str, list[int]]:
+def _split_names(dataset: Dataset) -> list[str]:
+  """Split names: train, dev, test first, then any others sorted."""
+  names = [s for s in ("train", "dev", "test") if s in dataset.splits]
+  return names + sorted(set(dataset.splits) - set(names))
+
+
+def longest_histories(dataset: Dataset) -> dict[str, list[int]]:
   """User id -> their longest history (item rows, oldest first) over splits.
 
   Users appear in order of first sight over the train, dev and test splits;
   a longer history seen later replaces a shorter one.
   """
   histories: dict[str, list[int]] = {}
-  names = [s for s in ("train", "dev", "test") if s in dataset.splits]
-  names += sorted(set(dataset.splits) - set(names))
-  for name in names:
+  for name in _split_names(dataset):
     behaviors = dataset.splits[name]
     offsets = behaviors.history_offsets
     lengths = behaviors.history_lengths()
@@ -58,6 +63,39 @@ def user_histories(dataset: Dataset) -> dict[str, list[int]]:
       else:
         histories.setdefault(user, [])
   return histories
+
+
+def eval_clicks(dataset: Dataset) -> dict[str, set[int]]:
+  """User id -> items they clicked in any split but train (dev, test, ...)."""
+  clicks: dict[str, set[int]] = {}
+  for name in _split_names(dataset):
+    if name == "train":
+      continue
+    behaviors = dataset.splits[name]
+    clicked = behaviors.cand_labels == 1
+    rows = np.repeat(np.arange(len(behaviors)), behaviors.num_candidates())
+    for row, item in zip(rows[clicked], behaviors.cand_items[clicked]):
+      clicks.setdefault(str(behaviors.user_ids[row]), set()).add(int(item))
+  return clicks
+
+
+def user_histories(dataset: Dataset) -> dict[str, list[int]]:
+  """User id -> the history their prompts show (item rows, oldest first).
+
+  That is the longest history over the splits (longest_histories) less every
+  item the user clicked in a dev, test or other evaluation impression, order
+  kept, so no evaluation label reaches an LLM prompt, hence neither a
+  generated profile or item. Under leave-last-out (Goodreads: test predicts
+  h[n-1] from h[:n-1], dev h[n-2] from h[:n-2]) the test row's history holds
+  the dev positive; this leaves h[:n-2]. On MIND, where histories predate the
+  impressions, nothing changes. Train clicks stay: they are the training
+  period's own signal (a train row's profile may mention its positive, which
+  can mislead training but never inflate a dev or test score), and dropping
+  them would leave cold users with almost nothing to go on.
+  """
+  clicks = eval_clicks(dataset)
+  return {user: [i for i in history if i not in clicks.get(user, ())]
+          for user, history in longest_histories(dataset).items()}
 
 
 _BAR_WIDTH = 30
@@ -174,14 +212,21 @@ def run_generation(scheme: str, domain: str,
       to `profile_path(out_path)`.
     cold_threshold: generator/chain users have a longest history of at most
       this many items (users with no history are skipped: nothing to go on).
+      Prompts show user_histories, which holds no evaluation click.
     limit: ask for at most this many subjects (0 = all).
-    chunk_size: prompts per provider call.
+    chunk_size: prompts per provider call (at least 1).
     scheme_options: keyword arguments of prompts.get_scheme (max_history, ...).
 
   Returns:
     A summary dict: counts, parse statuses, usable rate, seconds, provider
     stats (and the profiler step's summary under "profiler" for chain).
+
+  Raises:
+    ConfigError: chunk_size below 1.
   """
+  if chunk_size < 1:
+    raise ConfigError(f"--generate.chunk_size={chunk_size}: prompts per "
+                      "provider call must be at least 1")
   start = time.monotonic()
   steps = prompts_lib.steps(scheme, domain, **(scheme_options or {}))
   items = item_dicts(dataset)
@@ -197,7 +242,9 @@ def run_generation(scheme: str, domain: str,
     skipped = sum(1 for h in histories.values() if not h)
     users = [u for u, h in histories.items() if h]
     if final.name in ("generator", "chain"):
-      users = [u for u in users if len(histories[u]) <= cold_threshold]
+      # Cold as the test rows count it: by the longest history's length.
+      longest = longest_histories(dataset)
+      users = [u for u in users if len(longest[u]) <= cold_threshold]
     users = _limit(users, limit)
     history_items = {u: [items[i] for i in histories[u]] for u in users}
     profiles: dict[str, Any] = {u: None for u in users}
@@ -254,6 +301,8 @@ def generate_config() -> ml_collections.ConfigDict:
       backoff=1.0, max_backoff=30.0,
       # Stop after this many prompts in a row got no answer (0 = never).
       give_up_after=8,
+      # False: unanswered prompts come back "", parsed as empty; run completes.
+      raise_on_failure=True,
       temperature=0.0, max_tokens=256))
   # local: the Flax Llama decoder on a local Hugging Face Llama directory.
   g.local = ml_collections.ConfigDict(dict(
@@ -274,6 +323,7 @@ def make_provider(g: ml_collections.ConfigDict,
   if g.provider == "openai":
     options = g.openai.to_dict()
     options["cache_path"] = options.pop("cache") or f"{out_path}.cache.jsonl"
+    options["raise_on_failure"] = bool(options.get("raise_on_failure", True))
     return providers_lib.get_provider("openai", **options)
   if g.provider == "local":
     options = g.local.to_dict()

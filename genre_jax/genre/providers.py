@@ -22,6 +22,7 @@ import abc
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
 import http.client
 import json
 import os
@@ -95,11 +96,20 @@ def id_field(scheme: str) -> str:
   return _ID_FIELD.get(scheme, "user_id")
 
 
+def valid_utf8(text: str) -> str:
+  """`text` with unencodable code points (lone surrogates) as "?".
+
+  JSON may escape half a surrogate pair ("\\ud83d"); such a string cannot be
+  written as UTF-8, so every reply is made writable before anyone stores it.
+  """
+  return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _as_text(response: Any) -> str:
   """A released response as reply text (lists and objects as JSON)."""
-  if isinstance(response, str):
-    return response
-  return json.dumps(response, ensure_ascii=False)
+  if not isinstance(response, str):
+    response = json.dumps(response, ensure_ascii=False)
+  return valid_utf8(response)
 
 
 @PROVIDERS.register("replay")
@@ -111,7 +121,8 @@ class ReplayProvider(Provider):
   `{scheme}.jsonl`, `{scheme}.tsv`, `{scheme}_*.jsonl` (sorted; so
   "generator" finds the Goodreads `generator_v1.jsonl`). A key whose id has
   no reply is counted (`stats["missing"]`) and answered with "" (parsed as
-  empty), or raises KeyError when `strict`.
+  empty), or, when `strict`, raises ProviderError (which run.py reports in
+  one line) naming the keys and files.
   """
 
   def __init__(self, path: str, *, files: dict[str, str] | None = None,
@@ -148,7 +159,7 @@ class ReplayProvider(Provider):
     return self._tables[scheme]
 
   def generate(self, prompts: Sequence[Prompt]) -> list[str]:
-    replies = []
+    replies, missing = [], {}
     for prompt in prompts:
       scheme, _, subject = split_key(prompt.key)
       table = self._table(scheme)
@@ -157,9 +168,14 @@ class ReplayProvider(Provider):
         replies.append(_as_text(table[subject]))
         continue
       self.stats["missing"] += 1
-      if self.strict:
-        raise KeyError(f"replay: no reply for '{prompt.key}' in {table.path}")
+      missing.setdefault(prompt.key, table.path)
       replies.append("")
+    if missing and self.strict:
+      key, path = next(iter(missing.items()))
+      raise ProviderError(
+          f"replay: no reply for '{key}' in {path} ({len(missing)} of "
+          f"{len(prompts)} prompts have none; strict=False answers them with "
+          f"\"\", parsed as empty)", list(missing))
     return replies
 
 
@@ -194,18 +210,27 @@ class TokenBucket:
 
 
 class ReplyCache:
-  """Append-only JSONL of answered prompts: {"key", "response", "model"}.
+  """Append-only JSONL of answered prompts.
+
+  Rows are {"key", "fingerprint", "response", "model"}. An answer is served
+  only for the same key and request fingerprint (model, prompt texts and
+  sampling settings: see `OpenAIProvider.fingerprint`), so re-running with
+  another model or prompt wording asks again, and one file can hold the
+  answers of several. Rows without a fingerprint (written by older versions)
+  or with an empty response are never served; they are counted in
+  `ignored`.
 
   Every answer is written as one line, flushed and fsync'd at once, so a
   crash loses at most the line being written. On open, a line that is not
   valid JSON (a torn write) is skipped and counted in `torn`; later answers
-  start on a fresh line. Duplicate keys keep the last answer.
+  start on a fresh line. Duplicate (key, fingerprint) rows keep the last.
   """
 
   def __init__(self, path: str):
     self.path = pathlib.Path(path).expanduser()
-    self.answers: dict[str, str] = {}
+    self.answers: dict[tuple[str, str], str] = {}
     self.torn = 0
+    self.ignored = 0
     self._lock = threading.Lock()
     if self.path.exists():
       self._read()
@@ -234,19 +259,38 @@ class ReplyCache:
           if not isinstance(row, dict) or not isinstance(row.get(field), str):
             raise DataFormatError(self.path, lineno, field,
                                   "a cache row needs a string here")
-        self.answers[row["key"]] = row["response"]
+        fingerprint = row.get("fingerprint")
+        if fingerprint is not None and not isinstance(fingerprint, str):
+          raise DataFormatError(self.path, lineno, "fingerprint",
+                                "a cache row needs a string here")
+        if not fingerprint or not row["response"]:
+          self.ignored += 1
+          continue
+        self.answers[row["key"], fingerprint] = row["response"]
+    if self.ignored:
+      logging.warning("%s: %d cache rows have no request fingerprint (an "
+                      "older format) or no answer; they are not served, "
+                      "their prompts are asked again", self.path,
+                      self.ignored)
 
-  def __contains__(self, key: str) -> bool:
-    return key in self.answers
+  def get(self, key: str, fingerprint: str) -> str | None:
+    """The cached answer to `key` asked as `fingerprint`, else None."""
+    return self.answers.get((key, fingerprint))
 
-  def add(self, key: str, response: str, model: str) -> None:
-    line = json.dumps({"key": key, "response": response, "model": model},
+  def add(self, key: str, fingerprint: str, response: str,
+          model: str) -> None:
+    """Appends one answer (made valid UTF-8) and syncs it to disk."""
+    if not response:
+      raise ValueError(f"'{key}': an empty answer is never cached")
+    response = valid_utf8(response)
+    line = json.dumps({"key": key, "fingerprint": fingerprint,
+                       "response": response, "model": model},
                       ensure_ascii=False) + "\n"
     with self._lock:
-      self._file.write(line.encode("utf-8"))
+      self._file.write(line.encode("utf-8", "replace"))
       self._file.flush()
       os.fsync(self._file.fileno())
-      self.answers[key] = response
+      self.answers[key, fingerprint] = response
 
   def close(self) -> None:
     self._file.close()
@@ -254,6 +298,10 @@ class ReplyCache:
 
 class _NotAsked(RuntimeError):
   """A prompt skipped because the provider stopped (see give_up_after)."""
+
+
+class _Refused(RuntimeError):
+  """A prompt the endpoint will not answer (HTTP 4xx, content filter)."""
 
 
 class _Retryable(Exception):
@@ -266,22 +314,69 @@ class _Retryable(Exception):
 
 _RETRY_CODES = (408, 409, 429, 500, 502, 503, 504)
 
+# Largest backoff exponent: 2**attempt stays a finite float for any
+# max_retries (max_backoff caps the delay long before anyway).
+_MAX_BACKOFF_EXPONENT = 60
+
+
+def _message_text(choice: Any) -> str:
+  """The reply text of one completion choice, or _Retryable / _Refused.
+
+  Content is a string or a list of parts ({"type": "text", "text": ...},
+  joined). An empty reply filtered by the endpoint is a refusal (asking
+  again gets the same); any other empty or unreadable reply is retried.
+  """
+  finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+  message = choice.get("message") if isinstance(choice, dict) else None
+  if isinstance(message, dict):
+    content = message.get("content")
+  elif finish == "content_filter":
+    content = None
+  else:
+    raise _Retryable(f"unreadable completion: message is "
+                     f"{type(message).__name__}, not an object")
+  if isinstance(content, list):
+    texts = []
+    for part in content:
+      if not isinstance(part, dict):
+        raise _Retryable(f"unreadable completion: a content part is "
+                         f"{type(part).__name__}, not an object")
+      if part.get("type") == "text":
+        if not isinstance(part.get("text"), str):
+          raise _Retryable("unreadable completion: a text part without text")
+        texts.append(part["text"])
+    content = "".join(texts)
+  elif content is not None and not isinstance(content, str):
+    raise _Retryable(f"unreadable completion: content is "
+                     f"{type(content).__name__}, not a string")
+  if content and content.strip():
+    return valid_utf8(content)
+  refusal = message.get("refusal") if isinstance(message, dict) else None
+  if finish == "content_filter" or (isinstance(refusal, str) and refusal):
+    raise _Refused(f"refused (finish_reason={finish}): "
+                   f"{valid_utf8(str(refusal or ''))[:200]}".rstrip(": "))
+  raise _Retryable(f"empty completion (finish_reason={finish})")
+
 
 @PROVIDERS.register("openai")
 class OpenAIProvider(Provider):
   """Chat completions from an OpenAI-compatible endpoint (stdlib only).
 
   Requests run on `concurrency` threads, at most `rate` per second (0 = no
-  limit). A 429, 5xx, timeout or connection error is retried up to
-  `max_retries` times after `backoff * 2**attempt` seconds (capped at
+  limit). A 429, 5xx, timeout, connection error or empty reply is retried up
+  to `max_retries` times after `backoff * 2**attempt` seconds (capped at
   `max_backoff`, times a random factor in [0.5, 1]; a Retry-After header is
-  honoured up to the cap). With a `cache_path`, answers are appended to a
-  ReplyCache as they arrive and cached keys are never requested again.
-  Prompts still unanswered at the end raise ProviderError (all answers that
-  did arrive are cached), or come back as "" when `raise_on_failure=False`.
-  After `give_up_after` prompts in a row got no answer (0 = never), the rest
-  are not asked and ProviderError is raised either way: the endpoint is
-  down or refuses us, and retrying every prompt would take hours.
+  honoured up to the cap); another 4xx or a content-filtered reply is a
+  refusal, not retried. With a `cache_path`, answers are appended to a
+  ReplyCache as they arrive, and a prompt asked the same way (see
+  `fingerprint`) is never requested again. Prompts still unanswered at the
+  end raise ProviderError (all answers that did arrive are cached), or come
+  back as "" (counted in `stats["unanswered"]`) when
+  `raise_on_failure=False`: the way to finish a run despite prompts the
+  endpoint always refuses. After `give_up_after` prompts in a row got no
+  answer (0 = never), the rest are not asked and ProviderError is raised
+  either way: the endpoint is down or refuses us, and retrying every prompt
+  would take hours. A KeyboardInterrupt cancels the prompts not yet asked.
   The API key is read from the environment variable named `api_key_env`;
   without it, no Authorization header is sent (local servers need none).
   """
@@ -326,6 +421,15 @@ class OpenAIProvider(Provider):
     self.cache = ReplyCache(cache_path) if cache_path else None
     if self.cache is not None:
       self.stats["torn_cache_lines"] = self.cache.torn
+      self.stats["ignored_cache_rows"] = self.cache.ignored
+
+  def fingerprint(self, prompt: Prompt) -> str:
+    """A short hash of everything that shapes the answer to `prompt`."""
+    request = {"model": self.model, "system": prompt.system,
+               "user": prompt.user, "temperature": float(self.temperature),
+               "max_tokens": int(self.max_tokens)}
+    text = json.dumps(request, sort_keys=True, ensure_ascii=True)
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:16]
 
   def _count(self, name: str) -> None:
     with self._stats_lock:
@@ -358,22 +462,23 @@ class OpenAIProvider(Provider):
         except ValueError:
           after = None
         raise _Retryable(f"HTTP {e.code}: {detail}", after) from None
-      raise RuntimeError(f"HTTP {e.code} from {self.url}: {detail}") from None
+      raise _Refused(f"HTTP {e.code} from {self.url}: {detail}") from None
     except (urllib.error.URLError, socket.timeout, TimeoutError,
             ConnectionError, http.client.HTTPException) as e:
       raise _Retryable(f"{type(e).__name__}: {e}") from None
     try:
-      message = json.loads(payload)["choices"][0]["message"]
+      choice = json.loads(payload)["choices"][0]
     except (ValueError, KeyError, IndexError, TypeError) as e:
       raise _Retryable(f"unreadable completion ({type(e).__name__}): "
                        f"{payload[:200]!r}") from None
-    return message.get("content") or ""
+    return _message_text(choice)
 
-  def _ask(self, prompt: Prompt) -> str:
+  def _ask(self, prompt: Prompt, fingerprint: str,
+           cancelled: threading.Event) -> str:
     """Asks with retries; caches and returns the answer."""
     attempt = 0
     while True:
-      if self._stopped.is_set():
+      if self._stopped.is_set() or cancelled.is_set():
         raise _NotAsked(f"'{prompt.key}': not asked, the provider stopped")
       self.bucket.acquire()
       self._count("requests")
@@ -386,7 +491,8 @@ class OpenAIProvider(Provider):
           raise RuntimeError(f"'{prompt.key}': gave up after "
                              f"{attempt + 1} tries: {e}") from None
         self._count("retries")
-        delay = min(self.max_backoff, self.backoff * 2 ** attempt)
+        delay = min(self.max_backoff, self.backoff *
+                    2.0 ** min(attempt, _MAX_BACKOFF_EXPONENT))
         with self._stats_lock:
           delay *= 0.5 + 0.5 * self._random.random()
         if e.retry_after is not None:
@@ -395,13 +501,16 @@ class OpenAIProvider(Provider):
                      prompt.key, attempt + 1, e, delay)
         time.sleep(delay)
         attempt += 1
-      except RuntimeError:
+      except RuntimeError as e:
         self._no_answer()
+        if isinstance(e, _Refused):
+          self._count("refused")
+          raise _Refused(f"'{prompt.key}': {e}") from None
         raise
     with self._stats_lock:
       self._failures_in_a_row = 0
     if self.cache is not None:
-      self.cache.add(prompt.key, answer, self.model)
+      self.cache.add(prompt.key, fingerprint, answer, self.model)
     return answer
 
   def _no_answer(self) -> None:
@@ -413,16 +522,22 @@ class OpenAIProvider(Provider):
 
   def generate(self, prompts: Sequence[Prompt]) -> list[str]:
     answers: dict[str, str] = {}
-    todo: dict[str, Prompt] = {}
+    todo: dict[str, tuple[Prompt, str]] = {}
     for prompt in prompts:
-      if self.cache is not None and prompt.key in self.cache:
-        answers[prompt.key] = self.cache.answers[prompt.key]
+      fingerprint = self.fingerprint(prompt)
+      cached = (self.cache.get(prompt.key, fingerprint)
+                if self.cache is not None else None)
+      if cached is not None:
+        answers[prompt.key] = cached
         self.stats["cache_hits"] += 1
       else:
-        todo.setdefault(prompt.key, prompt)
-    failed, last_error = {}, ""
-    with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
-      futures = {pool.submit(self._ask, p): key for key, p in todo.items()}
+        todo.setdefault(prompt.key, (prompt, fingerprint))
+    failed, refused, last_error = {}, 0, ""
+    cancelled = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(self.concurrency)
+    try:
+      futures = {pool.submit(self._ask, p, f, cancelled): key
+                 for key, (p, f) in todo.items()}
       for future in concurrent.futures.as_completed(futures):
         key = futures[future]
         try:
@@ -430,21 +545,42 @@ class OpenAIProvider(Provider):
         except RuntimeError as e:
           failed[key] = str(e)
           self.stats["failures"] += 1
+          refused += isinstance(e, _Refused)
           if not isinstance(e, _NotAsked):
             last_error = str(e)
             logging.warning("openai: %s", e)
+    except BaseException:
+      # Ctrl-C (or a bug): drop the queued prompts instead of asking them
+      # all first; requests in flight finish and their answers are cached.
+      cancelled.set()
+      pool.shutdown(wait=False, cancel_futures=True)
+      raise
+    pool.shutdown()
     if self._stopped.is_set():
+      advice = ("the same command resumes once it answers "
+                "(--generate.openai.give_up_after=0 never stops)")
+      if refused:
+        advice += (f"; {refused} prompts were refused: if only some prompts "
+                   "are, add --generate.openai.raise_on_failure=False too")
       raise ProviderError(
           f"openai: stopped asking after {self.give_up_after} prompts in a "
           f"row got no answer from {self.url} (is it up, and are the model "
           f"and key right?); last: {last_error or '?'}. Answers received "
-          f"are cached: the same command resumes (give_up_after=0 never "
-          f"stops, e.g. when only some prompts are refused).", sorted(failed))
+          f"are cached: {advice}.", sorted(failed))
     if failed and self.raise_on_failure:
       first = next(iter(failed.values()))
-      raise ProviderError(f"openai: {len(failed)} of {len(todo)} prompts got "
-                          f"no answer (answers received are cached); first: "
-                          f"{first}", sorted(failed))
+      raise ProviderError(
+          f"openai: {len(failed)} of {len(todo)} prompts got no answer "
+          f"({refused} refused by the endpoint); first: {first}. Answers "
+          f"received are cached: the same command asks only the rest again. "
+          f"If the endpoint refuses some prompts every time, "
+          f"--generate.openai.raise_on_failure=False finishes the run with "
+          f"them answered \"\" (parsed as empty).", sorted(failed))
+    if failed:
+      self.stats["unanswered"] += len(failed)
+      logging.warning("openai: %d of %d prompts got no answer and are "
+                      "answered \"\" (raise_on_failure=False)", len(failed),
+                      len(todo))
     return [answers.get(p.key, "") for p in prompts]
 
   def close(self) -> None:
