@@ -650,3 +650,49 @@ def test_content_similarity_matches_sklearn_and_transformers(tmp_path):
   # Planted: summaries carry six words of the book's topic, titles two.
   assert (figures["tfidf"]["summary"]["test"]["all"]["auc"]
           > figures["tfidf"]["title"]["test"]["all"]["auc"])
+
+
+def test_release_leak_counts_copied_titles(tmp_path):
+  # Five users; generated titles copy the test click (U0, U1), the book
+  # before it (U2), nothing (U3), or are unreadable (U4: not counted).
+  books = {f"B{i}": f"Book  {i}" for i in range(12)}
+  write_tsv(tmp_path / "news.tsv",
+            [[i, "book", "", t, "", "", "[]", "[]"] for i, t in books.items()])
+  sequences = {"U0": ["B0", "B1", "B2"], "U1": ["B3", "B4"],
+               "U2": ["B5", "B6", "B7"], "U3": ["B8", "B9"],
+               "U4": ["B10", "B11"]}
+  rows = []
+  for n, (user, seq) in enumerate(sequences.items()):
+    negative = "B11" if seq[-1] != "B11" else "B0"
+    rows.append([str(n), user, "", " ".join(seq[:-1]),
+                 f"{negative}-0 {seq[-1]}-1"])
+  write_tsv(tmp_path / "test" / "behaviors.tsv", rows)
+  write_tsv(tmp_path / "train" / "behaviors.tsv", rows[:1])
+  replies = {"U0": "book 2", "U1": " BOOK 4 ", "U2": "Book 6", "U3": "Other"}
+  lines = [json.dumps({"user_id": u, "response": json.dumps(
+      {"title": t, "description": "d"})}) for u, t in replies.items()]
+  lines.append(json.dumps({"user_id": "U4", "response": "no json here"}))
+  (tmp_path / "genre").mkdir()
+  (tmp_path / "genre" / "generator_v1.jsonl").write_text(
+      "\n".join(lines) + "\n", encoding="utf-8")
+
+  figures, table = _run("genre_release_leak.py", f"--data_dir={tmp_path}",
+                        "--positions=3")
+  assert "test click" in table and "3rd last" in table
+  got = figures["generator_v1.jsonl"]
+  assert got["users"] == 4
+  assert got["positions"]["1"] == {"matches": 2, "users": 4, "rate": 0.5}
+  assert got["positions"]["2"] == {"matches": 1, "users": 4, "rate": 0.25}
+  assert got["positions"]["3"] == {"matches": 0, "users": 2, "rate": 0.0}
+  # Chance pairs each title with another user's test click: U0's "book 2"
+  # and U1's "book 4" can each match at most once, and never their own.
+  assert got["chance"]["users"] <= 4
+  assert got["chance"]["matches"] <= 2
+
+
+def test_release_leak_on_the_goodreads_release(goodreads_dir):
+  figures, _ = _run("genre_release_leak.py", f"--data_dir={goodreads_dir}")
+  assert set(figures) == {"generator_v1.jsonl", "generator_v2.jsonl"}
+  for result in figures.values():
+    assert result["users"] > 1000
+    assert set(result["positions"]) == {"1", "2", "3", "4", "5"}
