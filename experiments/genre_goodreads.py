@@ -152,42 +152,6 @@ def run_name(model: str, variant: str, seed: int) -> str:
   return name
 
 
-# Where the data lives, not what the run is: may differ between machines.
-_LOCATION_KEYS = ("data.path", "data.data_dir")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
-
-
-def check_same_config(path: str, saved: dict, config) -> None:
-  """Raises UsageError when `saved` (the config read from `path`) is not
-  `config`: a run of another config is never read as this one."""
-  # Both through JSON, so tuples compare as lists.
-  saved = _flat(json.loads(json.dumps(saved)))
-  wanted = _flat(json.loads(config.to_json_best_effort()))
-  # A key added to the config after the run was made, set to its default,
-  # describes what the run did all along (e.g. model.scaled_dot=False).
-  defaults = _flat(json.loads(config_lib.base_config().to_json_best_effort()))
-  differ = [k for k in sorted(set(saved) | set(wanted))
-            if k not in _LOCATION_KEYS and saved.get(k) != wanted.get(k)
-            and not (k not in saved and k in defaults
-                     and wanted.get(k) == defaults[k])]
-  if differ:
-    shown = "; ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now"
-                      for k in differ[:5])
-    raise app.UsageError(
-        f"{path}: this holds a run with another config "
-        f"({shown}{'; ...' if len(differ) > 5 else ''}); move it away or "
-        "choose another --workdir_root / --out_dir")
-
-
 def _workdir_config(workdir: str) -> dict:
   try:
     return json.loads(workdir_lib.load_config(workdir).to_json_best_effort())
@@ -230,7 +194,7 @@ def read_record(path: str, config) -> dict:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
       raise app.UsageError(f"{path}: final_metrics.{field} is missing or "
                            "not a number")
-  check_same_config(path, record["config"], config)
+  workdir_lib.check_same_config(path, record["config"], config)
   return final
 
 
@@ -242,7 +206,8 @@ def run_one(model: str, variant: str, seed: int) -> dict | None:
   config = variant_config(model, variant, seed)
   config_path = os.path.join(workdir, "config.json")
   if os.path.isfile(config_path):
-    check_same_config(config_path, _workdir_config(workdir), config)
+    workdir_lib.check_same_config(config_path, _workdir_config(workdir),
+                                  config)
   final = os.path.join(workdir, "final_metrics.json")
   if os.path.isfile(final):
     with open(final, encoding="utf-8") as f:

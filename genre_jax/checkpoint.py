@@ -67,6 +67,20 @@ def check_fits(manager, step: int, item: str, abstract_tree) -> None:
                     "config.data or version of genre_jax?")
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds a complete latest or best checkpoint.
+
+  Reads the folder names only (Orbax names a complete save by its number),
+  so it opens no checkpoint manager and creates nothing.
+  """
+  for name in ("latest", "best"):
+    folder = os.path.join(workdir, "checkpoints", name)
+    if os.path.isdir(folder) and any(entry.isdigit()
+                                     for entry in os.listdir(folder)):
+      return True
+  return False
+
+
 class Checkpoints:
   """The latest and the best checkpoint of one workdir.
 

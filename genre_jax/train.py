@@ -273,8 +273,14 @@ def train_step(state, batch, items, *, parts: Parts, seed: int):
   updates, opt = parts.tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   new_state = {"params": params, "opt": opt, "step": state["step"] + 1}
+  # False once the step diverged: a non-finite loss, or parameters that the
+  # update made non-finite (the loss is computed before the update).
+  finite = jnp.isfinite(aux["loss"])
+  for leaf in jax.tree.leaves(params):
+    if jnp.issubdtype(leaf.dtype, jnp.inexact):
+      finite &= jnp.isfinite(leaf).all()
   return new_state, {"loss": aux["loss"],
-                     "grad_norm": optax.tree.norm(grads)}
+                     "grad_norm": optax.tree.norm(grads), "finite": finite}
 
 
 def compile_train_step(parts: Parts, state, batch_shapes, items, mesh,
@@ -453,6 +459,39 @@ def _abstract(tree):
       tree)
 
 
+class TrainingDivergedError(ConfigError, FloatingPointError):
+  """The loss or the parameters became NaN or infinite (usually a learning
+  rate too high): the run stops rather than save or report such a model."""
+
+
+@jax.jit
+def _track_divergence(first_bad, finite, step, loss):
+  """(step, loss) of the first non-finite step so far; step -1: none yet.
+
+  Runs on the device after every step, so finding a diverged run needs no
+  host sync beyond the ones the loop already makes.
+  """
+  step_bad, loss_bad = first_bad
+  new = (step_bad < 0) & ~finite
+  return (jnp.where(new, step, step_bad),
+          jnp.where(new, loss.astype(jnp.float32), loss_bad))
+
+
+def _check_not_diverged(first_bad, config) -> None:
+  """Raises TrainingDivergedError if a step so far was not finite."""
+  step, loss = (x.item() for x in jax.device_get(first_bad))
+  if step < 0:
+    return
+  what = (f"loss is {loss}" if not math.isfinite(loss) else
+          f"the parameters are not finite after the update (loss {loss:.4g})")
+  raise TrainingDivergedError(
+      f"training diverged: {what} at step {step}; lower config.train.lr "
+      f"(now {config.train.lr}), raise config.train.warmup_steps (now "
+      f"{config.train.warmup_steps}) or check the data, and train again "
+      "in a new --workdir. No checkpoint or metrics of the diverged model "
+      "were saved.")
+
+
 def restore_params_from(workdir: str, target_params, *, which: str = "best"):
   """Parameters of another run's best (or latest) checkpoint, shaped as target."""
   checkpoints = ckpt_lib.Checkpoints(workdir)
@@ -520,9 +559,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   check_batch_size(config, "train")
   check_batch_size(config, "eval")
   os.makedirs(workdir, exist_ok=True)
+  # A checkpoint resumed under another config (another dataset, model or
+  # optimizer) would pass one run off as another: checked before the data
+  # is prepared, and before config.json is rewritten.
+  if ckpt_lib.has_checkpoint(workdir):
+    workdir_lib.check_resumable(workdir, config)
   if dataset is None:
     dataset = data_lib.load_dataset(config.data)
-  workdir_lib.save_config(workdir, config)
   tc = config.train
   mesh = make_mesh()
 
@@ -552,6 +595,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   restored = checkpoints.restore(checkpoints.latest, _abstract(state))
   if restored is not None:
     state, progress = restored
+    # A finished run goes on when its limits were raised (check_resumable
+    # lets epochs, max_steps and patience change); else it stays done.
+    progress["done"] = (
+        int(progress["epoch"]) >= int(tc.epochs) or
+        int(progress["bad_epochs"]) >= int(tc.patience) or
+        bool(tc.max_steps and int(progress["step"]) >= int(tc.max_steps)))
     logging.info("Resumed %s at step %d (epoch %d, batch %d).", workdir,
                  progress["step"], progress["epoch"], progress["batch"])
   elif init_from:
@@ -560,6 +609,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                             "step": state["step"]}, replicated)
     logging.info("Initialised parameters from the best checkpoint of %s.",
                  init_from)
+  # Written once the resume is known to fit: config.json always describes
+  # the checkpoints beside it.
+  workdir_lib.save_config(workdir, config)
 
   # Global batch shapes: each process holds batch_size / process_count rows.
   local = next(batcher.epoch(0))
@@ -591,6 +643,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                              (time.time() - tick if in_epoch else 0.0)}
 
   tick, in_epoch = time.time(), False
+  # (step, loss) of the first non-finite step, on the device; -1: none.
+  first_bad = jax.device_put((jnp.int32(-1), jnp.float32(0.0)), replicated)
   while not done:
     tick, in_epoch = time.time(), True
     hit_step_limit = False
@@ -603,14 +657,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         break
       state, step_metrics = step_fn(state, batch, items)
       step += 1
+      first_bad = _track_divergence(first_bad, step_metrics["finite"],
+                                    np.int32(step), step_metrics["loss"])
       skip = batch_index + 1
       samples_done += num_real
       if step % int(tc.log_every) == 0 or step == 1:
-        loss = float(step_metrics["loss"])  # the only host sync of the loop
-        if not math.isfinite(loss):
-          raise FloatingPointError(
-              f"loss is {loss} at step {step}; lower config.train.lr or check "
-              "the data")
+        # The loop's host syncs: here, and before every save or evaluation.
+        _check_not_diverged(first_bad, config)
+        loss = float(step_metrics["loss"])
         rate = samples_done / max(time.time() - start_time, 1e-9)
         eta = (total_steps - step) * int(tc.batch_size) / max(rate, 1e-9)
         logging.info("epoch %d step %d/%d loss %.4f  %.0f samples/s  ETA %s",
@@ -618,6 +672,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if run is not None:
           run.log({"train/loss": loss, "train/samples_per_s": rate}, step=step)
       if tc.checkpoint_every and step % int(tc.checkpoint_every) == 0:
+        _check_not_diverged(first_bad, config)
         checkpoints.save(checkpoints.latest, state,
                          progress_record(skip, False))
       if step_callback is not None:
@@ -627,10 +682,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     in_epoch = False
 
     # --- Evaluate on dev, keep the best, early stopping ---
+    _check_not_diverged(first_bad, config)
     result = evaluator.evaluate(state["params"],
                                 dataset.splits[config.eval.dev_split])
     record = {"step": step, "epoch": epoch, "split": config.eval.dev_split,
               **result["all"], "cold": result["cold"]}
+    if record["num_impressions"] and not all(
+        math.isfinite(record[k]) for k in metrics_lib.METRIC_KEYS):
+      # Only non-finite scores make a scored impression's metrics NaN.
+      raise TrainingDivergedError(
+          f"training diverged: the model scores {config.eval.dev_split} "
+          f"candidates as NaN or infinite at step {step} (dev AUC "
+          f"{record['auc']}); lower config.train.lr (now {tc.lr}) or check "
+          "the data, and train again in a new --workdir. Nothing of this "
+          "model was saved.")
     workdir_lib.append_metrics(workdir, record)
     logging.info("eval %s epoch %d step %d: auc %.4f mrr %.4f ndcg5 %.4f "
                  "ndcg10 %.4f (cold users: auc %.4f)", record["split"], epoch,
@@ -639,7 +704,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if run is not None:
       run.log({f"dev/{k}": record[k] for k in metrics_lib.METRIC_KEYS},
               step=step)
-    if record["auc"] > best["auc"]:
+    if math.isfinite(record["auc"]) and record["auc"] > best["auc"]:
       best, bad_epochs = {"auc": record["auc"], "step": step}, 0
       checkpoints.save(checkpoints.best, state, progress_record(0, False))
     else:

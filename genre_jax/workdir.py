@@ -1,6 +1,7 @@
 """The files of a run directory, each written atomically.
 
-  config.json          the run's full config (written before training)
+  config.json          the run's full config (written before training; a
+                       resume must keep it, see check_resumable)
   metrics.json         every evaluation, appended as training goes
   final_metrics.json   the best checkpoint's dev/test metrics
   checkpoints/         Orbax checkpoints (checkpoint.py)
@@ -47,6 +48,101 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
+# Where the data lives, not what the run is: may differ between machines.
+LOCATION_KEYS = ("data.path", "data.data_dir")
+
+# What may change when a run is resumed from its checkpoint: how long it
+# trains (to extend it), how often it logs, saves and stops early, where
+# caches live and how (not what) it computes. Any other change would make
+# the checkpoint another run's.
+RESUMABLE_KEYS = ("data.data_dir", "model.lm.cache_dir", "train.epochs",
+                  "train.max_steps", "train.patience", "train.log_every",
+                  "train.checkpoint_every", "train.prefetch",
+                  "train.dedup_items", "eval.batch_size")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """{"a.b.c": value} of every leaf of a nested dict."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def config_differences(saved: dict[str, Any],
+                       config: ml_collections.ConfigDict,
+                       ignore: tuple[str, ...] = ()
+                       ) -> list[tuple[str, Any, Any]]:
+  """(dotted field, saved value, config's value) of every field, outside
+  `ignore`, where the saved config (a config.json) is not `config`.
+
+  A field the saved config lacks (added to genre_jax since) and `config`
+  holds at its default is no difference: it describes what the run did.
+  """
+  from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+
+  # Both through JSON, so tuples compare as lists.
+  saved = _flat(json.loads(json.dumps(saved)))
+  wanted = _flat(json.loads(config.to_json_best_effort()))
+  defaults = _flat(json.loads(config_lib.base_config().to_json_best_effort()))
+  return [(k, saved.get(k), wanted.get(k))
+          for k in sorted(set(saved) | set(wanted))
+          if k not in ignore and saved.get(k) != wanted.get(k)
+          and not (k not in saved and k in defaults
+                   and wanted.get(k) == defaults[k])]
+
+
+def check_same_config(path: str, saved: dict[str, Any],
+                      config: ml_collections.ConfigDict) -> None:
+  """Raises UsageError when `saved` (the config read from `path`) is not
+  `config` (but for LOCATION_KEYS): a run of another config is never read as
+  this one (experiment grids reusing finished runs)."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  differ = config_differences(saved, config, LOCATION_KEYS)
+  if differ:
+    shown = "; ".join(f"{k}: {old!r} there, {new!r} now"
+                      for k, old, new in differ[:5])
+    raise app.UsageError(
+        f"{path}: this holds a run with another config "
+        f"({shown}{'; ...' if len(differ) > 5 else ''}); move it away or "
+        "choose another --workdir_root / --out_dir")
+
+
+def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError unless `config` may resume the run in `workdir`.
+
+  Call it when the workdir holds a checkpoint, before config.json is
+  rewritten: a checkpoint resumed (or reported) under another config, e.g.
+  another dataset, would pass off one run's model as another's.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return  # nothing to compare with (config.json deleted by hand)
+  saved = _read_json(path)
+  if not isinstance(saved, dict):
+    raise ConfigError(f"{path}: not a config (a JSON object)")
+  differ = config_differences(saved, config, RESUMABLE_KEYS)
+  if differ:
+    shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in differ)
+    raise ConfigError(
+        f"{path}: the checkpoint in this workdir was trained with another "
+        f"config; it cannot be resumed with this one (saved -> now: {shown})."
+        " Train into a new --workdir, or set these fields back; a resumed "
+        f"run may change only {', '.join(RESUMABLE_KEYS)}")
+
+
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    try:
+      return json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+
+
 def _with_defaults(defaults: dict[str, Any], saved: dict[str, Any]
                    ) -> dict[str, Any]:
   """saved, with the fields it lacks (added to genre_jax since) filled in."""
@@ -71,11 +167,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if not os.path.exists(path):
     raise ConfigError(f"{path}: no config.json; is '{workdir}' a genre_jax "
                       "workdir (created by run.py --mode=train)?")
-  with open(path) as f:
-    try:
-      saved = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
+  saved = _read_json(path)
   return ml_collections.ConfigDict(
       _with_defaults(config_lib.base_config().to_dict(), saved))
 

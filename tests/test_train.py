@@ -20,6 +20,7 @@ from genre_jax import data as data_lib
 from genre_jax import train
 from genre_jax import workdir as workdir_lib
 from genre_jax.config import load_preset
+from genre_jax.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -498,3 +499,108 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
   new = tmp_path / "new.json"
   workdir_lib.atomic_write_text(new, "{}")
   assert new.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_resume_under_another_config_is_an_error_naming_the_fields(
+    trained, tmp_path):
+  # A checkpoint is never resumed (nor its metrics reported) under another
+  # data or training config, and the rejected run leaves config.json as it
+  # was, so that eval still reads the checkpoint's own config.
+  config, workdir, _ = trained
+  copy = tmp_path / "run"
+  subprocess.run(["cp", "-r", workdir, str(copy)], check=True)
+  saved = (copy / "config.json").read_text()
+  other = config.copy_and_resolve_references()
+  other.data.history_len = 7
+  other.train.lr = 0.5
+  with pytest.raises(ConfigError) as error:
+    train.train_and_evaluate(other, str(copy))
+  message = str(error.value)
+  assert "trained with another config" in message
+  assert (f"(saved -> now: data.history_len: 10 -> 7; train.lr: "
+          f"{config.train.lr!r} -> 0.5)") in message
+  assert (copy / "config.json").read_text() == saved
+  # Raising the step limit (and logging more often) extends the run.
+  longer = config.copy_and_resolve_references()
+  longer.train.max_steps = 7
+  longer.train.log_every = 1
+  summary = train.train_and_evaluate(longer, str(copy))
+  assert summary["steps"] == 7
+  assert json.loads((copy / "config.json").read_text())["train"][
+      "max_steps"] == 7
+
+
+def test_diverged_training_stops_and_saves_nothing(data_dir, tmp_path,
+                                                   monkeypatch):
+  # lr 1e30: the loss is NaN from step 2. It is caught at once (not at the
+  # next log step), before any checkpoint, evaluation or final metrics.
+  config = shrink(load_preset("nrms"), data_dir, lr=1e30, warmup_steps=0,
+                  max_steps=4, checkpoint_every=3)
+  workdir = tmp_path / "diverged"
+  with pytest.raises(FloatingPointError,
+                     match="training diverged: loss is nan at step 2; lower "
+                     r"config.train.lr \(now 1e\+30\)") as error:
+    train.train_and_evaluate(config, str(workdir))
+  assert isinstance(error.value, ConfigError)  # run.py: one line, no trace
+  assert not ckpt_lib.has_checkpoint(str(workdir))
+  assert not (workdir / "metrics.json").exists()
+  assert not (workdir / "final_metrics.json").exists()
+
+  # A model whose dev scores are not finite is never saved as the best one
+  # nor reported, even when its loss looked fine.
+  def nan_scores(self, params, behaviors, item_vecs=None):
+    scores, labels, masks = original(self, params, behaviors, item_vecs)
+    return np.full_like(scores, np.nan), labels, masks
+
+  original = train.Evaluator.scores
+  monkeypatch.setattr(train.Evaluator, "scores", nan_scores)
+  config = shrink(load_preset("nrms"), data_dir, max_steps=2)
+  workdir = tmp_path / "nan_scores"
+  with pytest.raises(FloatingPointError,
+                     match="scores dev candidates as NaN or infinite"):
+    train.train_and_evaluate(config, str(workdir))
+  checkpoints = ckpt_lib.Checkpoints(str(workdir))
+  try:
+    assert checkpoints.best.latest_step() is None
+  finally:
+    checkpoints.close()
+  assert not (workdir / "final_metrics.json").exists()
+
+
+def test_eval_with_nothing_to_score_is_an_error_not_nan(trained, tmp_path):
+  # No impression with metrics (empty file, unknown items only, one-class
+  # impressions): one line naming the file and why, exit status 2, no
+  # {"auc": NaN} (not JSON) on stdout.
+  _, workdir, _ = trained
+  cases = {
+      "empty.tsv": ("", "the file has no rows"),
+      "unknown.tsv": ("1\tU1\t\t\tNX-1 NY-0\n", "every candidate item of "
+                      "its rows (1) is unknown"),
+      "one_class.tsv": ("1\tU1\t\t\tN1-1 N2-1\n2\tU2\t\t\tN3-0\n",
+                        "every impression (2) has only clicked or only "
+                        "non-clicked candidates"),
+  }
+  for name, (text, why) in cases.items():
+    path = tmp_path / name
+    path.write_text(text)
+    result = _run("--mode=eval", f"--workdir={workdir}",
+                  f"--eval_file={path}")
+    assert result.returncode == 2, (name, result.stderr[-3000:])
+    assert (f"error: --eval_file={path}: no impression can be scored: "
+            f"{why}") in result.stderr, name
+    assert "Traceback" not in result.stderr
+    assert "NaN" not in result.stdout
+
+
+def test_final_json_lines_are_strict_json():
+  # Undefined figures (e.g. cold-user AUC with no cold users) print as null
+  # with a warning: NaN is not JSON. Run apart: run.py defines absl flags.
+  script = ("import run; print(run._json_line({'auc': float('nan'), "
+            "'cold': {'auc': float('inf'), 'n': 0}, 'xs': [1.5]}))")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(result.stdout) == {"auc": None,
+                                       "cold": {"auc": None, "n": 0},
+                                       "xs": [1.5]}
+  assert "written as null: auc=nan, cold.auc=inf" in result.stderr
