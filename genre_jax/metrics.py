@@ -5,10 +5,15 @@ then averaged over impressions, as in the MIND leaderboard protocol. An
 impression whose candidates are all clicked or all not clicked has no defined
 AUC; it is skipped (and counted), never a crash and never a silent 0.5.
 
-Scores of padded candidates are ignored through `mask`. AUC treats tied scores
-as half-correct, exactly like scikit-learn's `roc_auc_score`. MRR and nDCG rank
-candidates by descending score; ties keep candidate order (stable sort), as
-the MIND evaluation script does with numpy's argsort.
+Padded candidates are left out through `mask` alone: no score value stands
+for "padding", so any real score ranks as itself. An impression with a
+non-finite (NaN or infinite) score on a real candidate gets NaN metrics, and
+so does any average over it: a diverged model never looks like a ranking.
+
+Tied scores are averaged over every order of the tied candidates (uniformly
+random tie-breaking): AUC counts a tied pair as half-correct, exactly like
+scikit-learn's `roc_auc_score`, and MRR and nDCG@k are their expectations.
+A constant scorer thus gets the same figures whatever the candidate order.
 """
 
 from __future__ import annotations
@@ -20,23 +25,23 @@ import numpy as np
 METRIC_KEYS = ("auc", "mrr", "ndcg5", "ndcg10")
 
 
-def _average_ranks(scores: np.ndarray) -> np.ndarray:
-  """Ascending 1-based ranks per row, ties sharing their average rank. [M, C]."""
-  num_rows, num_cols = scores.shape
-  order = np.argsort(scores, axis=1, kind="stable")
-  sorted_scores = np.take_along_axis(scores, order, axis=1)
+def _tie_group_means(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+  """Mean of `values` over each run of equal keys, at every position. [M, C].
+
+  starts: [M, C] bool, True where a new run (tie group) begins along axis 1.
+  """
+  num_rows, num_cols = values.shape
   position = np.broadcast_to(np.arange(num_cols), (num_rows, num_cols))
-  starts = np.ones((num_rows, num_cols), bool)
-  starts[:, 1:] = sorted_scores[:, 1:] != sorted_scores[:, :-1]
   ends = np.ones((num_rows, num_cols), bool)
   ends[:, :-1] = starts[:, 1:]
   first = np.maximum.accumulate(np.where(starts, position, 0), axis=1)
   last = np.minimum.accumulate(
       np.where(ends, position, num_cols - 1)[:, ::-1], axis=1)[:, ::-1]
-  ranks_sorted = (first + last) / 2.0 + 1.0
-  ranks = np.empty_like(ranks_sorted)
-  np.put_along_axis(ranks, order, ranks_sorted, axis=1)
-  return ranks
+  cumsum = np.concatenate(
+      [np.zeros((num_rows, 1)), np.cumsum(values, axis=1)], axis=1)
+  group_sum = (np.take_along_axis(cumsum, last + 1, axis=1) -
+               np.take_along_axis(cumsum, first, axis=1))
+  return group_sum / (last - first + 1)
 
 
 def impression_metrics(scores: np.ndarray, labels: np.ndarray,
@@ -49,8 +54,10 @@ def impression_metrics(scores: np.ndarray, labels: np.ndarray,
     mask: [M, C] bool, True on real candidates (default: all real).
 
   Returns:
-    Dict of [M] float64 arrays for METRIC_KEYS plus "valid" ([M] bool: the
-    impression has at least one clicked and one non-clicked candidate).
+    Dict of [M] float64 arrays for METRIC_KEYS (NaN where the impression is
+    not valid or a real candidate's score is not finite) plus "valid" ([M]
+    bool: the impression has at least one clicked and one non-clicked
+    candidate).
   """
   scores = np.asarray(scores, np.float64)
   labels = np.asarray(labels, np.float64)
@@ -60,30 +67,39 @@ def impression_metrics(scores: np.ndarray, labels: np.ndarray,
   num_real = mask.sum(1)
   num_neg = num_real - num_pos
   valid = (num_pos > 0) & (num_neg > 0)
+  finite = np.isfinite(scores)
+  broken = (mask & ~finite).any(1)  # [M] metrics are NaN
 
-  # AUC (Mann-Whitney): padded candidates get -inf so they rank lowest; the
-  # ranks of real candidates are then shifted by the number of pads.
-  ranked = np.where(mask, scores, -np.inf)
-  ranks = _average_ranks(ranked) - (scores.shape[1] - num_real)[:, None]
-  pos_rank_sum = (ranks * labels).sum(1)
-  with np.errstate(invalid="ignore", divide="ignore"):
-    auc = (pos_rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)
-
-  # MRR and nDCG: descending order, ties in candidate order.
-  order = np.argsort(-ranked, axis=1, kind="stable")
+  # Real candidates first (by score, descending), then the padding; the
+  # scores of padding and of broken rows are zeroed so they sort harmlessly.
+  clean = np.where(mask & finite, scores, 0.0)
+  order = np.lexsort((-clean, ~mask), axis=1)  # [M, C]
+  sorted_scores = np.take_along_axis(clean, order, axis=1)
+  sorted_mask = np.take_along_axis(mask, order, axis=1)
   sorted_labels = np.take_along_axis(labels, order, axis=1)
-  positions = np.arange(1, scores.shape[1] + 1)
+  # Tie groups: runs of equal score among real candidates (padding apart).
+  starts = np.ones(scores.shape, bool)
+  starts[:, 1:] = ((sorted_scores[:, 1:] != sorted_scores[:, :-1]) |
+                   (sorted_mask[:, 1:] != sorted_mask[:, :-1]))
+  # Under random tie-breaking, rank r holds a positive with probability
+  # p / g (its tie group's g candidates hold p positives).
+  hit = _tie_group_means(sorted_labels, starts)  # [M, C]
+  ranks = np.arange(1, scores.shape[1] + 1)  # descending, 1-based
+
   with np.errstate(invalid="ignore", divide="ignore"):
-    mrr = (sorted_labels / positions).sum(1) / num_pos
-  discounts = 1.0 / np.log2(positions + 1)
-  ideal = -np.sort(-labels, axis=1)
-  out = {"auc": auc, "mrr": mrr}
-  for k in (5, 10):
-    dcg = ((2 ** sorted_labels[:, :k] - 1) * discounts[:k]).sum(1)
-    idcg = ((2 ** ideal[:, :k] - 1) * discounts[:k]).sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    # AUC (Mann-Whitney) from the expected descending rank sum of positives:
+    # ascending rank = num_real + 1 - descending rank.
+    pos_rank_sum = num_pos * (num_real + 1) - (hit * ranks).sum(1)
+    auc = (pos_rank_sum - num_pos * (num_pos + 1) / 2) / (num_pos * num_neg)
+    mrr = (hit / ranks).sum(1) / num_pos
+    out = {"auc": auc, "mrr": mrr}
+    discounts = 1.0 / np.log2(ranks + 1)
+    ideal = -np.sort(-labels, axis=1)
+    for k in (5, 10):
+      dcg = (hit[:, :k] * discounts[:k]).sum(1)  # labels are 0/1
+      idcg = ((2 ** ideal[:, :k] - 1) * discounts[:k]).sum(1)
       out[f"ndcg{k}"] = dcg / idcg
-  out = {k: np.where(valid, v, np.nan) for k, v in out.items()}
+  out = {k: np.where(valid & ~broken, v, np.nan) for k, v in out.items()}
   out["valid"] = valid
   return out
 
