@@ -26,8 +26,10 @@ Any config field can be overridden: --config.model.user_encoder=gru.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -89,8 +91,35 @@ def metric_table(rows: list[tuple[str, str, dict]]) -> str:
   return "\n".join(lines)
 
 
+def _json_line(value: Any) -> str:
+  """The final JSON line of a mode: strict JSON, NaN and inf written as null.
+
+  Python's json writes NaN, which JSON parsers reject; an undefined figure
+  (e.g. the cold-user AUC of a split without cold users) becomes null, with
+  a warning on stderr naming it.
+  """
+  undefined = []
+
+  def clean(x, where):
+    if isinstance(x, dict):
+      return {k: clean(v, f"{where}.{k}" if where else str(k))
+              for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [clean(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, float) and not math.isfinite(x):
+      undefined.append(f"{where}={x}")
+      return None
+    return x
+
+  value = clean(value, "")
+  if undefined:
+    print(f"warning: undefined figures written as null: "
+          f"{', '.join(undefined)}", file=sys.stderr)
+  return json.dumps(value, allow_nan=False)
+
+
 def _metrics_json(m: dict) -> str:
-  return json.dumps({k: m[k] for k in ("auc", "mrr", "ndcg5", "ndcg10",
+  return _json_line({k: m[k] for k in ("auc", "mrr", "ndcg5", "ndcg10",
                                        "num_impressions")})
 
 
@@ -130,7 +159,7 @@ def _train(config, workdir):
     print(f"Recommendations for {min(len(users), _DEMO_USERS.value)} {split} "
           f"users: {out}")
   final = summary.get("test", summary.get("dev"))
-  print(json.dumps({"workdir": os.path.abspath(workdir),
+  print(_json_line({"workdir": os.path.abspath(workdir),
                     "dev": summary.get("dev", {}).get("all"),
                     "test": summary.get("test", {}).get("all"),
                     "test_cold": summary.get("test", {}).get("cold"),
@@ -147,22 +176,45 @@ def _eval(workdir):
   if _EVAL_FILE.value and not os.path.isfile(_EVAL_FILE.value):
     raise ConfigError(f"--eval_file={_EVAL_FILE.value}: no such file")
   config, dataset, evaluator, params = train.load_for_inference(workdir)
+  stats = None
   if _EVAL_FILE.value:
     user_index = {u: i for i, u in enumerate(dataset.user_vocab) if i > 0}
-    behaviors, _ = mind.read_behaviors(_EVAL_FILE.value, dataset.items.index(),
-                                       dict(user_index))
+    behaviors, stats = mind.read_behaviors(
+        _EVAL_FILE.value, dataset.items.index(), dict(user_index))
     behaviors.users[behaviors.users >= len(dataset.user_vocab)] = 0
     augment.extend_behaviors(behaviors, dataset)
     name = os.path.basename(_EVAL_FILE.value)
+    source = f"--eval_file={_EVAL_FILE.value}"
   else:
     if _SPLIT.value not in dataset.splits:
       raise app.UsageError(f"--split={_SPLIT.value}: the dataset has "
                            f"{sorted(dataset.splits)}")
     behaviors, name = dataset.splits[_SPLIT.value], _SPLIT.value
-  result = evaluator.evaluate(params, behaviors)
+    source = f"--split={_SPLIT.value}"
+  if len(behaviors):
+    result = evaluator.evaluate(params, behaviors)
+  if not len(behaviors) or not result["all"]["num_impressions"]:
+    raise ConfigError(f"{source}: no impression can be scored: "
+                      f"{_why_unscorable(behaviors, stats)}")
   print(metric_table([(name[:8], "all", result["all"]),
                       (name[:8], "cold", result["cold"])]))
   print(_metrics_json(result["all"]))
+
+
+def _why_unscorable(behaviors, stats) -> str:
+  """Why no impression of an eval input has metrics (for the error)."""
+  if stats is not None and not stats.rows_read:
+    return "the file has no rows"
+  if not len(behaviors):
+    if stats is not None:
+      return (f"every candidate item of its rows ({stats.rows_read}) is "
+              "unknown to this run's item table")
+    return "the split has no impressions"
+  unknown = (f" (after dropping {stats.candidate_ids_dropped} candidates "
+             "unknown to this run's item table)"
+             if stats is not None and stats.candidate_ids_dropped else "")
+  return (f"every impression ({len(behaviors)}) has only clicked or only "
+          f"non-clicked candidates{unknown}; AUC, MRR and nDCG need both")
 
 
 def _recommend(workdir):
@@ -178,7 +230,7 @@ def _recommend(workdir):
     print(f"unknown user id '{user_id}': no history for it in the dataset; "
           "pass --behaviors_file with its history to score a new user",
           file=sys.stderr)
-  print(json.dumps(result))
+  print(_json_line(result))
 
 
 def _pretrain(config, workdir):
