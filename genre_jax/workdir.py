@@ -173,9 +173,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def append_metrics(workdir: str, record: dict[str, Any]) -> None:
-  """Appends one evaluation record to `workdir/metrics.json` (atomically)."""
+  """Appends one evaluation record to `workdir/metrics.json` (atomically).
+
+  A record of the same step and split replaces the earlier one: a run
+  killed after an evaluation but before its next checkpoint evaluates that
+  step again when resumed, and must not list it twice.
+  """
   path = os.path.join(workdir, "metrics.json")
-  records = read_metrics(workdir)
+  same = (record.get("step"), record.get("split"))
+  records = [r for r in read_metrics(workdir)
+             if (r.get("step"), r.get("split")) != same]
   records.append(record)
   atomic_write_text(path, json.dumps(records, indent=2))
 

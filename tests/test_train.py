@@ -604,3 +604,18 @@ def test_final_json_lines_are_strict_json():
                                        "cold": {"auc": None, "n": 0},
                                        "xs": [1.5]}
   assert "written as null: auc=nan, cold.auc=inf" in result.stderr
+
+
+def test_an_evaluation_replayed_after_a_crash_is_listed_once(tmp_path):
+  # Killed between an evaluation and the next checkpoint, a run evaluates
+  # that step again when resumed: the new record replaces the old one.
+  workdir = str(tmp_path)
+  workdir_lib.append_metrics(workdir, {"step": 5, "split": "dev", "auc": 0.6})
+  workdir_lib.append_metrics(workdir, {"step": 5, "split": "test",
+                                       "auc": 0.5})
+  workdir_lib.append_metrics(workdir, {"step": 5, "split": "dev", "auc": 0.7})
+  workdir_lib.append_metrics(workdir, {"step": 9, "split": "dev", "auc": 0.8})
+  assert workdir_lib.read_metrics(workdir) == [
+      {"step": 5, "split": "test", "auc": 0.5},
+      {"step": 5, "split": "dev", "auc": 0.7},
+      {"step": 9, "split": "dev", "auc": 0.8}]
