@@ -657,6 +657,51 @@ def test_local_top_p_sampling_runs(tiny_llama):
   assert again.generate(_LOCAL_PROMPTS) == replies
 
 
+def test_local_replies_are_cached_per_batch_and_resumed(tiny_llama, tmp_path,
+                                                       monkeypatch):
+  cache = tmp_path / "local.cache.jsonl"
+
+  def local(**kwargs):
+    return providers.get_provider("local", model_dir=str(tiny_llama),
+                                  batch_size=2, max_new_tokens=6,
+                                  cache_path=str(cache), **kwargs)
+
+  # A crash in the second batch keeps the first batch's replies.
+  crashing = local()
+  real = type(crashing)._generate_batch
+  calls = []
+
+  def crash_on_second(self, token_lists):
+    calls.append(len(token_lists))
+    if len(calls) == 2:
+      raise KeyboardInterrupt
+    return real(self, token_lists)
+
+  monkeypatch.setattr(type(crashing), "_generate_batch", crash_on_second)
+  with pytest.raises(KeyboardInterrupt):
+    crashing.generate(_LOCAL_PROMPTS)
+  monkeypatch.undo()
+  crashing.close()
+  rows = [json.loads(line) for line in cache.read_text().splitlines()]
+  assert [r["key"] for r in rows] == [p.key for p in _LOCAL_PROMPTS[:2]]
+
+  # The same command again decodes only the third prompt, and the replies
+  # are those of a run never interrupted.
+  resumed = local()
+  replies = resumed.generate(_LOCAL_PROMPTS)
+  assert resumed.stats["cache_hits"] == 2
+  assert resumed.stats["generated_tokens"] == 6
+  assert replies == _hf_greedy(tiny_llama, _LOCAL_PROMPTS, 6)
+  resumed.close()
+  # Other generation settings ask again.
+  longer = providers.get_provider("local", model_dir=str(tiny_llama),
+                                  batch_size=2, max_new_tokens=7,
+                                  cache_path=str(cache))
+  longer.generate(_LOCAL_PROMPTS)
+  assert longer.stats["cache_hits"] == 0
+  assert longer.stats["generated_tokens"] == 3 * 7
+
+
 def test_sample_next_top_p_keeps_the_nucleus():
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top

@@ -307,7 +307,9 @@ def generate_config() -> ml_collections.ConfigDict:
   # local: the Flax Llama decoder on a local Hugging Face Llama directory.
   g.local = ml_collections.ConfigDict(dict(
       model_dir="", dtype="float32", batch_size=8, max_new_tokens=128,
-      max_prompt_len=1024, temperature=0.0, top_p=1.0, stop=(), seed=0))
+      max_prompt_len=1024, temperature=0.0, top_p=1.0, stop=(), seed=0,
+      # Append-only reply cache ("" = OUT.cache.jsonl), as for openai.
+      cache=""))
   return g
 
 
@@ -332,6 +334,7 @@ def make_provider(g: ml_collections.ConfigDict,
                         "--generate.local.model_dir (a Hugging Face Llama "
                         "directory)")
     options["stop"] = tuple(options["stop"])
+    options["cache_path"] = options.pop("cache") or f"{out_path}.cache.jsonl"
     return providers_lib.get_provider("local", **options)
   raise ConfigError(f"--generate.provider={g.provider}: choose replay, "
                     "openai or local")

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from genre_jax.errors import ConfigError
-from genre_jax.genre.providers import Prompt, Provider
+from genre_jax.genre.providers import (Prompt, Provider, ReplyCache,
+                                       request_fingerprint)
 from genre_jax.lm import hf
 from genre_jax.lm import llama
 
@@ -132,13 +133,20 @@ class LocalProvider(Provider):
   prompts keep their last tokens, counted in stats["truncated_prompts"]),
   prefilled, then decoded one token per jitted step until every row hit EOS,
   a stop string, or `max_new_tokens`. temperature 0 is greedy.
+
+  With a `cache_path`, each batch's replies are appended to a ReplyCache as
+  soon as it is decoded, keyed by prompt and a fingerprint of the model
+  files and generation settings: a crashed or re-run generation decodes
+  only what is missing (sampled replies then differ from an uninterrupted
+  run's, as the random stream is not replayed).
   """
 
   def __init__(self, model_dir: str, *, dtype: str = "float32",
                batch_size: int = 8, max_new_tokens: int = 128,
                max_prompt_len: int = 1024, temperature: float = 0.0,
                top_p: float = 1.0, stop: Sequence[str] = (), seed: int = 0,
-               chat_template: bool = True, stop_check_every: int = 8):
+               chat_template: bool = True, stop_check_every: int = 8,
+               cache_path: str = ""):
     super().__init__()
     if batch_size < 1 or max_new_tokens < 1 or max_prompt_len < 1:
       raise ConfigError("local provider: batch_size, max_new_tokens and "
@@ -161,6 +169,20 @@ class LocalProvider(Provider):
     self.stop = tuple(s for s in stop if s)
     self.stop_check_every = max(1, stop_check_every)
     self._rng = jax.random.key(seed)
+    # What shapes a reply besides the prompt: the model's files as they are
+    # now (weights replaced in place ask again) and the generation settings.
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                   for f in self.model_dir.iterdir() if f.is_file())
+    self._settings = {
+        "model": str(self.model_dir.resolve()), "files": files,
+        "dtype": self.dtype.name, "max_new_tokens": max_new_tokens,
+        "max_prompt_len": max_prompt_len, "temperature": float(temperature),
+        "top_p": float(top_p), "stop": list(self.stop), "seed": seed,
+        "chat_template": bool(chat_template)}
+    self.cache = ReplyCache(cache_path) if cache_path else None
+    if self.cache is not None:
+      self.stats["torn_cache_lines"] = self.cache.torn
+      self.stats["ignored_cache_rows"] = self.cache.ignored
     graphdef, self._state = nnx.split(self.model)
     # Module-level jit keyed on the (hashable) graph definition: providers on
     # models of one shape share a compiled step, whatever their sampling.
@@ -239,9 +261,29 @@ class LocalProvider(Provider):
     return (text[:min(cuts)] if cuts else text).strip()
 
   def generate(self, prompts: Sequence[Prompt]) -> list[str]:
-    replies = []
-    token_lists = self._encode(prompts)
-    for start in range(0, len(prompts), self.batch_size):
-      replies += self._generate_batch(
+    replies: list[str] = [""] * len(prompts)
+    fingerprints = [request_fingerprint(self._settings, p) for p in prompts]
+    todo = []  # Indices of the prompts to decode.
+    for i, (prompt, fingerprint) in enumerate(zip(prompts, fingerprints)):
+      cached = (self.cache.get(prompt.key, fingerprint)
+                if self.cache is not None else None)
+      if cached is None:
+        todo.append(i)
+      else:
+        replies[i] = cached
+        self.stats["cache_hits"] += 1
+    token_lists = self._encode([prompts[i] for i in todo])
+    for start in range(0, len(todo), self.batch_size):
+      batch = todo[start:start + self.batch_size]
+      answers = self._generate_batch(
           token_lists[start:start + self.batch_size])
+      for i, answer in zip(batch, answers):
+        replies[i] = answer
+        if self.cache is not None and answer:  # "" is decoded again.
+          self.cache.add(prompts[i].key, fingerprints[i], answer,
+                         self._settings["model"])
     return replies
+
+  def close(self) -> None:
+    if self.cache is not None:
+      self.cache.close()

@@ -105,6 +105,14 @@ def valid_utf8(text: str) -> str:
   return text.encode("utf-8", "replace").decode("utf-8")
 
 
+def request_fingerprint(settings: dict[str, Any], prompt: Prompt) -> str:
+  """A short hash of everything that shapes the answer to `prompt`: the
+  provider's model and sampling `settings`, and the prompt's texts."""
+  request = {**settings, "system": prompt.system, "user": prompt.user}
+  text = json.dumps(request, sort_keys=True, ensure_ascii=True)
+  return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:16]
+
+
 def _as_text(response: Any) -> str:
   """A released response as reply text (lists and objects as JSON)."""
   if not isinstance(response, str):
@@ -214,7 +222,7 @@ class ReplyCache:
 
   Rows are {"key", "fingerprint", "response", "model"}. An answer is served
   only for the same key and request fingerprint (model, prompt texts and
-  sampling settings: see `OpenAIProvider.fingerprint`), so re-running with
+  sampling settings: see `request_fingerprint`), so re-running with
   another model or prompt wording asks again, and one file can hold the
   answers of several. Rows without a fingerprint (written by older versions)
   or with an empty response are never served; they are counted in
@@ -425,11 +433,9 @@ class OpenAIProvider(Provider):
 
   def fingerprint(self, prompt: Prompt) -> str:
     """A short hash of everything that shapes the answer to `prompt`."""
-    request = {"model": self.model, "system": prompt.system,
-               "user": prompt.user, "temperature": float(self.temperature),
-               "max_tokens": int(self.max_tokens)}
-    text = json.dumps(request, sort_keys=True, ensure_ascii=True)
-    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:16]
+    return request_fingerprint(
+        {"model": self.model, "temperature": float(self.temperature),
+         "max_tokens": int(self.max_tokens)}, prompt)
 
   def _count(self, name: str) -> None:
     with self._stats_lock:
