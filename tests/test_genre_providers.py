@@ -506,6 +506,18 @@ def test_replay_files_missing_keys_and_strict(tmp_path):
     replay.generate([Prompt("generator:book:U1", "", "")])
 
 
+def test_replay_serves_a_chain_runs_folder(tmp_path):
+  # A chain run writes chain.jsonl and its profiler step chain.profiler.jsonl.
+  (tmp_path / "chain.jsonl").write_text(
+      '{"user_id": "U1", "response": "{\\"title\\": \\"T\\"}"}\n')
+  (tmp_path / "chain.profiler.jsonl").write_text(
+      '{"user_id": "U1", "response": "[\\"space opera\\"]"}\n')
+  replay = providers.get_provider("replay", path=str(tmp_path))
+  assert replay.generate([Prompt("profiler:book:U1", "", ""),
+                          Prompt("chain:book:U1", "", "")]) == [
+                              '["space opera"]', '{"title": "T"}']
+
+
 def test_replay_replies_are_valid_utf8(tmp_path):
   # JSON may hold half a surrogate pair, which no UTF-8 writer takes.
   (tmp_path / "summarizer.jsonl").write_text(

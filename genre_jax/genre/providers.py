@@ -127,7 +127,9 @@ class ReplayProvider(Provider):
   `path` is one generation file (its replies serve every scheme) or a folder
   holding one file per scheme: `files[scheme]` if given, else the first of
   `{scheme}.jsonl`, `{scheme}.tsv`, `{scheme}_*.jsonl` (sorted; so
-  "generator" finds the Goodreads `generator_v1.jsonl`). A key whose id has
+  "generator" finds the Goodreads `generator_v1.jsonl`), `*.{scheme}.jsonl`
+  (a chain run's profiler step, `chain.profiler.jsonl`, so a chain run's
+  folder replays as it is). A key whose id has
   no reply is counted (`stats["missing"]`) and answered with "" (parsed as
   empty), or, when `strict`, raises ProviderError (which run.py reports in
   one line) naming the keys and files.
@@ -151,6 +153,8 @@ class ReplayProvider(Provider):
     else:
       candidates = [self.path / f"{scheme}.jsonl", self.path / f"{scheme}.tsv"]
       candidates += sorted(self.path.glob(f"{scheme}_*.jsonl"))
+      # A chain run's profiler step: <out>.profiler.jsonl.
+      candidates += sorted(self.path.glob(f"*.{scheme}.jsonl"))
     for candidate in candidates:
       if candidate.is_file():
         return candidate
