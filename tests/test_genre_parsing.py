@@ -207,6 +207,20 @@ def test_deeply_nested_reply_is_malformed_not_a_crash(tmp_path):
   assert error.value.line == 1
 
 
+def test_a_reply_full_of_brackets_is_searched_a_bounded_number_of_times(
+    monkeypatch):
+  # Each opener tried scans to its value's end: trying all of them made a
+  # long reply of nested brackets quadratic.
+  scans = []
+  real = parsing._scan_balanced
+  monkeypatch.setattr(parsing, "_scan_balanced",
+                      lambda text, start: scans.append(start) or real(text,
+                                                                      start))
+  deep = "[" * 2000 + "]" * 2000
+  assert parsing.parse_list(deep) == parsing.Parsed(None, Status.MALFORMED)
+  assert 0 < len(scans) <= 2 * parsing._MAX_TRIES
+
+
 @pytest.mark.parametrize("reply", [
     '{"likes": "space opera, found family"}',
     'Here you go: {"tastes": "space opera"}',

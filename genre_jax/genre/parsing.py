@@ -217,21 +217,29 @@ def _load_literal(span: str) -> Any:
     raise ValueError(str(e)) from e
 
 
+# Most openers one search tries: each try scans to the value's end, so an
+# unbounded search of a long reply full of brackets would be quadratic.
+_MAX_TRIES = 64
+
+
 def _first_value(text: str, opener: str, kind: type) -> Parsed:
   """Finds the first complete value of `kind` opening with `opener`.
 
   An opener that never closes may be prose (`[the reader's history]`: the
   apostrophe opens a string), so the search goes on after it, skipping only
   the brackets nested in it; TRUNCATED only when no later value parses.
+  At most _MAX_TRIES openers are tried.
   """
   truncated = False
   malformed = False
   skip: set[int] = set()
+  tries = 0
   pos = text.find(opener)
-  while pos >= 0:
+  while pos >= 0 and tries < _MAX_TRIES:
     if pos in skip:
       pos = text.find(opener, pos + 1)
       continue
+    tries += 1
     end, nested = _scan_balanced(text, pos)
     if end is None:
       truncated = True
@@ -336,6 +344,8 @@ def parse_list(reply: Reply, *, max_items: int = 0,
       items, status = parsed.value, Status.OK
     elif parsed.status is Status.TRUNCATED:
       return parsed
+    elif text.count("[") > _MAX_TRIES:  # Brackets everywhere, none a list.
+      return Parsed(None, Status.MALFORMED)
     elif _first_value(text, "{", dict).status is Status.OK:
       return Parsed(None, Status.MALFORMED)
     elif _is_refusal(text):
