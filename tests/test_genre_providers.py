@@ -32,7 +32,8 @@ class FakeServer:
 
   The user text picks the behaviour: "500-once:..." and "429-once:..." fail
   the first request; "sleep-once:..." first sleeps past the client timeout;
-  "broken:..." fails with 500 while `broken` is set; "bad:..." (or a text
+  "broken:..." fails with 500 while `broken` is set; "trickle-once:..."
+  first sends its reply 8 bytes every 0.1 s; "bad:..." (or a text
   holding one of `refuse`) is a 400; "slow:..." takes 0.1 s. Odd replies:
   "parts:..." has a list of content parts, "null-message:..." no message,
   "empty-once:..." empty content at first, "filtered:..." null content
@@ -80,6 +81,9 @@ class FakeServer:
           return self._send(429, {"error": "slow down"})
         elif kind == "bad" or any(s in user for s in server.refuse):
           return self._send(400, {"error": "bad request"})
+        elif kind == "trickle-once" and first:
+          return self._send(200, {"choices": [{"message": {
+              "role": "assistant", "content": "late"}}]}, trickle=0.1)
         time.sleep(0.1 if kind == "slow" else 0.03)
         message = {"role": "assistant", "content": f"echo: {user}"}
         finish = "stop"
@@ -97,13 +101,18 @@ class FakeServer:
         self._send(200, {"choices": [
             {"message": message, "finish_reason": finish}]})
 
-      def _send(self, code, payload):
+      def _send(self, code, payload, trickle=0.0):
         data = json.dumps(payload).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if not trickle:
+          return self.wfile.write(data)
+        for start in range(0, len(data), 8):  # 8 bytes every `trickle` s.
+          self.wfile.write(data[start:start + 8])
+          self.wfile.flush()
+          time.sleep(trickle)
 
     self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     self.httpd.daemon_threads = True
@@ -185,7 +194,7 @@ class _CountedUrlopen:
 def test_openai_retries_timeouts_and_bounded_concurrency(server, monkeypatch):
   monkeypatch.setenv("GENRE_TEST_KEY", "sk-test-secret")
   texts = ([f"ok:{i}" for i in range(8)] +
-           ["500-once:a", "429-once:b", "sleep-once:c"])
+           ["500-once:a", "429-once:b", "sleep-once:c", "trickle-once:d"])
   urlopen = _CountedUrlopen(providers.urllib.request.urlopen)
   monkeypatch.setattr(providers.urllib.request, "urlopen", urlopen)
   provider = _openai(server)
@@ -194,9 +203,10 @@ def test_openai_retries_timeouts_and_bounded_concurrency(server, monkeypatch):
   counts = collections.Counter(server.log)
   assert all(counts[t] == 1 for t in texts[:8])
   assert counts["500-once:a"] == counts["429-once:b"] == 2
-  assert counts["sleep-once:c"] == 2
-  assert provider.stats["retries"] == 3
-  assert provider.stats["requests"] == len(texts) + 3
+  # A reply trickling in, each read within the timeout, is cut off too.
+  assert counts["sleep-once:c"] == counts["trickle-once:d"] == 2
+  assert provider.stats["retries"] == 4
+  assert provider.stats["requests"] == len(texts) + 4
   assert 1 <= urlopen.max_open <= 2
   assert urlopen.open == 0
   assert set(server.auth) == {"Bearer sk-test-secret"}

@@ -331,6 +331,18 @@ _RETRY_CODES = (408, 409, 429, 500, 502, 503, 504)
 _MAX_BACKOFF_EXPONENT = 60
 
 
+def _read_before(response, deadline: float) -> bytes:
+  """The response body, or TimeoutError once the monotonic `deadline` has
+  passed: a socket timeout bounds each read, not a reply that trickles in
+  a few bytes at a time."""
+  chunks = []
+  while chunk := response.read1(65536):
+    chunks.append(chunk)
+    if time.monotonic() > deadline:
+      raise TimeoutError("the reply took longer than the timeout to arrive")
+  return b"".join(chunks)
+
+
 def _message_text(choice: Any) -> str:
   """The reply text of one completion choice, or _Retryable / _Refused.
 
@@ -375,7 +387,9 @@ class OpenAIProvider(Provider):
   """Chat completions from an OpenAI-compatible endpoint (stdlib only).
 
   Requests run on `concurrency` threads, at most `rate` per second (0 = no
-  limit). A 429, 5xx, timeout, connection error or empty reply is retried up
+  limit). A request may take `timeout` seconds in all (a reply still
+  arriving then is cut off). A 429, 5xx, timeout, connection error or empty
+  reply is retried up
   to `max_retries` times after `backoff * 2**attempt` seconds (capped at
   `max_backoff`, times a random factor in [0.5, 1]; a Retry-After header is
   honoured up to the cap); another 4xx or a content-filtered reply is a
@@ -460,9 +474,10 @@ class OpenAIProvider(Provider):
     request = urllib.request.Request(
         self.url, data=json.dumps(body).encode("utf-8"), headers=headers,
         method="POST")
+    deadline = time.monotonic() + self.timeout
     try:
       with urllib.request.urlopen(request, timeout=self.timeout) as response:
-        payload = response.read()
+        payload = _read_before(response, deadline)
     except urllib.error.HTTPError as e:
       detail = e.read(300).decode("utf-8", "replace")
       if e.code in _RETRY_CODES:
