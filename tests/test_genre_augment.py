@@ -183,3 +183,65 @@ def test_goodreads_release(goodreads_dir, goodreads_cache):
   with_generated = test.history_lengths() > real
   assert with_generated.any()
   assert (real[with_generated] <= 5).all()
+
+
+def _history(split, m):
+  return split.history_items[split.history_offsets[m]:
+                             split.history_offsets[m + 1]]
+
+
+def test_generated_items_join_cold_users_only(tiny_genre, tmp_path):
+  # U1 is cold in train, warm (6 items) in test; U4 is warm everywhere. The
+  # generations file covers all three users: only cold rows get the item.
+  from tests.conftest import write_tsv  # pylint: disable=g-import-not-at-top
+  from genre_jax.data import mind  # pylint: disable=g-import-not-at-top
+  write_tsv(f"{tiny_genre}/test/behaviors.tsv", [
+      ["6", "U1", "", "N1 N2 N3 N5 N4 N1", "N4-1 N2-0"],
+      ["7", "U4", "", "N1 N2 N3 N4 N5 N2", "N2-1 N3-0"]])
+  gen = tmp_path / "gen.jsonl"
+  _write_jsonl(gen, [
+      {"user_id": u, "response": json.dumps(
+          {"title": f"book for {u}", "description": "x"})}
+      for u in ("U1", "U2", "U4")])
+  config = _config(tiny_genre, tmp_path / "d", generator=(str(gen),))
+  assert config.data.cold_threshold == 5
+  dataset = data_lib.load_dataset(config.data)
+  row = dataset.items.index()
+  generated = {u: row[f"{augment.GENERATED_PREFIX}0:{u}"]
+               for u in ("U1", "U2", "U4")}
+  for name, split in dataset.splits.items():
+    real = split.real_history_lengths(dataset.items.synthetic)
+    for m, user in enumerate(split.user_ids):
+      hist = _history(split, m)
+      if user not in generated:
+        assert len(hist) == real[m]
+      elif real[m] <= config.data.cold_threshold:
+        assert hist[-1] == generated[user], (name, user)
+        assert len(hist) == real[m] + 1
+      else:
+        assert len(hist) == real[m] == 6, (name, user)
+        assert not dataset.items.synthetic[hist].any()
+  assert dataset.info["genre"]["generator_cold"] == {
+      "cold_threshold": 5, "users_extended": 2, "users_skipped_not_cold": 1,
+      "users_partly_skipped": 1}
+  # A behaviors file read later (--eval_file): the same rule, per row.
+  path = write_tsv(tmp_path / "eval.tsv", [
+      ["1", "U2", "", "N1 N2 N3 N4 N5 N1", "N2-1"],
+      ["2", "U2", "", "N1", "N2-1"]])
+  user_index = {u: i for i, u in enumerate(dataset.user_vocab) if i > 0}
+  behaviors, _ = mind.read_behaviors(path, row, user_index)
+  augment.extend_behaviors(behaviors, dataset)
+  assert len(_history(behaviors, 0)) == 6
+  assert _history(behaviors, 0)[-1] != generated["U2"]
+  assert list(_history(behaviors, 1)) == [row["N1"], generated["U2"]]
+
+
+def test_apply_user_extras_takes_the_cold_threshold(tiny_genre, tmp_path):
+  dataset = data_lib.load_dataset(_config(tiny_genre, tmp_path / "d").data)
+  train_split = dataset.splits["train"]  # U1: 2 and 3 items, U2: none
+  before = train_split.history_lengths().copy()
+  users = augment.apply_user_extras(train_split, {}, {"U1": [1], "U2": [2]},
+                                    cold_threshold=2)
+  after = train_split.history_lengths()
+  np.testing.assert_array_equal(after - before, [1, 1, 0])
+  assert users == {"extended": {"U1", "U2"}, "skipped": {"U1"}}

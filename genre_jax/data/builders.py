@@ -766,6 +766,7 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> types.Dataset:
                           splits=splits, side_tables=side_tables, info=info)
   genre_config = data_config.get("genre")
   if augment.enabled(genre_config):
-    augment.augment(dataset, genre_config)
+    augment.augment(dataset, genre_config,
+                    cold_threshold=int(data_config.cold_threshold))
   info["vocab_size"] = _tokenize(items, builders["items"], data_config)
   return dataset

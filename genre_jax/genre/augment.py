@@ -15,7 +15,9 @@ carries), "release:<table>" (e.g. "release:generator_v2"), or a file path
               front of the history, so the user encoder fuses it in.
   generator   Each generated item (title + description) becomes a new
               synthetic item appended, as the newest, to its user's
-              histories. Several sources (v1, v2) add one item each.
+              histories, where the user is cold (at most
+              config.data.cold_threshold real history items). Several
+              sources (v1, v2) add one item each.
 
 Synthetic items are never candidates, never sampled as negatives, never
 recommended, and do not count towards a user's history length when deciding
@@ -119,23 +121,48 @@ def _append_items(items: types.ItemTable, ids: Sequence[str],
 
 def apply_user_extras(behaviors: types.Behaviors,
                       profile_of: dict[str, int],
-                      generated_of: dict[str, list[int]]) -> None:
+                      generated_of: dict[str, list[int]], *,
+                      cold_threshold: int,
+                      synthetic: np.ndarray | None = None
+                      ) -> dict[str, set[str]]:
   """Points rows at their user's profile and appends generated items.
 
   Used for the dataset's splits and for any behaviors file evaluated later
-  (users are matched by id).
+  (users are matched by id). Generated items join cold rows only: those whose
+  real history (synthetic items not counted, before appending) has at most
+  cold_threshold items, as GENRE's generator targets cold users; a file
+  covering warm users, or made with another threshold, leaves warm rows as
+  they are.
+
+  Args:
+    behaviors: the rows to extend, in place.
+    profile_of: user id -> profile pseudo-item row.
+    generated_of: user id -> generated item rows.
+    cold_threshold: config.data.cold_threshold.
+    synthetic: the item table's synthetic flags, to count real items only.
+
+  Returns:
+    {"extended": users of generated_of with a row extended, "skipped": users
+    of generated_of with a row left as is for not being cold}.
   """
   if profile_of:
     behaviors.profiles = np.array(
         [profile_of.get(str(u), 0) for u in behaviors.user_ids], np.int32)
+  users = {"extended": set(), "skipped": set()}
   if not generated_of:
-    return
+    return users
   lengths = behaviors.history_lengths()
+  cold = behaviors.real_history_lengths(synthetic) <= cold_threshold
   rows, new_lengths = [], np.empty(len(behaviors), np.int64)
   for m, user in enumerate(behaviors.user_ids):
     old = behaviors.history_items[behaviors.history_offsets[m]:
                                   behaviors.history_offsets[m + 1]]
     extra = generated_of.get(str(user), ())
+    if extra and not cold[m]:
+      users["skipped"].add(str(user))
+      extra = ()
+    elif extra:
+      users["extended"].add(str(user))
     rows.append(np.concatenate([old, np.asarray(extra, np.int32)])
                 if extra else old)
     new_lengths[m] = lengths[m] + len(extra)
@@ -144,6 +171,16 @@ def apply_user_extras(behaviors: types.Behaviors,
   offsets = np.zeros(len(behaviors) + 1, np.int64)
   np.cumsum(new_lengths, out=offsets[1:])
   behaviors.history_offsets = offsets
+  return users
+
+
+def _cold_report(users: dict[str, set[str]], cold_threshold: int
+                 ) -> dict[str, int]:
+  """Counts of generator users extended, and skipped as never cold."""
+  return {"cold_threshold": cold_threshold,
+          "users_extended": len(users["extended"]),
+          "users_skipped_not_cold": len(users["skipped"] - users["extended"]),
+          "users_partly_skipped": len(users["skipped"] & users["extended"])}
 
 
 def extend_behaviors(behaviors: types.Behaviors,
@@ -152,12 +189,22 @@ def extend_behaviors(behaviors: types.Behaviors,
   (eval --eval_file, recommend --behaviors_file); no-op without them."""
   users = dataset.info.get("genre_users")
   if users:
-    apply_user_extras(behaviors, users["profile_of"], users["generated_of"])
+    threshold = users["cold_threshold"]
+    extended = apply_user_extras(
+        behaviors, users["profile_of"], users["generated_of"],
+        cold_threshold=threshold, synthetic=dataset.items.synthetic)
+    if users["generated_of"]:
+      logging.info("GENRE generated items for the behaviors file: %s",
+                   json.dumps(_cold_report(extended, threshold)))
 
 
 def augment(dataset: types.Dataset,
-            genre_config: ml_collections.ConfigDict) -> dict[str, Any]:
+            genre_config: ml_collections.ConfigDict, *,
+            cold_threshold: int) -> dict[str, Any]:
   """Applies the configured GENRE augmentations to an untokenized dataset.
+
+  Generated items join only the rows of users with at most cold_threshold
+  (config.data.cold_threshold) history items.
 
   Returns a report (sources, parse statuses, counts), also kept in
   dataset.info["genre"] together with the user maps that apply_user_extras
@@ -227,11 +274,20 @@ def augment(dataset: types.Dataset,
     report["generator"].append({"source": where, "statuses": statuses,
                                 "users": len(users)})
 
+  extended = {"extended": set(), "skipped": set()}
   for behaviors in dataset.splits.values():
-    apply_user_extras(behaviors, profile_of, generated_of)
+    split_users = apply_user_extras(
+        behaviors, profile_of, generated_of, cold_threshold=cold_threshold,
+        synthetic=items.synthetic)
+    for key, value in split_users.items():
+      extended[key] |= value
+  if generator_sources:
+    # Users of the files whose rows were all warm got no generated item.
+    report["generator_cold"] = _cold_report(extended, cold_threshold)
   report["synthetic_items"] = int(np.sum(items.synthetic))
   dataset.info["genre"] = report
   dataset.info["genre_users"] = {"profile_of": profile_of,
-                                 "generated_of": generated_of}
+                                 "generated_of": generated_of,
+                                 "cold_threshold": cold_threshold}
   logging.info("GENRE augmentation: %s", json.dumps(report))
   return report
