@@ -424,3 +424,22 @@ def test_profile_vector_goes_in_front_of_the_history():
                              np.broadcast_to(np.asarray(item), (b, D)),
                              rtol=1e-5, atol=1e-5)
   assert not np.allclose(np.asarray(with_profile), np.asarray(without))
+
+
+def test_masked_attention_zeroes_padded_rows_even_if_the_kernel_gives_nan(
+    monkeypatch):
+  # A fused kernel (cuDNN) may return NaN for a fully masked row; NaN * 0 is
+  # NaN, so padded rows must be selected away, not multiplied by the mask.
+  def nan_on_padded_queries(q, k, v, key_mask, implementation="auto"):
+    del k, implementation
+    rows = key_mask[:, 0, 0, :]  # [B, L]: here queries as keys
+    return jnp.where(rows[:, :, None, None], v, jnp.nan).astype(q.dtype)
+
+  monkeypatch.setattr(layers, "dot_product_attention", nan_on_padded_queries)
+  q = k = v = jnp.ones((2, 3, 2, 4), jnp.float32)
+  mask = jnp.asarray([[True, True, False], [False, False, False]])
+  out = np.asarray(layers.masked_attention(q, k, v, mask, "xla"))
+  assert np.isfinite(out).all()
+  np.testing.assert_array_equal(out[1], 0.0)  # empty history: exact zeros
+  np.testing.assert_array_equal(out[0, 2], 0.0)
+  np.testing.assert_array_equal(out[0, :2], 1.0)

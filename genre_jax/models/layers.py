@@ -114,7 +114,9 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   # Keys are masked per sequence: [B, 1, 1, Lk], broadcast to [B, N, Lq, Lk].
   key_mask = mask[:, None, None, :]
   out = dot_product_attention(q, k, v, key_mask, implementation)
-  return out * mask[:, :, None, None].astype(out.dtype)
+  # Select, not multiply: a fused kernel may return NaN for a fully masked
+  # row (cuDNN), and NaN * 0 is NaN; an empty history must give exact zeros.
+  return jnp.where(mask[:, :, None, None], out, jnp.zeros((), out.dtype))
 
 
 class MultiHeadSelfAttention(nnx.Module):
