@@ -230,6 +230,15 @@ def _recommend(workdir):
     print(f"unknown user id '{user_id}': no history for it in the dataset; "
           "pass --behaviors_file with its history to score a new user",
           file=sys.stderr)
+  for user_id in result["unserved_users"]:
+    print(f"warning: user '{user_id}' in {_BEHAVIORS_FILE.value}: none of "
+          "its history item ids is in the item table; not served",
+          file=sys.stderr)
+  if result["num_fewer_than_k"] or result["num_empty_history"]:
+    print(f"warning: {result['num_fewer_than_k']} users got fewer than "
+          f"{_TOP_K.value} items (marked fewer_than_k); "
+          f"{result['num_empty_history']} had an empty history (marked "
+          "empty_history; items in item-row order)", file=sys.stderr)
   print(_json_line(result))
 
 

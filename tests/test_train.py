@@ -619,3 +619,105 @@ def test_an_evaluation_replayed_after_a_crash_is_listed_once(tmp_path):
       {"step": 5, "split": "test", "auc": 0.5},
       {"step": 5, "split": "dev", "auc": 0.7},
       {"step": 9, "split": "dev", "auc": 0.8}]
+
+
+def _clicked_or_seen(dataset, user_id):
+  """Item ids in any history or clicked candidate of user_id, all splits."""
+  seen = set()
+  for behaviors in dataset.splits.values():
+    for row in np.flatnonzero(behaviors.user_ids == user_id):
+      h0, h1 = behaviors.history_offsets[row:row + 2]
+      c0, c1 = behaviors.cand_offsets[row:row + 2]
+      items = list(behaviors.history_items[h0:h1]) + list(
+          behaviors.cand_items[c0:c1][behaviors.cand_labels[c0:c1] == 1])
+      seen |= {dataset.items.ids[j] for j in items}
+  return seen
+
+
+def test_recommend_never_returns_items_the_user_clicked(trained, tmp_path):
+  # Clicked candidates of any row (the leave-last-out test positive too)
+  # are blocked, not only the latest row's history.
+  from genre_jax import recommend
+
+  config, workdir, _ = trained
+  dataset = data_lib.load_dataset(config.data)
+  users = sorted(set(dataset.splits["test"].user_ids))[:20]
+  out = tmp_path / "recs.jsonl"
+  recommend.recommend(workdir, str(out), user_ids=users, top_k=10_000)
+  lines = [json.loads(l) for l in out.read_text().splitlines()]
+  assert [l["user_id"] for l in lines] == users
+  for line in lines:
+    seen = _clicked_or_seen(dataset, line["user_id"])
+    assert seen, line["user_id"]
+    assert not seen & {i["item_id"] for i in line["items"]}, line["user_id"]
+
+
+def test_recommend_file_needs_only_users_and_histories(trained, tmp_path):
+  # Empty impressions column, all-unknown candidates: still served; a user
+  # whose history ids are all unknown is reported, never silently dropped.
+  config, workdir, _ = trained
+  dataset = data_lib.load_dataset(config.data)
+  ids = [str(i) for i in dataset.items.ids[1:4]]
+  path = tmp_path / "requests.tsv"
+  path.write_text(f"1\tNEW_A\t\t{ids[0]} {ids[1]}\t\n"
+                  f"2\tNEW_B\t\t{ids[1]}\tNO_SUCH_ITEM-1\n"
+                  f"3\tNEW_C\t\tNO_SUCH_ITEM NOR_THIS\t\n"
+                  f"4\tNEW_D\t\t{ids[2]}\t{ids[0]}-1 {ids[1]}-0\n")
+  out = tmp_path / "recs.jsonl"
+  result = _run("--mode=recommend", f"--workdir={workdir}", "--top_k=5",
+                f"--behaviors_file={path}", f"--out={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary["unserved_users"] == ["NEW_C"]
+  assert (f"warning: user 'NEW_C' in {path}: none of its history item ids "
+          "is in the item table; not served") in result.stderr
+  lines = {l["user_id"]: l for l in map(json.loads,
+                                         out.read_text().splitlines())}
+  assert sorted(lines) == ["NEW_A", "NEW_B", "NEW_D"]
+  assert all(len(l["items"]) == 5 for l in lines.values())
+  # NEW_D's clicked candidate is blocked like its history.
+  assert not {ids[0], ids[2]} & {i["item_id"] for i in lines["NEW_D"]["items"]}
+  # Only unservable users: an error, not an empty output.
+  only = tmp_path / "only_unknown.tsv"
+  only.write_text("1\tNEW_C\t\tNO_SUCH_ITEM\t\n")
+  result = _run("--mode=recommend", f"--workdir={workdir}",
+                f"--behaviors_file={only}", f"--out={out}")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "no user with a known history item" in result.stderr
+
+
+def test_recommend_flags_short_lists_and_empty_histories(trained, tmp_path):
+  # Fewer than top_k items and empty histories are marked, never silent;
+  # ties (all scores equal without a history) are ordered by item row.
+  from genre_jax import recommend
+
+  config, workdir, _ = trained
+  dataset = data_lib.load_dataset(config.data)
+  index = dataset.items.index()
+  known = str(dataset.splits["test"].user_ids[0])
+  item = str(dataset.items.ids[1])
+  path = tmp_path / "requests.tsv"
+  path.write_text(f"1\tNEW_EMPTY\t\t\t{item}-0\n"
+                  f"2\t{known}\t\t{item}\t{item}-0\n")
+  out = tmp_path / "recs.jsonl"
+  n = dataset.items.num_items
+  summary = recommend.recommend(workdir, str(out), behaviors_file=str(path),
+                                top_k=n + 5)
+  lines = {l["user_id"]: l for l in map(json.loads,
+                                         out.read_text().splitlines())}
+  assert summary["num_fewer_than_k"] == 2
+  assert summary["num_empty_history"] == 1
+  assert all(l.get("fewer_than_k") is True for l in lines.values())
+  assert lines["NEW_EMPTY"].get("empty_history") is True
+  assert "empty_history" not in lines[known]
+  for line in lines.values():
+    keys = [(-i["score"], index[i["item_id"]]) for i in line["items"]]
+    assert keys == sorted(keys), line["user_id"]
+  # Deterministic and complete with a small top_k too.
+  summary = recommend.recommend(workdir, str(out), behaviors_file=str(path),
+                                top_k=3)
+  lines = {l["user_id"]: l for l in map(json.loads,
+                                         out.read_text().splitlines())}
+  assert summary["num_fewer_than_k"] == 0
+  assert [index[i["item_id"]] for i in lines["NEW_EMPTY"]["items"]] == [1, 2, 3]
+  assert "fewer_than_k" not in lines[known]

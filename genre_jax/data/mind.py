@@ -162,7 +162,8 @@ def _parse_impressions(path: str, line_no: int, value: str
 
 
 def read_behaviors(path: str | os.PathLike, item_index: dict[str, int],
-                   user_index: dict[str, int]
+                   user_index: dict[str, int], *,
+                   candidates_optional: bool = False
                    ) -> tuple[types.Behaviors, ReadStats]:
   """Reads a behaviors.tsv into ragged Behaviors.
 
@@ -171,6 +172,11 @@ def read_behaviors(path: str | os.PathLike, item_index: dict[str, int],
     item_index: item id -> row of the item table (ItemTable.index()).
     user_index: user id -> user index; grown in place for new users, which
       get max(existing) + 1 onwards (index 0 stays the unknown user).
+    candidates_optional: for files that only carry users and histories (e.g.
+      recommendation requests): an empty impressions column reads as no
+      candidates, and a row none of whose candidates is known is kept (with
+      no candidates) instead of dropped, so every row is returned. Malformed
+      tokens still raise.
 
   Returns:
     The behaviours and the counts of what was dropped.
@@ -193,7 +199,10 @@ def read_behaviors(path: str | os.PathLike, item_index: dict[str, int],
                             "empty impression id")
     if not user_id:
       raise DataFormatError(path, line_no, "user_id", "empty user id")
-    cand_ids, labels = _parse_impressions(path, line_no, fields[4])
+    if candidates_optional and not fields[4].strip():
+      cand_ids, labels = [], []
+    else:
+      cand_ids, labels = _parse_impressions(path, line_no, fields[4])
     hist_ids = fields[3].split()
     hist = [*map(get, hist_ids)]  # None marks an unknown id
     cands = [*map(get, cand_ids)]
@@ -208,10 +217,10 @@ def read_behaviors(path: str | os.PathLike, item_index: dict[str, int],
       hist = [k for k in hist if k is not None]
       labels = [lab for k, lab in zip(cands, labels) if k is not None]
       cands = [k for k in cands if k is not None]
-      if not cands:
+      if not cands and not candidates_optional:
         stats.rows_dropped += 1
         continue
-      if True not in labels:
+      if cands and True not in labels:
         stats.rows_without_click += 1
     user = user_index.get(user_id)
     if user is None:
