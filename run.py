@@ -249,15 +249,17 @@ def _pretrain(config, workdir):
     raise app.UsageError("--mode=pretrain needs a pretraining preset, e.g. "
                          "--config=configs/mlm_minilm.py")
   summary = mlm.pretrain(config, workdir)
-  first, last = summary["losses"][0], summary["losses"][-1]
+  # A finished run's summary comes back as recorded; it may list no losses.
+  losses = summary.get("losses") or []
   print(f"{'step':>8}{'MLM loss':>10}")
-  for record in summary["losses"]:
+  for record in losses:
     print(f"{record['step']:>8}{record['loss']:>10.4f}")
   print(f"Pretrained {summary['steps']} steps on {summary['num_texts']} item "
         f"texts in {summary['seconds']:.1f}s; use it with "
         f"--config.model.lm.init={os.path.abspath(workdir)}")
   print(json.dumps({"workdir": os.path.abspath(workdir),
-                    "first_loss": first["loss"], "last_loss": last["loss"],
+                    "first_loss": losses[0]["loss"] if losses else None,
+                    "last_loss": losses[-1]["loss"] if losses else None,
                     "steps": summary["steps"]}))
 
 

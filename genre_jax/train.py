@@ -198,6 +198,11 @@ def make_optimizer(config: ml_collections.ConfigDict,
   and no optimizer state (optax.multi_transform over param_labels).
   """
   tc = config.train
+  if not float(tc.lr) > 0:
+    raise ConfigError(f"config.train.lr={tc.lr}: must be > 0")
+  if not float(config.model.lm.lr) >= 0:
+    raise ConfigError(f"config.model.lm.lr={config.model.lm.lr}: must be > "
+                      "0, or 0 to use train.lr")
   clip = (optax.clip_by_global_norm(tc.grad_clip) if tc.grad_clip > 0
           else optax.identity())
   adamw = optax.adamw(make_schedule(config, total_steps),
@@ -209,9 +214,23 @@ def make_optimizer(config: ml_collections.ConfigDict,
   lm_config.train.lr = float(config.model.lm.lr or tc.lr)
   lm_adamw = optax.adamw(make_schedule(lm_config, total_steps),
                          weight_decay=tc.weight_decay)
-  return optax.chain(clip, optax.multi_transform(
-      {"rec": adamw, "lm": lm_adamw, "frozen": optax.set_to_zero()},
-      functools.partial(param_labels, config)))
+
+  def clip_trainable(updates, state, params=None):
+    # The clip norm covers trainable gradients only: frozen ones (LoRA base
+    # weights, a frozen word table) are never applied and must not shrink
+    # the rest. Zeroing them changes nothing when nothing is frozen.
+    labels = param_labels(config, updates)
+    trainable = jax.tree.map(
+        lambda g, label: jnp.zeros_like(g) if label == "frozen" else g,
+        updates, labels)
+    return clip.update(trainable, state, params)
+
+  # The same (empty) state as `clip`: checkpoints keep their structure.
+  return optax.chain(
+      optax.GradientTransformation(clip.init, clip_trainable),
+      optax.multi_transform(
+          {"rec": adamw, "lm": lm_adamw, "frozen": optax.set_to_zero()},
+          functools.partial(param_labels, config)))
 
 
 @dataclasses.dataclass

@@ -112,12 +112,15 @@ def check_same_config(path: str, saved: dict[str, Any],
         "choose another --workdir_root / --out_dir")
 
 
-def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_resumable(workdir: str, config: ml_collections.ConfigDict,
+                    resumable_keys: tuple[str, ...] = RESUMABLE_KEYS) -> None:
   """Raises ConfigError unless `config` may resume the run in `workdir`.
 
   Call it when the workdir holds a checkpoint, before config.json is
   rewritten: a checkpoint resumed (or reported) under another config, e.g.
-  another dataset, would pass off one run's model as another's.
+  another dataset, would pass off one run's model as another's. Only
+  `resumable_keys` may differ (training's by default; pretraining has its
+  own).
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -125,14 +128,14 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
   saved = _read_json(path)
   if not isinstance(saved, dict):
     raise ConfigError(f"{path}: not a config (a JSON object)")
-  differ = config_differences(saved, config, RESUMABLE_KEYS)
+  differ = config_differences(saved, config, resumable_keys)
   if differ:
     shown = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in differ)
     raise ConfigError(
         f"{path}: the checkpoint in this workdir was trained with another "
         f"config; it cannot be resumed with this one (saved -> now: {shown})."
         " Train into a new --workdir, or set these fields back; a resumed "
-        f"run may change only {', '.join(RESUMABLE_KEYS)}")
+        f"run may change only {', '.join(resumable_keys)}")
 
 
 def _read_json(path: str) -> Any:

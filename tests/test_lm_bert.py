@@ -198,3 +198,39 @@ def test_unsupported_activation_is_named(tmp_path):
   with pytest.raises(DataFormatError, match=(
       r"config\.json: field 'hidden_act'.*unsupported activation 'mish'")):
     bert.load_bert(tmp_path, rngs=nnx.Rngs(0))
+
+
+def test_safetensors_header_that_is_not_an_object_is_named(tmp_path):
+  import struct
+
+  _tiny_bert(tmp_path)
+  header = b"[1, 2]"
+  (tmp_path / hf.WEIGHTS_FILE).write_bytes(
+      struct.pack("<Q", len(header)) + header)
+  with pytest.raises(DataFormatError,
+                     match=r"model\.safetensors: invalid header: not a JSON"):
+    bert.load_bert(tmp_path, rngs=nnx.Rngs(0))
+
+
+def test_config_with_fewer_layers_than_the_checkpoint_is_refused(tmp_path):
+  _tiny_bert(tmp_path)
+  config_path = tmp_path / hf.CONFIG_FILE
+  config = json.loads(config_path.read_text())
+  config["num_hidden_layers"] = 1
+  config_path.write_text(json.dumps(config))
+  with pytest.raises(DataFormatError, match=(
+      r"model\.safetensors: tensor 'encoder\.layer\.1\..*' is of layer 1, "
+      r"but .*config\.json has num_hidden_layers=1")):
+    bert.load_bert(tmp_path, rngs=nnx.Rngs(0))
+
+
+def test_integer_tensor_for_a_float_parameter_is_refused(tmp_path):
+  _tiny_bert(tmp_path)
+  weights = tmp_path / hf.WEIGHTS_FILE
+  tensors = safetensors_np.load_file(weights)
+  key = "encoder.layer.0.intermediate.dense.weight"
+  tensors[key] = (tensors[key] * 1000).astype(np.int64)
+  safetensors_np.save_file(tensors, weights)
+  with pytest.raises(DataFormatError, match=(
+      rf"model\.safetensors: tensor '{key}' is int64, expected a float")):
+    bert.load_bert(tmp_path, rngs=nnx.Rngs(0))

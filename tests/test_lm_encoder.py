@@ -219,3 +219,184 @@ def test_llama_item_encoder_trains_from_its_cache(data_dir, tmp_path):
   assert summary["steps"] == 2
   assert np.isfinite(summary["test"]["all"]["auc"])
   assert len(os.listdir(tmp_path / "lm_cache")) == 1
+
+
+def _model_dir_with(tmp_path, name, **changes):
+  """The default LM's weights and tokenizer, with config.json fields changed."""
+  import json
+
+  from genre_jax.lm import hf
+
+  src = hf.default_lm_path()
+  out = tmp_path / name
+  out.mkdir()
+  for f in (hf.TOKENIZER_FILE, hf.WEIGHTS_FILE):
+    os.symlink(os.path.join(src, f), out / f)
+  cfg = json.loads(open(os.path.join(src, hf.CONFIG_FILE)).read())
+  cfg.update(changes)
+  (out / hf.CONFIG_FILE).write_text(json.dumps(cfg))
+  return str(out)
+
+
+def test_cache_is_rebuilt_when_the_lm_config_changes(tmp_path):
+  from genre_jax.config import base_config
+
+  cache_dir = str(tmp_path / "cache")
+  texts = np.array(["", "hello world", "news about books"], dtype=object)
+
+  def hidden(path):
+    config = base_config()
+    config.model.lm.path = path
+    config.model.lm.tune_from = 2
+    config.model.lm.max_len = 16
+    ids, mask = lm_encoder.tokenize_text(config, texts)
+    return np.array(lm_encoder.build_cache(config, ids, mask, cache_dir))
+
+  before = hidden("")
+  after = hidden(_model_dir_with(tmp_path, "relu", hidden_act="relu",
+                                 layer_norm_eps=0.5))
+  assert len(os.listdir(cache_dir)) == 2
+  assert not np.allclose(before, after)
+
+
+def test_mlm_rerun_returns_its_summary_and_resumes_only_the_same_config(
+    data_dir, tmp_path, dataset, capsys):
+  import json
+
+  import run
+  from genre_jax.errors import ConfigError
+
+  config = load_preset("mlm_minilm")
+  config.data = shrink(load_preset("nrms"), data_dir).data
+  config.data.fields = ("title",)
+  config.model.lm.max_len = 16
+  config.pretrain.steps = 2
+  config.pretrain.batch_size = 4
+  config.pretrain.log_every = 1
+  config.pretrain.checkpoint_every = 2
+  workdir = tmp_path / "mlm"
+  first = mlm.pretrain(config, str(workdir), dataset=dataset)
+  files = {f: (workdir / f).read_text()
+           for f in ("config.json", "final_metrics.json", "metrics.json")}
+  # The same command again: the recorded summary, nothing rewritten.
+  assert mlm.pretrain(config, str(workdir), dataset=dataset) == first
+  run._pretrain(config, str(workdir))
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed["first_loss"] == first["losses"][0]["loss"]
+  assert {f: (workdir / f).read_text() for f in files} == files
+  # Another config may not resume the checkpoint, nor overwrite config.json.
+  other = config.copy_and_resolve_references()
+  other.pretrain.mask_rate = 0.3
+  with pytest.raises(ConfigError, match="pretrain.mask_rate"):
+    mlm.pretrain(other, str(workdir), dataset=dataset)
+  assert (workdir / "config.json").read_text() == files["config.json"]
+  # More steps continue the run.
+  config.pretrain.steps = 3
+  more = mlm.pretrain(config, str(workdir), dataset=dataset)
+  assert [r["step"] for r in more["losses"]] == [1, 2, 3]
+
+
+def _optimizer_updates(config, grads):
+  params = jax.tree.map(jnp.ones_like, grads)
+  tx = train.make_optimizer(config, 10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  return updates
+
+
+def _lm_params():
+  rng = np.random.default_rng(0)
+  leaf = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
+  return {"item_encoder": {"lm": {"layers": {0: {"query": {
+      "kernel": leaf(4, 4), "lora_a": leaf(4, 2), "lora_b": leaf(2, 4)}}}}},
+          "user_encoder": {"w": leaf(3, 3)}}
+
+
+def test_grad_clip_ignores_frozen_gradients():
+  from genre_jax.config import base_config
+
+  config = base_config()
+  config.model.item_encoder = "lm"
+  config.model.lm.lora.rank = 2  # "kernel" frozen, adapters trained
+  grads = _lm_params()
+  huge = jax.tree.map(lambda g: g, grads)
+  huge["item_encoder"]["lm"]["layers"][0]["query"]["kernel"] = (
+      grads["item_encoder"]["lm"]["layers"][0]["query"]["kernel"] * 1e4)
+  a, b = _optimizer_updates(config, grads), _optimizer_updates(config, huge)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_grad_clip_unchanged_when_nothing_is_frozen():
+  import functools
+
+  import optax
+  from genre_jax.config import base_config
+
+  config = base_config()
+  config.model.item_encoder = "lm"  # tune_from=0, no LoRA: all trainable
+  config.train.grad_clip = 0.5
+  grads = _lm_params()
+  params = jax.tree.map(jnp.ones_like, grads)
+  assert "frozen" not in jax.tree.leaves(train.param_labels(config, grads))
+  adamw = lambda: optax.adamw(train.make_schedule(config, 10),
+                              weight_decay=config.train.weight_decay)
+  before = optax.chain(  # make_optimizer as it was
+      optax.clip_by_global_norm(0.5), optax.multi_transform(
+          {"rec": adamw(), "lm": adamw(), "frozen": optax.set_to_zero()},
+          functools.partial(train.param_labels, config)))
+  want, _ = before.update(grads, before.init(params), params)
+  got = _optimizer_updates(config, grads)
+  for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_token_ids_past_the_model_vocab_are_refused(tmp_path):
+  from genre_jax.config import base_config
+  from genre_jax.errors import DataFormatError
+
+  config = base_config()
+  config.model.lm.path = _model_dir_with(tmp_path, "small", vocab_size=1000)
+  texts = np.array(["", "a story about dragons"], dtype=object)
+  with pytest.raises(DataFormatError,
+                     match=r"tokenizer\.json.*small/config\.json.*1000"):
+    lm_encoder.tokenize_text(config, texts)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("max_len", 600, r"max_len=600.*<= 512"),
+    ("max_len", 0, r"max_len=0"),
+    ("lora.rank", -8, r"lora\.rank=-8"),
+    ("lora.alpha", -16.0, r"lora\.alpha=-16"),
+    ("lora.dropout", 1.5, r"lora\.dropout=1\.5"),
+    ("lora.targets", ("query", "q_proj"),
+     r"lora\.targets: \['q_proj'\].*'query'"),
+])
+def test_bad_lm_settings_name_the_field(data_dir, tmp_path, dataset, field,
+                                        value, match):
+  from genre_jax.errors import ConfigError
+
+  config = _config(data_dir, tmp_path, tune_from=0, cache=False)
+  config.model.lm.lora.rank = 4
+  section, _, key = field.rpartition(".")
+  (config.model.lm.lora if section else config.model.lm)[key] = value
+  spec = lm_encoder.ItemInputSpec(
+      vocab_size=0, fields=(lm_encoder.TEXT_FIELD,), lengths=(16,),
+      num_users=1)
+  with pytest.raises(ConfigError, match=match):
+    lm_encoder.item_inputs(config, dataset)
+    lm_encoder.LMItemEncoder(config, spec, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("field,value", [("train.lr", -1e-3),
+                                         ("train.lr", 0.0),
+                                         ("model.lm.lr", -1e-3)])
+def test_bad_learning_rates_name_the_field(field, value):
+  from genre_jax.config import base_config
+  from genre_jax.errors import ConfigError
+
+  config = base_config()
+  config.model.item_encoder = "lm"
+  section, _, key = field.rpartition(".")
+  (config.train if section == "train" else config.model.lm)[key] = value
+  with pytest.raises(ConfigError, match=f"config.{field}="):
+    train.make_optimizer(config, 10)

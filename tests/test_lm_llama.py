@@ -206,3 +206,14 @@ def test_unsupported_rope_scaling_is_a_config_error(tmp_path):
   config_path.write_text(json.dumps(config))
   with pytest.raises(DataFormatError, match="config.json.*unsupported RoPE"):
     llama.load_llama(tmp_path, rngs=nnx.Rngs(0))
+
+
+def test_config_with_fewer_layers_than_the_checkpoint_is_refused(tmp_path):
+  _save_tiny(tmp_path)
+  config_path = tmp_path / "config.json"
+  config = json.loads(config_path.read_text())
+  config["num_hidden_layers"] = 1
+  config_path.write_text(json.dumps(config))
+  with pytest.raises(DataFormatError, match=(
+      r"model\.safetensors: tensor 'model\.layers\.1\..*' is of layer 1")):
+    llama.load_llama(tmp_path, rngs=nnx.Rngs(0))

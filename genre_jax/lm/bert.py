@@ -210,6 +210,8 @@ def load_bert(path: str | pathlib.Path, *, dtype=jnp.float32,
   checkpoint = hf.Checkpoint(path)
   prefix = hf.find_prefix(checkpoint, "embeddings.word_embeddings.weight",
                           ("", "bert."))
+  hf.check_layer_count(checkpoint, f"{prefix}encoder.layer.", cfg.num_layers,
+                       pathlib.Path(path) / hf.CONFIG_FILE)
   model = hf.build_from_checkpoint(
       lambda r: BertEncoder(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
       checkpoint, _hf_sources(cfg, prefix), rngs=rngs)

@@ -356,6 +356,9 @@ def _read_header(path: pathlib.Path) -> dict[str, _TensorInfo]:
     header = json.loads(raw)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise DataFormatError(path, None, None, f"invalid header: {e}") from e
+  if not isinstance(header, dict):
+    raise DataFormatError(path, None, None,
+                          "invalid header: not a JSON object")
   data_start = 8 + header_len
   tensors = {}
   for key, entry in header.items():
@@ -450,6 +453,9 @@ class Checkpoint:
   def shape(self, key: str) -> tuple[int, ...]:
     return self._info(key).shape
 
+  def dtype(self, key: str) -> np.dtype:
+    return self._info(key).dtype
+
   def get(self, key: str) -> np.ndarray:
     """A copy of tensor `key` in its stored dtype (bf16 as ml_dtypes)."""
     info = self._info(key)
@@ -526,10 +532,32 @@ def _fill(model: nnx.Module, checkpoint: Checkpoint,
           checkpoint.file_of(key), None, None,
           f"tensor '{key}' has shape {list(stored)}, expected "
           f"{list(expected)} (for parameter '{_path_str(path)}')")
+    floating = lambda d: jax.numpy.issubdtype(d, jax.numpy.floating)
+    if floating(variable.dtype) and not floating(checkpoint.dtype(key)):
+      raise DataFormatError(
+          checkpoint.file_of(key), None, None,
+          f"tensor '{key}' is {checkpoint.dtype(key)}, expected a float "
+          f"tensor (for parameter '{_path_str(path)}')")
     array = checkpoint.get(key)
     if source.transpose:
       array = array.T
     variable.set_value(jax.numpy.asarray(array, dtype=variable.dtype))
+
+
+def check_layer_count(checkpoint: Checkpoint, layer_prefix: str,
+                      num_layers: int, config_path: str | pathlib.Path
+                      ) -> None:
+  """Raises DataFormatError when the checkpoint holds more layers than the
+  config.json says: loading the first few would silently drop the rest."""
+  for key in checkpoint.keys():
+    if not key.startswith(layer_prefix):
+      continue
+    index = key[len(layer_prefix):].split(".", 1)[0]
+    if index.isdigit() and int(index) >= num_layers:
+      raise DataFormatError(
+          checkpoint.file_of(key), None, None,
+          f"tensor '{key}' is of layer {index}, but {config_path} has "
+          f"num_hidden_layers={num_layers}")
 
 
 def build_from_checkpoint(

@@ -384,6 +384,8 @@ def load_llama(path: str | pathlib.Path, *, dtype=jnp.float32,
   cfg = hf.read_llama_config(path)
   checkpoint = hf.Checkpoint(path)
   prefix = hf.find_prefix(checkpoint, "embed_tokens.weight", ("model.", ""))
+  hf.check_layer_count(checkpoint, f"{prefix}layers.", cfg.num_layers,
+                       pathlib.Path(path) / hf.CONFIG_FILE)
   model = hf.build_from_checkpoint(
       lambda r: LlamaDecoder(cfg, dtype=dtype, param_dtype=param_dtype,
                              rngs=r),

@@ -125,13 +125,31 @@ def _abstract(tree):
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str,
              dataset=None) -> dict:
-  """Masked-LM training on the item corpus; resumes from workdir's latest."""
+  """Masked-LM training on the item corpus; resumes from workdir's latest.
+
+  A checkpoint is resumed only under the same config (but RESUMABLE_KEYS); a
+  run that already finished `pretrain.steps` returns its recorded summary and
+  rewrites nothing.
+  """
   from genre_jax import data as data_lib
   from genre_jax import train as train_lib
 
+  from genre_jax.models import lm_encoder
+
   train_lib.check_batch_size(config, "pretrain")
+  lm_encoder.check_config(config)
   os.makedirs(workdir, exist_ok=True)
   pc = config.pretrain
+  steps = int(pc.steps)
+  # Checked before config.json is rewritten: it must keep describing the
+  # checkpoints beside it.
+  if ckpt_lib.has_checkpoint(workdir):
+    workdir_lib.check_resumable(workdir, config, RESUMABLE_KEYS)
+    finished = _finished_summary(workdir, steps)
+    if finished is not None:
+      logging.info("MLM pretraining in %s already finished %d steps", workdir,
+                   steps)
+      return finished
   if dataset is None:
     dataset = data_lib.load_dataset(config.data)
   workdir_lib.save_config(workdir, config)
@@ -144,7 +162,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   model.train()
   vocab_size = model.encoder.config.vocab_size
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  steps = int(pc.steps)
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, float(pc.lr), min(int(pc.warmup_steps), steps - 1), steps)
   tx = optax.chain(optax.clip_by_global_norm(1.0),
@@ -174,10 +191,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   if restored is not None:
     state = jax.device_put(restored[0], replicated)
     start = int(restored[1]["step"])
+    if start > steps:
+      raise ConfigError(f"config.pretrain.steps={steps}: the checkpoint in "
+                        f"{workdir} is already at step {start}; steps may "
+                        "only grow")
     logging.info("Resumed MLM pretraining at step %d", start)
 
   local = pc.batch_size // jax.process_count()
-  tick, losses = time.time(), []
+  tick = time.time()
   for s in range(start, steps):
     rng = np.random.default_rng([int(config.train.seed), s])
     rows = rng.integers(0, len(ids), pc.batch_size)
@@ -193,17 +214,48 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
       value = float(loss)
       if not math.isfinite(value):
         raise FloatingPointError(f"MLM loss is {value} at step {s + 1}")
-      losses.append({"step": s + 1, "loss": value})
       workdir_lib.append_metrics(workdir, {"step": s + 1, "mlm_loss": value})
       logging.info("pretrain step %d/%d mlm loss %.4f (%.1f steps/s)", s + 1,
                    steps, value, (s + 1 - start) / (time.time() - tick))
     if (s + 1) % int(pc.checkpoint_every) == 0 or s + 1 == steps:
       checkpoints.save(checkpoints.latest, state, {"step": s + 1})
   checkpoints.close()
-  summary = {"steps": steps, "losses": losses,
+  # The whole run's losses, those of earlier (resumed) invocations included.
+  summary = {"steps": steps, "losses": _recorded_losses(workdir, steps),
              "seconds": time.time() - tick, "num_texts": int(len(ids))}
   workdir_lib.atomic_write_text(os.path.join(workdir, "final_metrics.json"),
                                 json.dumps(summary, indent=2))
+  return summary
+
+
+# What a resumed pretraining run may change: how long it trains (steps may
+# grow), how often it logs and saves, and where data and caches live.
+RESUMABLE_KEYS = ("data.data_dir", "model.lm.cache_dir", "pretrain.steps",
+                  "pretrain.log_every", "pretrain.checkpoint_every")
+
+
+def _recorded_losses(workdir: str, steps: int) -> list[dict]:
+  """[{"step", "loss"}] of every MLM loss logged in workdir up to `steps`."""
+  return [{"step": int(r["step"]), "loss": float(r["mlm_loss"])}
+          for r in workdir_lib.read_metrics(workdir)
+          if "mlm_loss" in r and int(r["step"]) <= steps]
+
+
+def _finished_summary(workdir: str, steps: int) -> dict | None:
+  """The recorded summary when workdir's run already trained `steps` steps."""
+  path = os.path.join(workdir, "final_metrics.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    try:
+      summary = json.load(f)
+    except json.JSONDecodeError:
+      return None  # unreadable: train (zero steps) and write it again
+  if not isinstance(summary, dict) or summary.get("steps") != steps:
+    return None
+  # A summary rewritten with no losses (by an older rerun) is filled in.
+  summary["losses"] = (summary.get("losses")
+                       or _recorded_losses(workdir, steps))
   return summary
 
 

@@ -11,13 +11,14 @@ so that they are a fixed function of the text); LoRA adapters
 (`lm.lora.rank>0`: the LM's weights frozen, adapters on the tuned layers).
 With frozen layers and `lm.cache=True`, the hidden states entering layer N are
 computed once for every item, stored on disk (memory-mapped) under a key that
-hashes the frozen weights themselves, the token ids (so the text, template,
-tokenizer and truncation) and N, and the recommender then runs only layers
-N..L-1 from them.
+hashes the frozen weights themselves, the LM's config.json, the token ids (so
+the text, template, tokenizer and truncation) and N, and the recommender then
+runs only layers N..L-1 from them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from genre_jax.data.types import Dataset, ItemInputSpec
-from genre_jax.errors import ConfigError
+from genre_jax.errors import ConfigError, DataFormatError
 from genre_jax.registry import ITEM_ENCODERS
 
 TEXT_FIELD = "lm_text"  # token ids [N+1, L] of the joined item text
@@ -94,6 +95,36 @@ def tune_from(config: ml_collections.ConfigDict, num_layers: int) -> int:
   return n
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid config.model.lm field.
+
+  Checked up front: a bad value otherwise fails deep inside the traced model
+  (max_len past the position table), or trains silently wrong (negative
+  LoRA scale, dropout 1).
+  """
+  from genre_jax.lm import hf
+
+  lc = config.model.lm
+  lora = lc.lora
+  if int(lora.rank) != lora.rank or int(lora.rank) < 0:
+    raise ConfigError(f"config.model.lm.lora.rank={lora.rank}: must be an "
+                      "integer >= 0 (0 = no LoRA)")
+  if int(lora.rank) > 0 and not float(lora.alpha) > 0:
+    raise ConfigError(f"config.model.lm.lora.alpha={lora.alpha}: must be > 0")
+  if not 0 <= float(lora.dropout) < 1:
+    raise ConfigError(f"config.model.lm.lora.dropout={lora.dropout}: must be "
+                      "in [0, 1)")
+  max_len = int(lc.max_len)
+  if max_len < 1:
+    raise ConfigError(f"config.model.lm.max_len={lc.max_len}: must be >= 1")
+  if lm_kind(config) == "bert":
+    limit = hf.read_bert_config(lm_path(config)).max_position_embeddings
+    if max_len > limit:
+      raise ConfigError(
+          f"config.model.lm.max_len={max_len}: must be <= {limit}, the "
+          f"max_position_embeddings of {lm_path(config)}")
+
+
 def uses_cache(config: ml_collections.ConfigDict) -> bool:
   return bool(config.model.lm.cache) and int(config.model.lm.tune_from) > 0
 
@@ -108,6 +139,18 @@ def _freeze_dropout(module: nnx.Module) -> None:
 def _frozen_parts(lm, n: int):
   return [lm.embeddings if hasattr(lm, "embeddings") else lm.embed_tokens,
           *list(lm.layers)[:n]]
+
+
+def _check_lora_targets(lm, targets: tuple[str, ...]) -> None:
+  """Every lora.targets name must be a Linear layer of the LM's layers."""
+  valid = sorted({name for layer in lm.layers
+                  for _, module in nnx.iter_modules(layer)
+                  for name, child in vars(module).items()
+                  if isinstance(child, nnx.Linear)})
+  unknown = [t for t in targets if t not in valid]
+  if unknown or not targets:
+    raise ConfigError(f"config.model.lm.lora.targets: {unknown or '()'} "
+                      f"name no Linear layer of the LM; choose from {valid}")
 
 
 def _final_norm(lm, hidden):
@@ -145,6 +188,7 @@ class LMItemEncoder(nnx.Module):
     from genre_jax.models.layers import compute_dtype
 
     lc = config.model.lm
+    check_config(config)
     self.lm, self.kind = load_lm(config, rngs=rngs)
     num_layers = len(self.lm.layers)
     self.tune_from = tune_from(config, num_layers)
@@ -158,6 +202,7 @@ class LMItemEncoder(nnx.Module):
     for part in _frozen_parts(self.lm, self.tune_from) if self.tune_from else ():
       _freeze_dropout(part)
     if int(lc.lora.rank) > 0:
+      _check_lora_targets(self.lm, tuple(lc.lora.targets))
       for layer in list(self.lm.layers)[self.tune_from:]:
         lora.apply_lora(layer, tuple(lc.lora.targets), rank=int(lc.lora.rank),
                         alpha=float(lc.lora.alpha),
@@ -270,7 +315,25 @@ def tokenize_text(config: ml_collections.ConfigDict,
       tokens = tokens[:max_len - len(tail)] + tail
     ids[row, :len(tokens)] = tokens
     mask[row, :len(tokens)] = True
+  _check_vocab(config, ids)
   return ids, mask
+
+
+def _check_vocab(config: ml_collections.ConfigDict, ids: np.ndarray) -> None:
+  """Token ids past the model's vocab_size would embed as NaN: refused."""
+  from genre_jax.lm import hf
+
+  path = lm_path(config)
+  read = (hf.read_bert_config if lm_kind(config) == "bert"
+          else hf.read_llama_config)
+  vocab_size = int(read(path).vocab_size)
+  top = int(ids.max()) if ids.size else 0
+  if top >= vocab_size:
+    raise DataFormatError(
+        os.path.join(path, hf.TOKENIZER_FILE), None, None,
+        f"the tokenizer gives token id {top}, but the model's "
+        f"{os.path.join(path, hf.CONFIG_FILE)} has vocab_size {vocab_size}; "
+        "the tokenizer does not belong to this model")
 
 
 def _weights_digest(arrays) -> str:
@@ -284,12 +347,19 @@ def _weights_digest(arrays) -> str:
 
 
 def cache_key(config, kind: str, frozen_state, ids: np.ndarray,
-              mask: np.ndarray, n: int) -> str:
-  """Hash of everything the cached hidden states depend on."""
+              mask: np.ndarray, n: int, lm_config=None) -> str:
+  """Hash of everything the cached hidden states depend on.
+
+  `lm_config` is the LM's architecture config (a dataclass read from its
+  config.json): activation, norm epsilon, heads and rope settings change the
+  hidden states as much as the weights do.
+  """
+  arch = dataclasses.asdict(lm_config) if lm_config is not None else None
   h = hashlib.sha256()
   h.update(json.dumps({"kind": kind, "layer": n,
                        "dtype": config.model.lm.cache_dtype,
-                       "compute": config.model.dtype}).encode())
+                       "compute": config.model.dtype, "arch": arch},
+                      sort_keys=True, default=str).encode())
   h.update(_weights_digest(frozen_state).encode())
   h.update(ids.tobytes())
   h.update(mask.tobytes())
@@ -307,9 +377,9 @@ def build_cache(config: ml_collections.ConfigDict, ids: np.ndarray,
                 mask: np.ndarray, cache_dir: str) -> np.ndarray:
   """Hidden states entering layer tune_from for every item, memory-mapped.
 
-  Reused when the key (frozen weights, token ids, layer, dtype) matches a
-  finished cache file; written to a temporary name and renamed, so an
-  interrupted build is never mistaken for a finished one.
+  Reused when the key (frozen weights, architecture, token ids, layer,
+  dtype) matches a finished cache file; written to a temporary name and
+  renamed, so an interrupted build is never mistaken for a finished one.
   """
   lc = config.model.lm
   if lc.cache_dtype not in _CACHE_DTYPES:
@@ -319,7 +389,7 @@ def build_cache(config: ml_collections.ConfigDict, ids: np.ndarray,
   n = tune_from(config, len(lm.layers))
   lm.eval()
   frozen = [nnx.state(part, nnx.Param) for part in _frozen_parts(lm, n)]
-  key = cache_key(config, kind, frozen, ids, mask, n)
+  key = cache_key(config, kind, frozen, ids, mask, n, lm.config)
   os.makedirs(cache_dir, exist_ok=True)
   path = os.path.join(cache_dir, f"{kind}_layer{n}_{key}.npy")
   if os.path.exists(path):
@@ -364,6 +434,7 @@ def item_inputs(config: ml_collections.ConfigDict, dataset: Dataset):
   The field is TEXT_FIELD (token ids) or, with cached frozen layers,
   HIDDEN_FIELD (the cached hidden states [N+1, L, D_lm]).
   """
+  check_config(config)
   ids, mask = tokenize_text(config, item_text(config, dataset))
   if uses_cache(config):
     hidden = build_cache(config, ids, mask, default_cache_dir(config))
