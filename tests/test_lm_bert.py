@@ -127,11 +127,19 @@ def test_apply_lora_rejects_unknown_targets(minilm):
     lora.apply_lora(model, ("q_proj",), rank=2, alpha=2.0, rngs=nnx.Rngs(0))
 
 
-def _tiny_bert(tmp_path: pathlib.Path):
-  """Saves a random tiny BertModel (unprefixed keys); returns it (eval)."""
+def _tiny_bert(tmp_path: pathlib.Path, **config_edits):
+  """Saves a random tiny BertModel (unprefixed keys); returns it (eval).
+
+  config_edits then overwrite fields of the saved config.json only, so that
+  it no longer matches the weights.
+  """
   torch.manual_seed(0)
   model = transformers.BertModel(transformers.BertConfig(**_TINY)).eval()
   model.save_pretrained(tmp_path, safe_serialization=True)
+  if config_edits:
+    config_path = tmp_path / hf.CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, **config_edits}))
   return model
 
 
@@ -167,11 +175,7 @@ def test_missing_tensor_names_file_and_key(tmp_path):
 
 
 def test_shape_mismatch_names_key_and_shapes(tmp_path):
-  _tiny_bert(tmp_path)
-  config_path = tmp_path / hf.CONFIG_FILE
-  config = json.loads(config_path.read_text())
-  config["intermediate_size"] = 48
-  config_path.write_text(json.dumps(config))
+  _tiny_bert(tmp_path, intermediate_size=48)
   with pytest.raises(DataFormatError, match=(
       r"model\.safetensors: tensor 'encoder\.layer\.0\.intermediate\.dense\."
       r"(weight|bias)' has shape \[64(, 32)?\], expected \[48(, 32)?\]")):
@@ -179,22 +183,14 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path):
 
 
 def test_bad_config_field_is_named(tmp_path):
-  _tiny_bert(tmp_path)
-  config_path = tmp_path / hf.CONFIG_FILE
-  config = json.loads(config_path.read_text())
-  config["num_attention_heads"] = "twelve"
-  config_path.write_text(json.dumps(config))
+  _tiny_bert(tmp_path, num_attention_heads="twelve")
   with pytest.raises(DataFormatError,
                      match=r"config\.json: field 'num_attention_heads'"):
     bert.load_bert(tmp_path, rngs=nnx.Rngs(0))
 
 
 def test_unsupported_activation_is_named(tmp_path):
-  _tiny_bert(tmp_path)
-  config_path = tmp_path / hf.CONFIG_FILE
-  config = json.loads(config_path.read_text())
-  config["hidden_act"] = "mish"
-  config_path.write_text(json.dumps(config))
+  _tiny_bert(tmp_path, hidden_act="mish")
   with pytest.raises(DataFormatError, match=(
       r"config\.json: field 'hidden_act'.*unsupported activation 'mish'")):
     bert.load_bert(tmp_path, rngs=nnx.Rngs(0))
@@ -213,11 +209,7 @@ def test_safetensors_header_that_is_not_an_object_is_named(tmp_path):
 
 
 def test_config_with_fewer_layers_than_the_checkpoint_is_refused(tmp_path):
-  _tiny_bert(tmp_path)
-  config_path = tmp_path / hf.CONFIG_FILE
-  config = json.loads(config_path.read_text())
-  config["num_hidden_layers"] = 1
-  config_path.write_text(json.dumps(config))
+  _tiny_bert(tmp_path, num_hidden_layers=1)
   with pytest.raises(DataFormatError, match=(
       r"model\.safetensors: tensor 'encoder\.layer\.1\..*' is of layer 1, "
       r"but .*config\.json has num_hidden_layers=1")):
