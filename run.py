@@ -25,11 +25,8 @@ Any config field can be overridden: --config.model.user_encoder=gru.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import sys
-from typing import Any
 
 from absl import app
 from absl import flags
@@ -39,7 +36,7 @@ from genre_jax.config import flag_error_message
 from genre_jax.errors import ConfigError, exit_on_input_error
 from genre_jax.genre import generate as generate_lib
 from genre_jax.genre.providers import ProviderError
-from genre_jax.logs import quiet_library_logging
+from genre_jax.logs import json_line, quiet_library_logging
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Preset file, e.g. configs/nrms.py (train/generate).",
@@ -91,36 +88,9 @@ def metric_table(rows: list[tuple[str, str, dict]]) -> str:
   return "\n".join(lines)
 
 
-def _json_line(value: Any) -> str:
-  """The final JSON line of a mode: strict JSON, NaN and inf written as null.
-
-  Python's json writes NaN, which JSON parsers reject; an undefined figure
-  (e.g. the cold-user AUC of a split without cold users) becomes null, with
-  a warning on stderr naming it.
-  """
-  undefined = []
-
-  def clean(x, where):
-    if isinstance(x, dict):
-      return {k: clean(v, f"{where}.{k}" if where else str(k))
-              for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-      return [clean(v, f"{where}[{i}]") for i, v in enumerate(x)]
-    if isinstance(x, float) and not math.isfinite(x):
-      undefined.append(f"{where}={x}")
-      return None
-    return x
-
-  value = clean(value, "")
-  if undefined:
-    print(f"warning: undefined figures written as null: "
-          f"{', '.join(undefined)}", file=sys.stderr)
-  return json.dumps(value, allow_nan=False)
-
-
 def _metrics_json(m: dict) -> str:
-  return _json_line({k: m[k] for k in ("auc", "mrr", "ndcg5", "ndcg10",
-                                       "num_impressions")})
+  return json_line({k: m[k] for k in ("auc", "mrr", "ndcg5", "ndcg10",
+                                      "num_impressions")})
 
 
 def _train(config, workdir):
@@ -159,13 +129,13 @@ def _train(config, workdir):
     print(f"Recommendations for {min(len(users), _DEMO_USERS.value)} {split} "
           f"users: {out}")
   final = summary.get("test", summary.get("dev"))
-  print(_json_line({"workdir": os.path.abspath(workdir),
-                    "dev": summary.get("dev", {}).get("all"),
-                    "test": summary.get("test", {}).get("all"),
-                    "test_cold": summary.get("test", {}).get("cold"),
-                    "oracle": summary.get("oracle"),
-                    "train_seconds": summary["train_seconds"]}
-                   if final else {}))
+  print(json_line({"workdir": os.path.abspath(workdir),
+                   "dev": summary.get("dev", {}).get("all"),
+                   "test": summary.get("test", {}).get("all"),
+                   "test_cold": summary.get("test", {}).get("cold"),
+                   "oracle": summary.get("oracle"),
+                   "train_seconds": summary["train_seconds"]}
+                  if final else {}))
 
 
 def _eval(workdir):
@@ -239,7 +209,7 @@ def _recommend(workdir):
           f"{_TOP_K.value} items (marked fewer_than_k); "
           f"{result['num_empty_history']} had an empty history (marked "
           "empty_history; items in item-row order)", file=sys.stderr)
-  print(_json_line(result))
+  print(json_line(result))
 
 
 def _pretrain(config, workdir):
@@ -257,10 +227,10 @@ def _pretrain(config, workdir):
   print(f"Pretrained {summary['steps']} steps on {summary['num_texts']} item "
         f"texts in {summary['seconds']:.1f}s; use it with "
         f"--config.model.lm.init={os.path.abspath(workdir)}")
-  print(json.dumps({"workdir": os.path.abspath(workdir),
-                    "first_loss": losses[0]["loss"] if losses else None,
-                    "last_loss": losses[-1]["loss"] if losses else None,
-                    "steps": summary["steps"]}))
+  print(json_line({"workdir": os.path.abspath(workdir),
+                   "first_loss": losses[0]["loss"] if losses else None,
+                   "last_loss": losses[-1]["loss"] if losses else None,
+                   "steps": summary["steps"]}))
 
 
 def _generate(config, workdir):
@@ -293,7 +263,7 @@ def _generate(config, workdir):
     print(f"{step['scheme']:<12}{step['domain']:<8}{step['count']:>8}"
           f"{100 * step['usable_rate']:>8.1f}%{step['seconds']:>9.1f}"
           f"  {step['out_path']}")
-  print(json.dumps(summary, default=str))
+  print(json_line(summary, default=str))
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -9,7 +9,6 @@ Usage:
 Prints a table, then one line of JSON (the last line of output).
 """
 
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from genre_jax.data import batching  # pylint: disable=g-import-not-at-top
 from genre_jax.data import mind  # pylint: disable=g-import-not-at-top
 from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "../shared/data/goodreads", "MIND-format dataset folder.")
@@ -81,7 +81,7 @@ def main(argv: Sequence[str]) -> None:
   for key, value in result.items():
     print(f"{key:<{width}}  {value}")
   print("-" * (width + 30))
-  print(json.dumps(result))
+  print(json_line(result))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Prints a table and ends with one line of JSON holding
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -39,6 +38,7 @@ from genre_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 from genre_jax import train  # pylint: disable=g-import-not-at-top
 from genre_jax.data import batching  # pylint: disable=g-import-not-at-top
 from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
 
 _DATA_PATH = flags.DEFINE_string(
     "data_path", "", "A Goodreads-layout MIND folder; default: the synthetic "
@@ -100,7 +100,8 @@ def _run(config, dataset, batches) -> dict:
     times.append(time.perf_counter() - tick)
   seconds = statistics.median(times)
   return {"inputs_seconds": inputs_seconds, "step_seconds": seconds,
-          "samples_per_s": _BATCH.value / seconds, "losses": losses}
+          "samples_per_s": int(config.train.batch_size) / seconds,
+          "losses": losses}
 
 
 def main(argv):
@@ -108,10 +109,15 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   data_dir = _DATA_DIR.value or tempfile.mkdtemp(prefix="bench_lm_cache_")
   config = _config(data_dir, cache=True)
+  # The shapes as the config holds them, after --set (which may change them).
+  batch_size, history_len = (int(config.train.batch_size),
+                             int(config.data.history_len))
+  tune_from, max_len = (int(config.model.lm.tune_from),
+                        int(config.model.lm.max_len))
   dataset = data_lib.load_dataset(config.data)
   batcher = batching.TrainBatcher(
-      dataset.splits["train"], dataset.items, batch_size=_BATCH.value,
-      history_len=_HISTORY.value, num_negatives=config.data.num_negatives,
+      dataset.splits["train"], dataset.items, batch_size=batch_size,
+      history_len=history_len, num_negatives=config.data.num_negatives,
       seed=0)
   batcher.unique_items = train.dedup_capacity(batcher, _STEPS.value + 1)
   batches = [b for _, b in zip(range(_STEPS.value + 1), batcher.epoch(0))]
@@ -121,9 +127,9 @@ def main(argv):
   speedup = cached["samples_per_s"] / uncached["samples_per_s"]
   max_loss_diff = float(np.max(np.abs(np.subtract(cached["losses"],
                                                   uncached["losses"]))))
-  print(f"MiniLM-L6 BERT-NRMS, layers 0..{_TUNE_FROM.value - 1} frozen, "
-        f"batch {_BATCH.value}, history {_HISTORY.value}, "
-        f"{_MAX_LEN.value} tokens/item, {jax.devices()[0].device_kind}")
+  print(f"MiniLM-L6 BERT-NRMS, layers 0..{tune_from - 1} frozen, "
+        f"batch {batch_size}, history {history_len}, "
+        f"{max_len} tokens/item, {jax.devices()[0].device_kind}")
   print(f"{'run':<10}{'step ms':>10}{'samples/s':>11}{'inputs s':>10}"
         f"{'loss[0]':>10}{'loss[-1]':>10}")
   for name, r in (("uncached", uncached), ("cached", cached)):
@@ -133,14 +139,14 @@ def main(argv):
   print(f"speed-up {speedup:.2f}x; max |loss difference| over "
         f"{len(cached['losses'])} steps {max_loss_diff:.2e}; cache build "
         f"{cached['inputs_seconds']:.1f}s for {dataset.items.num_items} items")
-  print(json.dumps({
+  print(json_line({
       "cached_samples_per_s": round(cached["samples_per_s"], 2),
       "uncached_samples_per_s": round(uncached["samples_per_s"], 2),
       "speedup": round(speedup, 3),
       "cache_build_seconds": round(cached["inputs_seconds"], 2),
       "max_loss_diff": max_loss_diff,
-      "batch_size": _BATCH.value, "history_len": _HISTORY.value,
-      "max_len": _MAX_LEN.value, "tune_from": _TUNE_FROM.value,
+      "batch_size": batch_size, "history_len": history_len,
+      "max_len": max_len, "tune_from": tune_from,
       "num_items": dataset.items.num_items,
       "device": jax.devices()[0].device_kind}))
 

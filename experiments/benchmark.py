@@ -31,8 +31,9 @@ FLOPs per step are counted analytically the way the anchor counts them
 for the input gradient when something below needs it; attention 4 L^2 d
 forward per sequence and 3x that when trained; embeddings, norms, softmax
 and the optimizer 0), for NRMS and BERT-NRMS; XLA's own count
-(`cost_analysis`) is reported beside it for every preset. MFU = analytic
-(else XLA) FLOPs per second / the measured matmul rate.
+(`cost_analysis`, which counts one device's share of the step) is reported
+beside it for every preset. MFU = one device's FLOPs per second (analytic /
+number of devices, else XLA) / the matmul rate measured on one device.
 
 The output ends with one line of JSON: {"device", "num_devices",
 "matmul_flops_per_s", "rows": [...]}. A bad preset name or --set override
@@ -42,7 +43,6 @@ fails before anything is measured.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import statistics
@@ -61,6 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from genre_jax import train  # pylint: disable=g-import-not-at-top
 from genre_jax.config import load_preset  # pylint: disable=g-import-not-at-top
 from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
 from genre_jax.data.types import Behaviors, ItemInputSpec  # pylint: disable=g-import-not-at-top
 
 _PRESET = flags.DEFINE_string("preset", "nrms", "Preset name in configs/.")
@@ -395,7 +396,10 @@ def bench_row(label: str, config, shape: Shape, *, steps: int, warmup: int,
     cost = cost[0] if cost else None
   xla_flops = float(cost.get("flops", 0.0)) if cost else 0.0
   formula_flops = analytic_flops(config, shape, titles)
-  flops = formula_flops or xla_flops
+  # The analytic count is the whole global batch's; XLA's and the measured
+  # matmul rate are one device's: MFU compares one device's share.
+  flops = (formula_flops / jax.device_count() if formula_flops
+           else xla_flops)
   row = {
       "label": label, "preset": config.get("name", label),
       "batch": shape.batch, "history": shape.history,
@@ -478,6 +482,17 @@ def main(argv):
                     tuple(_SET.value), _DATA_PATH.value, False))
     plans.append((_PRESET.value, _PRESET.value, shape, tuple(_SET.value),
                   _DATA_PATH.value))
+  for name, value, least in (("steps", _STEPS.value, 1),
+                              ("group", _GROUP.value, 1),
+                              ("warmup", _WARMUP.value, 0),
+                              ("eval_impressions", _EVAL_IMPRESSIONS.value, 1)):
+    if value < least:  # else a traceback (or a loop that never ends) later
+      raise app.UsageError(f"--{name}={value}: must be >= {least}")
+  for label, _, shape, *_ in plans:
+    if shape.batch < 1 or shape.batch % jax.device_count():
+      raise app.UsageError(
+          f"--batch_size={shape.batch} (row '{label}'): must be a positive "
+          f"multiple of the number of devices ({jax.device_count()})")
   steps = 4 if _SMOKE.value else _STEPS.value
   warmup = 1 if _SMOKE.value else _WARMUP.value
   group = 2 if _SMOKE.value else _GROUP.value
@@ -498,9 +513,9 @@ def main(argv):
   print(f"device: {device.device_kind} ({jax.device_count()} device(s)), "
         f"measured matmul rate {matmul_rate / 1e12:.3f} TFLOP/s")
   print(format_table(rows))
-  print(json.dumps({"device": device.device_kind,
-                    "num_devices": jax.device_count(),
-                    "matmul_flops_per_s": matmul_rate, "rows": rows}))
+  print(json_line({"device": device.device_kind,
+                   "num_devices": jax.device_count(),
+                   "matmul_flops_per_s": matmul_rate, "rows": rows}))
 
 
 if __name__ == "__main__":

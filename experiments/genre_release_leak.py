@@ -23,7 +23,6 @@ and ends with one line of JSON: {file: {"users": n, "positions": {k:
 from __future__ import annotations
 
 import glob
-import json
 import os
 import sys
 from typing import Sequence
@@ -37,6 +36,7 @@ sys.path.insert(0, ROOT)
 
 from genre_jax.data import mind  # pylint: disable=g-import-not-at-top
 from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
 from genre_jax.genre import parsing  # pylint: disable=g-import-not-at-top
 from genre_jax.genre import prompts  # pylint: disable=g-import-not-at-top
 
@@ -55,10 +55,13 @@ def _norm(title: str) -> str:
   return " ".join(title.lower().split())
 
 
-def user_sequences(data_dir: str, split: str) -> dict[str, list[str]]:
+def user_sequences(data_dir: str,
+                   split: str) -> dict[str, list[str]] | None:
   """User id -> titles of their split row's history, then its clicked item
-  (the last such row of a user wins)."""
+  (the last such row of a user wins); None when data_dir has no such split."""
   dataset = mind.read_mind_dir(data_dir, sorted({"train", split}))
+  if split not in dataset.splits:
+    return None
   rows = dataset.splits[split]
   titles = [_norm(str(t or "")) for t in dataset.items.text["title"]]
   clicked = rows.cand_labels == 1
@@ -87,9 +90,10 @@ def generated_titles(path: str) -> dict[str, str]:
   return titles
 
 
-def _rate(matches: int, users: int) -> dict[str, float]:
+def _rate(matches: int, users: int) -> dict[str, float | None]:
+  """Matches among users; rate None (null in the JSON line) with no user."""
   return {"matches": matches, "users": users,
-          "rate": matches / users if users else float("nan")}
+          "rate": matches / users if users else None}
 
 
 def copy_rates(titles: dict[str, str], sequences: dict[str, list[str]],
@@ -122,7 +126,8 @@ def table(results: dict[str, dict]) -> str:
     cells = [r["positions"][str(k)] for k in positions] + [r["chance"]]
     lines.append("| " + " | ".join(
         [name, str(r["users"])] +
-        [f"{c['matches']}/{c['users']} ({100 * c['rate']:.2f}%)"
+        [f"{c['matches']}/{c['users']} ("
+         + ("-" if c["rate"] is None else f"{100 * c['rate']:.2f}%") + ")"
          for c in cells]) + " |")
   return "\n".join(lines)
 
@@ -139,13 +144,16 @@ def main(argv: Sequence[str]) -> None:
     sequences = user_sequences(data_dir, _SPLIT.value)
   except FileNotFoundError as e:
     raise app.UsageError(f"--data_dir={data_dir}: {e}") from e
+  if sequences is None:
+    raise app.UsageError(f"--split={_SPLIT.value}: {data_dir} has no such "
+                         "split")
   results = {os.path.basename(path): copy_rates(
       generated_titles(path), sequences, _POSITIONS.value, _SEED.value)
              for path in files}
   print(f"Generated titles equal to the title of the user's k-th last book "
         f"({_SPLIT.value} rows: history, then the clicked book), {data_dir}")
   print(table(results))
-  print(json.dumps(results))
+  print(json_line(results))
 
 
 if __name__ == "__main__":

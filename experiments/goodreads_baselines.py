@@ -26,7 +26,6 @@ wall time, samples/s) and ends with one line of JSON:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -45,7 +44,7 @@ from genre_jax import train  # pylint: disable=g-import-not-at-top
 from genre_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 from genre_jax.errors import (  # pylint: disable=g-import-not-at-top
     ConfigError, DataFormatError, exit_on_input_error)
-from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import json_line, quiet_library_logging  # pylint: disable=g-import-not-at-top
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "../shared/data/goodreads", "The Goodreads release folder.")
@@ -75,9 +74,19 @@ def permuted_titles_copy(source: str, target: str, seed: int) -> str:
   """A MIND-format folder at `target` whose news.tsv gives every item the
   title of another (a seeded permutation); the split folders are links to
   `source`'s. Written once (atomically): a later call finds it and leaves it,
-  so the prepared dataset and finished runs stay valid. Returns target."""
+  so the prepared dataset and finished runs stay valid; a copy made from
+  another `source` (its split links lead elsewhere) is an error, never
+  trained on in this one's name. Returns target."""
   news = os.path.join(target, "news.tsv")
   if os.path.isfile(news):
+    for split in ("train", "dev", "test"):
+      link, own = os.path.join(target, split), os.path.join(source, split)
+      if os.path.isdir(own) and (not os.path.lexists(link) or
+                                 os.path.realpath(link) !=
+                                 os.path.realpath(own)):
+        raise app.UsageError(
+            f"{target} holds titles permuted from another dataset (its "
+            f"'{split}' is not {own}); use another --workdir_root")
     return target
   with open(os.path.join(source, "news.tsv"), encoding="utf-8",
             newline="") as f:
@@ -155,7 +164,7 @@ def main(argv: Sequence[str]) -> None:
         + (", titles permuted among the books" if _PERMUTE_TITLES.value
            else "") + ")")
   print(table(results))
-  print(json.dumps(results))
+  print(json_line(results))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ scorer, text and split) and ends with one line of JSON:
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -55,6 +54,7 @@ from genre_jax.data import types
 from genre_jax.errors import (
     ConfigError, DataFormatError, exit_on_input_error)
 from genre_jax.lm import bert
+from genre_jax.logs import json_line
 from genre_jax.models import lm_encoder
 # pylint: enable=g-import-not-at-top
 
@@ -175,6 +175,8 @@ def main(argv: Sequence[str]) -> None:
     if not chosen or set(chosen) - set(known):
       raise app.UsageError(f"--{name}={','.join(chosen)}: choose from "
                            f"{','.join(known)}")
+  if _BATCH.value < 1:
+    raise app.UsageError(f"--batch_size={_BATCH.value}: must be >= 1")
   data_dir = os.path.abspath(os.path.expanduser(_DATA_DIR.value))
   try:
     dataset, config = load(data_dir)
@@ -208,7 +210,7 @@ def main(argv: Sequence[str]) -> None:
         f"books, {summary.get('items_summarized', 0)} with a summary; "
         + ", ".join(f"{s} {t:.0f} s" for s, t in seconds.items()))
   print(table(results, lengths))
-  print(json.dumps(results))
+  print(json_line(results))
 
 
 if __name__ == "__main__":

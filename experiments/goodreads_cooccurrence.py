@@ -24,7 +24,6 @@ and ends with one line of JSON: {scorer: {split: {"all": {...}, "cold":
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Sequence
@@ -40,6 +39,7 @@ from genre_jax import metrics  # pylint: disable=g-import-not-at-top
 from genre_jax.data import mind  # pylint: disable=g-import-not-at-top
 from genre_jax.data import types  # pylint: disable=g-import-not-at-top
 from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", "../shared/data/goodreads", "A MIND-format dataset folder.")
@@ -136,7 +136,7 @@ def main(argv: Sequence[str]) -> None:
   print(f"Content-free scorers on {data_dir} (counts from train: "
         f"{len(train)} impressions, {len(cooc.keys)} co-occurring item pairs)")
   print(table(results))
-  print(json.dumps(results))
+  print(json_line(results))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ loss, uniform_loss}]}.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 import sys
@@ -47,7 +46,7 @@ from genre_jax import train  # pylint: disable=g-import-not-at-top
 from genre_jax.data import batching  # pylint: disable=g-import-not-at-top
 from genre_jax.errors import (  # pylint: disable=g-import-not-at-top
     ConfigError, exit_on_input_error)
-from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import json_line, quiet_library_logging  # pylint: disable=g-import-not-at-top
 
 _PRESETS = flags.DEFINE_list(
     "presets", ["nrms", "naml", "fastformer", "lstur", "miner"],
@@ -144,6 +143,8 @@ def table(rows: list[dict]) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _BATCHES.value < 1:  # no batch: every figure the mean of nothing (NaN)
+    raise app.UsageError(f"--batches={_BATCHES.value}: must be >= 1")
   quiet_library_logging()
   rows, dataset, dataset_key = [], None, None
   for name in _PRESETS.value:
@@ -160,8 +161,8 @@ def main(argv: Sequence[str]) -> None:
   print(f"Initial click scores, first {_BATCHES.value} training batches of "
         f"{_DATA_PATH.value or 'the synthetic demo data'}")
   print(table(rows))
-  print(json.dumps({"dataset": _DATA_PATH.value or "synthetic",
-                    "batches": _BATCHES.value, "rows": rows}))
+  print(json_line({"dataset": _DATA_PATH.value or "synthetic",
+                   "batches": _BATCHES.value, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Prints a table, then one line of JSON with the numbers.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 import time
@@ -30,6 +29,7 @@ from genre_jax.lm import bert  # pylint: disable=g-import-not-at-top
 from genre_jax.lm import hf  # pylint: disable=g-import-not-at-top
 from genre_jax.lm import llama  # pylint: disable=g-import-not-at-top
 from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
 
 _DEFAULT_DATA = (pathlib.Path(__file__).resolve().parents[2] / "shared"
                  / "data" / "goodreads")
@@ -115,6 +115,8 @@ def _theirs(path: str, ids: np.ndarray,
 
 def main(argv):
   del argv
+  if _NUM_TITLES.value < 1:  # 0 used to read every title of news.tsv
+    raise app.UsageError(f"--num_titles={_NUM_TITLES.value}: must be >= 1")
   path = _LM_PATH.value or hf.default_lm_path()
   kind = hf.model_kind(path) if _KIND.value == "auto" else _KIND.value
   titles, source = read_titles(_DATA_DIR.value, _NUM_TITLES.value)
@@ -145,7 +147,7 @@ def main(argv):
   print(f"{len(titles)} titles from {source}")
   print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
   print("  ".join(r.ljust(w) for r, w in zip(row, widths)))
-  print(json.dumps(result))
+  print(json_line(result))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging as pylogging
+import math
+import sys
+from typing import Any
 
 from absl import logging
 
@@ -21,3 +25,32 @@ def quiet_library_logging() -> None:
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _LibraryInfoFilter) for f in handler.filters):
     handler.addFilter(_LibraryInfoFilter())
+
+
+def json_line(value: Any, **dumps_kwargs) -> str:
+  """The final JSON line of run.py or a script: strict JSON, NaN and inf
+  written as null.
+
+  Python's json writes NaN, which JSON parsers reject; an undefined figure
+  (e.g. the cold-user AUC of a split without cold users) becomes null, with
+  a warning on stderr naming it. `dumps_kwargs` go to json.dumps (e.g.
+  default=str).
+  """
+  undefined = []
+
+  def clean(x, where):
+    if isinstance(x, dict):
+      return {k: clean(v, f"{where}.{k}" if where else str(k))
+              for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [clean(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, float) and not math.isfinite(x):
+      undefined.append(f"{where}={x}")
+      return None
+    return x
+
+  value = clean(value, "")
+  if undefined:
+    print(f"warning: undefined figures written as null: "
+          f"{', '.join(undefined)}", file=sys.stderr)
+  return json.dumps(value, allow_nan=False, **dumps_kwargs)

@@ -7,6 +7,7 @@ settings it offers; the figures themselves are checked for sanity only
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -27,7 +28,16 @@ def _run(script, *args, timeout=900):
   assert result.returncode == 0, result.stderr[-3000:]
   lines = result.stdout.strip().splitlines()
   assert len(lines) >= 2, "a readable table must come before the JSON"
-  return json.loads(lines[-1]), result.stdout
+  return _strict_json(lines[-1]), result.stdout
+
+
+def _strict_json(line: str):
+  """json.loads that rejects NaN and Infinity, as JSON parsers do."""
+
+  def reject(constant):
+    raise AssertionError(f"{constant} in the JSON line (not JSON): {line}")
+
+  return json.loads(line, parse_constant=reject)
 
 
 
@@ -79,7 +89,11 @@ def test_bench_lm_cache_is_exact(tmp_path):
   figures, _ = _run("bench_lm_cache.py", f"--data_dir={tmp_path}",
                     "--steps=3", "--batch_size=4", "--history_len=3",
                     "--max_len=12", "--set=data.synthetic.num_users=100",
-                    "--set=data.synthetic.num_items=300")
+                    "--set=data.synthetic.num_items=300",
+                    "--set=data.history_len=2")
+  # A --set of a shape the flags also set wins, as for every other field
+  # (the batches used to keep the flag's history length, silently).
+  assert figures["history_len"] == 2
   assert figures["cached_samples_per_s"] > 0
   assert figures["uncached_samples_per_s"] > 0
   assert figures["max_loss_diff"] < 1e-4  # the cache changes nothing
@@ -652,9 +666,9 @@ def test_content_similarity_matches_sklearn_and_transformers(tmp_path):
           > figures["tfidf"]["title"]["test"]["all"]["auc"])
 
 
-def test_release_leak_counts_copied_titles(tmp_path):
-  # Five users; generated titles copy the test click (U0, U1), the book
-  # before it (U2), nothing (U3), or are unreadable (U4: not counted).
+def _write_leak_release(tmp_path):
+  """A tiny release: five users; generated titles copy the test click (U0,
+  U1), the book before it (U2), nothing (U3), or are unreadable (U4)."""
   books = {f"B{i}": f"Book  {i}" for i in range(12)}
   write_tsv(tmp_path / "news.tsv",
             [[i, "book", "", t, "", "", "[]", "[]"] for i, t in books.items()])
@@ -676,6 +690,9 @@ def test_release_leak_counts_copied_titles(tmp_path):
   (tmp_path / "genre" / "generator_v1.jsonl").write_text(
       "\n".join(lines) + "\n", encoding="utf-8")
 
+
+def test_release_leak_counts_copied_titles(tmp_path):
+  _write_leak_release(tmp_path)
   figures, table = _run("genre_release_leak.py", f"--data_dir={tmp_path}",
                         "--positions=3")
   assert "test click" in table and "3rd last" in table
@@ -696,3 +713,99 @@ def test_release_leak_on_the_goodreads_release(goodreads_dir):
   for result in figures.values():
     assert result["users"] > 1000
     assert set(result["positions"]) == {"1", "2", "3", "4", "5"}
+
+
+def test_release_leak_position_without_users_is_null_not_nan(tmp_path):
+  # No sequence has 4 books: that rate is undefined, written as null (a NaN
+  # made the JSON line unreadable); a split the data lacks is one line.
+  _write_leak_release(tmp_path)
+  figures, table = _run("genre_release_leak.py", f"--data_dir={tmp_path}",
+                        "--positions=4")
+  assert figures["generator_v1.jsonl"]["positions"]["4"] == {
+      "matches": 0, "users": 0, "rate": None}
+  assert "0/0 (-)" in table
+  bad = subprocess.run(
+      [sys.executable, str(ROOT / "experiments" / "genre_release_leak.py"),
+       f"--data_dir={tmp_path}", "--split=bogus"],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert bad.returncode == 2, bad.stderr[-3000:]
+  assert f"error: --split=bogus: {tmp_path} has no such split" in bad.stderr
+  assert "Traceback" not in bad.stderr
+
+
+def test_cooccurrence_without_cold_users_ends_with_strict_json(
+    tmp_path, make_tiny_mind):
+  # No user has a history of at most -1 items: the cold metrics are
+  # undefined and must come out as null, never as NaN.
+  source = make_tiny_mind(tmp_path / "data")
+  figures, _ = _run("goodreads_cooccurrence.py", f"--data_dir={source}",
+                    "--cold_threshold=-1")
+  cold = figures["cooccurrence"]["test"]["cold"]
+  assert cold["num_impressions"] == 0 and cold["auc"] is None
+
+
+@pytest.mark.parametrize("script, flag", [
+    ("benchmark.py", "--steps=0"),     # was a StatisticsError traceback
+    ("benchmark.py", "--group=0"),     # was a ZeroDivisionError traceback
+    ("lm_parity.py", "--num_titles=0"),  # read every title of news.tsv
+    ("init_scale.py", "--batches=0"),  # every figure NaN
+    ("goodreads_content_similarity.py", "--batch_size=0"),  # range() error
+])
+def test_a_count_below_one_is_a_one_line_error(script, flag):
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "experiments" / script), flag],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert f"error: {flag}: must be >= " in result.stderr
+  assert "Traceback" not in result.stderr
+
+
+def test_benchmark_mfu_is_per_device():
+  # On two devices the analytic FLOPs are the global batch's, the matmul
+  # rate one device's: MFU divides by the device count (it used to report
+  # the global FLOPs against one device, twice the true MFU).
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "experiments" / "benchmark.py"),
+       "--preset=nrms", "--smoke", "--eval=false"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = _strict_json(result.stdout.strip().splitlines()[-1])
+  assert figures["num_devices"] == 2
+  (row,) = figures["rows"]
+  assert row["mfu"] == pytest.approx(
+      row["flops_per_step_analytic"] / 2 / (row["step_ms"] / 1e3) /
+      figures["matmul_flops_per_s"])
+
+
+def test_permuted_titles_copy_of_another_dataset_is_an_error(
+    tmp_path, make_tiny_mind):
+  # The copy under --workdir_root is named by seed only: a second dataset
+  # with the same root and seed used to get the first one's copy (and its
+  # finished runs), silently.
+  first = make_tiny_mind(tmp_path / "first")
+  second = make_tiny_mind(tmp_path / "second")
+  target = tmp_path / "runs" / "permuted_titles_data_s0"
+  script = (
+      "import importlib.util, sys\n"
+      "spec = importlib.util.spec_from_file_location('gb', sys.argv[1])\n"
+      "gb = importlib.util.module_from_spec(spec)\n"
+      "spec.loader.exec_module(gb)\n"
+      "from absl import app\n"
+      "assert gb.permuted_titles_copy(sys.argv[2], sys.argv[4], 0) == "
+      "sys.argv[4]\n"
+      "assert gb.permuted_titles_copy(sys.argv[2], sys.argv[4], 0) == "
+      "sys.argv[4]\n"
+      "try:\n"
+      "  gb.permuted_titles_copy(sys.argv[3], sys.argv[4], 0)\n"
+      "except app.UsageError as e:\n"
+      "  print(e)\n")
+  result = subprocess.run(
+      [sys.executable, "-c", script,
+       str(ROOT / "experiments" / "goodreads_baselines.py"), str(first),
+       str(second), str(target)],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert ("holds titles permuted from another dataset (its 'train' is not "
+          f"{second}/train); use another --workdir_root") in result.stdout
