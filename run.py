@@ -294,6 +294,12 @@ def main(argv):
     raise app.UsageError(f"--mode={mode} needs --config=configs/<preset>.py")
   if mode in ("train", "eval", "recommend", "pretrain") and not workdir:
     raise app.UsageError(f"--mode={mode} needs --workdir")
+  if mode in ("eval", "recommend") and _CONFIG.value is not None:
+    # The run's own config.json decides; --config and its overrides would be
+    # silently ignored.
+    raise app.UsageError(f"--mode={mode} uses the config the run in "
+                         "--workdir was trained with (its config.json); "
+                         "drop --config and its --config.* overrides")
   if mode == "generate":  # replay and openai need no JAX; local loads it
     _generate(_CONFIG.value, workdir)
     return

@@ -468,6 +468,13 @@ def test_bad_config_is_one_line_naming_the_flag(args, expected, tmp_path):
     (["--mode=recommend", "--workdir=RUN", "--top_k=0"],
      "error: flag --top_k=0: 0 is not a positive integer"),
     (["--mode=eval"], "error: --mode=eval needs --workdir"),
+    # The run's config.json decides: --config overrides were silently ignored.
+    (["--mode=eval", "--workdir=RUN", "--config=configs/nrms.py",
+      "--config.data.cold_threshold=50"],
+     "error: --mode=eval uses the config the run in --workdir was trained "
+     "with"),
+    (["--mode=recommend", "--workdir=RUN", "--user_ids=U1",
+      "--config=configs/nrms.py"], "error: --mode=recommend uses the config"),
 ])
 def test_flag_and_usage_errors_come_before_loading_jax(args, expected,
                                                        tmp_path):
@@ -478,6 +485,18 @@ def test_flag_and_usage_errors_come_before_loading_jax(args, expected,
   assert result.returncode == 2
   assert expected in result.stderr
   assert not imported_modules(result.stderr) & {"jax", "flax", "orbax"}
+
+
+def test_synthetic_sizes_below_its_limits_are_one_line(tmp_path):
+  # synthetic.generate's ValueError used to come out as a traceback.
+  result = _run("--config=configs/nrms.py",
+                f"--config.data.data_dir={tmp_path / 'data'}",
+                "--config.data.synthetic.num_items=120",
+                f"--workdir={tmp_path / 'run'}")
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert ("error: config.data.synthetic.num_items=120: the synthetic data "
+          "needs at least 200") in result.stderr
+  assert "Traceback" not in result.stderr
 
 
 def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):

@@ -426,6 +426,13 @@ class GenreJaxSynthetic(_TableBuilder):
     s = data_config.synthetic
     sizes = dict(num_users=int(s.num_users), num_items=int(s.num_items),
                  num_topics=int(s.num_topics), seed=int(s.seed))
+    # synthetic.generate's limits, checked here to name the config field
+    # (its ValueError came out of run.py as a traceback).
+    for field, least in (("num_users", 1), ("num_items", 200),
+                         ("num_topics", 2)):
+      if sizes[field] < least:
+        raise ConfigError(f"config.data.synthetic.{field}={sizes[field]}: "
+                          f"the synthetic data needs at least {least}")
     with open(synthetic.__file__, "rb") as f:
       code = hashlib.sha256(f.read()).hexdigest()
     prefix = "s" + _short_hash(sizes, code)
