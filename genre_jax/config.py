@@ -101,10 +101,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention = "auto"
   # Part-specific settings.
   c.model.cnn = ml_collections.ConfigDict(dict(num_filters=256, kernel_size=3))
-  c.model.transformer = ml_collections.ConfigDict(dict(num_layers=2, mlp_dim=512))
+  # pooling: mean | first (the first token's output).
+  c.model.transformer = ml_collections.ConfigDict(dict(
+      num_layers=2, mlp_dim=512, pooling="mean"))
   c.model.fastformer = ml_collections.ConfigDict(dict(num_layers=1))
   c.model.gru = ml_collections.ConfigDict(dict(use_user_id=True, num_users=0))
-  c.model.poly = ml_collections.ConfigDict(dict(num_interests=32, code_dim=200))
+  # disagreement_weight: weight of MINER's disagreement regulariser (mean
+  # pairwise cosine of the interests) added to the loss (0 = off).
+  c.model.poly = ml_collections.ConfigDict(dict(
+      num_interests=32, code_dim=200, disagreement_weight=0.0))
   c.model.mlp = ml_collections.ConfigDict(dict(hidden=(256, 128)))
   c.model.dcn = ml_collections.ConfigDict(dict(num_cross=3, hidden=(256,)))
   # Pretrained language model as the item encoder (model.item_encoder="lm").

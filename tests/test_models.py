@@ -443,3 +443,25 @@ def test_masked_attention_zeroes_padded_rows_even_if_the_kernel_gives_nan(
   np.testing.assert_array_equal(out[1], 0.0)  # empty history: exact zeros
   np.testing.assert_array_equal(out[0, 2], 0.0)
   np.testing.assert_array_equal(out[0, :2], 1.0)
+
+
+def test_documented_part_settings_can_be_overridden():
+  # item_encoders.TransformerItemEncoder and recommender.Recommender read
+  # model.transformer.pooling and model.poly.disagreement_weight; as fields
+  # of the base config they can be set like any other (--config.X=...).
+  from genre_jax.config import load_preset  # pylint: disable=g-import-not-at-top
+
+  config = load_preset("miner", overrides=[
+      "model.transformer.pooling=first",
+      "model.poly.disagreement_weight=0.5"])
+  assert config.model.transformer.pooling == "first"
+  assert config.model.poly.disagreement_weight == 0.5
+  defaults = base_config().model
+  assert defaults.transformer.pooling == "mean"
+  assert defaults.poly.disagreement_weight == 0.0
+  config = tiny_config(item_encoder="transformer", user_encoder="poly")
+  config.model.transformer.pooling = "first"
+  config.model.poly.disagreement_weight = 0.5
+  model = recommender.Recommender(config, SPEC, rngs=nnx.Rngs(0))
+  assert model.item_encoder.pooling == "first"
+  assert model.disagreement_weight == 0.5
