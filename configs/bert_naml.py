@@ -10,8 +10,8 @@ frozen and cached; see that preset for the GPU settings).
   python run.py --config=configs/bert_naml.py:goodreads \
       --config.data.path=../shared/data/goodreads --workdir=/tmp/bert_naml
 
-Data-specific: the template names the dataset's fields (Goodreads has no
-category column: pass --config.model.lm.template="Title: {title}").
+Data-specific: the template names the dataset's fields (every Goodreads
+category is "book": `:goodreads` sets lm.template="Title: {title}").
 """
 
 from genre_jax.config import apply_dataset, base_config
