@@ -78,11 +78,13 @@ _DEMO_USERS = flags.DEFINE_integer(
 
 def metric_table(rows: list[tuple[str, str, dict]]) -> str:
   """A readable table of (split, users, metrics) rows."""
-  header = (f"{'split':<8}{'users':<7}{'AUC':>8}{'MRR':>8}{'nDCG@5':>9}"
-            f"{'nDCG@10':>9}{'impressions':>13}")
+  # As wide as the longest split name (an --eval_file's name) and a space.
+  width = max([len("split")] + [len(split) for split, _, _ in rows]) + 1
+  header = (f"{'split':<{width}}{'users':<7}{'AUC':>8}{'MRR':>8}"
+            f"{'nDCG@5':>9}{'nDCG@10':>9}{'impressions':>13}")
   lines = [header, "-" * len(header)]
   for split, users, m in rows:
-    lines.append(f"{split:<8}{users:<7}{m['auc']:>8.4f}{m['mrr']:>8.4f}"
+    lines.append(f"{split:<{width}}{users:<7}{m['auc']:>8.4f}{m['mrr']:>8.4f}"
                  f"{m['ndcg5']:>9.4f}{m['ndcg10']:>9.4f}"
                  f"{m['num_impressions']:>13d}")
   return "\n".join(lines)
@@ -166,8 +168,8 @@ def _eval(workdir):
   if not len(behaviors) or not result["all"]["num_impressions"]:
     raise ConfigError(f"{source}: no impression can be scored: "
                       f"{_why_unscorable(behaviors, stats)}")
-  print(metric_table([(name[:8], "all", result["all"]),
-                      (name[:8], "cold", result["cold"])]))
+  print(metric_table([(name, "all", result["all"]),
+                      (name, "cold", result["cold"])]))
   print(_metrics_json(result["all"]))
 
 

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -263,6 +264,9 @@ def test_eval_file_with_unseen_users(trained, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads(result.stdout.strip().splitlines()[-1])
   assert metrics["num_impressions"] > 0
+  # The file's whole name heads its rows, apart from the next column.
+  assert re.search(r"^behaviors\.tsv +all ", result.stdout, re.M), result.stdout
+  assert re.search(r"^behaviors\.tsv +cold ", result.stdout, re.M)
 
 
 def test_recommend_known_and_unknown_users(trained, tmp_path):
