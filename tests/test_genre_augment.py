@@ -142,8 +142,11 @@ def test_a_model_trains_and_evaluates_with_every_augmentation(
   _write_jsonl(genre / "gen.jsonl", [
       {"user_id": u, "response": json.dumps({"title": f"book for {u}",
                                              "description": "x"})}
-      for u in users[::5]])
+      for u in users])
   config = shrink(load_preset("nrms"), tmp_path / "d", max_steps=3)
+  # Synthetic test histories are long: a threshold that makes some test
+  # users cold, so that counting generated items would change who is.
+  config.data.cold_threshold = 14
   config.data.fields = ("title", "summary")
   config.data.max_len.summary = 8
   config.data.genre.summarizer = str(genre / "summarizer.jsonl")
@@ -153,12 +156,18 @@ def test_a_model_trains_and_evaluates_with_every_augmentation(
   summary = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert summary["steps"] == 3
   assert np.isfinite(summary["test"]["all"]["auc"])
-  # Cold users are counted on real history items only.
+  # Cold users are counted on real history items only: exactly the scorable
+  # (two-class) test impressions with at most cold_threshold real items,
+  # some of which the generated item alone would have made warm.
   augmented = data_lib.load_dataset(config.data)
   test = augmented.splits["test"]
   real = test.real_history_lengths(augmented.items.synthetic)
-  cold = int((real <= config.data.cold_threshold).sum())
-  assert summary["test"]["cold"]["num_impressions"] <= cold
+  cold = real <= config.data.cold_threshold
+  clicks = np.add.reduceat(test.cand_labels.astype(int), test.cand_offsets[:-1])
+  scorable = (clicks > 0) & (clicks < test.num_candidates())
+  assert summary["test"]["cold"]["num_impressions"] == (cold & scorable).sum()
+  assert (cold & scorable & (test.history_lengths() >
+                             config.data.cold_threshold)).any()
   assert root.is_dir()
 
 

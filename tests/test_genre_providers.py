@@ -677,6 +677,13 @@ def test_local_top_p_sampling_runs(tiny_llama):
                                  batch_size=2, max_new_tokens=6,
                                  temperature=1.0, top_p=0.9, seed=3)
   assert again.generate(_LOCAL_PROMPTS) == replies
+  # It samples: not transformers' greedy replies, and another seed draws
+  # others (a provider that dropped temperature would decode greedily).
+  assert replies != _hf_greedy(tiny_llama, _LOCAL_PROMPTS, 6)
+  other = providers.get_provider("local", model_dir=str(tiny_llama),
+                                 batch_size=2, max_new_tokens=6,
+                                 temperature=1.0, top_p=0.9, seed=4)
+  assert other.generate(_LOCAL_PROMPTS) != replies
 
 
 def test_local_replies_are_cached_per_batch_and_resumed(tiny_llama, tmp_path,

@@ -82,6 +82,11 @@ def test_summarize_selection_and_random_scorer_near_half():
   assert abs(summary["auc"] - 0.5) < 0.02
   half = metrics.summarize(got, select=np.arange(4000) < 2000)
   assert half["num_impressions"] == 2000
+  # The figures are means over the selected impressions only (random
+  # scores: the first half's differ from all rows').
+  for key in metrics.METRIC_KEYS:
+    assert half[key] == pytest.approx(np.mean(got[key][:2000]), rel=1e-12)
+    assert half[key] != pytest.approx(summary[key], rel=1e-6), key
 
 
 def test_ties_are_averaged_over_random_orders_not_candidate_order():

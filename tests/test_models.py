@@ -19,6 +19,7 @@ from genre_jax import models
 from genre_jax.config import base_config
 from genre_jax.data.types import ItemInputSpec
 from genre_jax.errors import ConfigError
+from genre_jax.models import item_encoders
 from genre_jax.models import layers
 from genre_jax.models import recommender
 from genre_jax.registry import ITEM_ENCODERS
@@ -244,6 +245,8 @@ def test_user_encoder_with_every_predictor(user_encoder):
   users = make_batch()["users"]
   noisy = np.where(mask[..., None], hist, 50.0 * rng.normal(size=hist.shape))
   noisy = noisy.astype(np.float32)
+  moved = hist.copy()  # one real history item of user 0 replaced
+  moved[0, 1] = rng.normal(size=D)
   for predictor in PREDICTORS.names():
     config = tiny_config(user_encoder=user_encoder, predictor=predictor)
     rngs = nnx.Rngs(0)
@@ -261,6 +264,15 @@ def test_user_encoder_with_every_predictor(user_encoder):
     np.testing.assert_allclose(np.asarray(score(parts, noisy)),
                                np.asarray(logits), atol=1e-4,
                                err_msg=predictor)
+    # The scores read the real history: a history-blind (e.g. constant)
+    # user encoder or predictor passes every check above.
+    assert not np.allclose(np.asarray(score(parts, moved))[0],
+                           np.asarray(logits)[0], atol=1e-4), predictor
+  if user_encoder == "pooling":  # the one parameter-free encoder
+    np.testing.assert_allclose(
+        np.asarray(parts[0](hist, mask, users)),
+        (hist * mask[..., None]).sum(1) / np.maximum(mask.sum(1), 1)[:, None],
+        rtol=1e-5, atol=1e-6)
 
 
 def test_gru_skips_padding_steps_and_starts_from_user_vector():
@@ -465,3 +477,20 @@ def test_documented_part_settings_can_be_overridden():
   model = recommender.Recommender(config, SPEC, rngs=nnx.Rngs(0))
   assert model.item_encoder.pooling == "first"
   assert model.disagreement_weight == 0.5
+  # And they take effect: "first" is the final state of the first token
+  # (zero for an empty item), not the masked mean; the aux loss is the
+  # weight times the disagreement.
+  model.eval()
+  tokens, masks = item_table()
+  encoder = model.item_encoder
+  ids, mask = item_encoders.field_inputs(tokens, masks, SPEC.fields)
+  x = encoder.embed(ids, mask)
+  for block in encoder.blocks:
+    x = block(x, mask)
+  want = np.asarray(encoder.norm(x))[:, 0] * mask[:, :1]
+  np.testing.assert_allclose(np.asarray(model.encode_items(tokens, masks)),
+                             want, rtol=1e-5, atol=1e-6)
+  _, aux = model(make_batch(), tokens, masks)
+  assert float(aux["disagreement"]) != 0.0
+  np.testing.assert_allclose(float(aux["aux_loss"]),
+                             0.5 * float(aux["disagreement"]), rtol=1e-6)

@@ -118,10 +118,10 @@ def test_train_step_compiles_once_with_padded_last_batch(data_dir, tmp_path,
   assert len(traces) == 1
 
 
-def _final_params(workdir):
+def _final_params(workdir, which="latest"):
   checkpoints = ckpt_lib.Checkpoints(workdir)
   try:
-    params, progress = checkpoints.restore_saved(checkpoints.latest)
+    params, progress = checkpoints.restore_saved(getattr(checkpoints, which))
   finally:
     checkpoints.close()
   return progress["step"], params
@@ -176,9 +176,16 @@ def test_init_from_starts_from_best_weights(trained, tmp_path):
   config, workdir, _ = trained
   config = config.copy_and_resolve_references()
   config.train.max_steps = 1
+  config.train.lr = 1e-12  # the one step moves no weight measurably
   new = str(tmp_path / "finetune")
   summary = train.train_and_evaluate(config, new, init_from=workdir)
   assert summary["steps"] == 1
+  # The new run holds the old run's best weights, not a fresh init (which
+  # six steps at lr 1e-3 left far more than 1e-9 away from them).
+  _, best = _final_params(workdir, "best")
+  _, got = _final_params(new, "best")
+  for a, b in zip(jax.tree.leaves(best), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-9)
   with pytest.raises(Exception, match="no best checkpoint"):
     train.train_and_evaluate(config, str(tmp_path / "x"),
                              init_from=str(tmp_path / "nothing"))
@@ -736,11 +743,15 @@ def test_recommend_flags_short_lists_and_empty_histories(trained, tmp_path):
   for line in lines.values():
     keys = [(-i["score"], index[i["item_id"]]) for i in line["items"]]
     assert keys == sorted(keys), line["user_id"]
-  # Deterministic and complete with a small top_k too.
+  # Deterministic and complete with a small top_k too: the head of the
+  # full ranking above (every item sorted), not any 3 items sorted.
+  full = lines
   summary = recommend.recommend(workdir, str(out), behaviors_file=str(path),
                                 top_k=3)
   lines = {l["user_id"]: l for l in map(json.loads,
                                          out.read_text().splitlines())}
   assert summary["num_fewer_than_k"] == 0
+  for user, line in lines.items():
+    assert line["items"] == full[user]["items"][:3], user
   assert [index[i["item_id"]] for i in lines["NEW_EMPTY"]["items"]] == [1, 2, 3]
   assert "fewer_than_k" not in lines[known]
