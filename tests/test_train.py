@@ -755,3 +755,45 @@ def test_recommend_flags_short_lists_and_empty_histories(trained, tmp_path):
     assert line["items"] == full[user]["items"][:3], user
   assert [index[i["item_id"]] for i in lines["NEW_EMPTY"]["items"]] == [1, 2, 3]
   assert "fewer_than_k" not in lines[known]
+
+
+def test_early_stopping_keeps_and_reports_the_best_dev_checkpoint(
+    data_dir, tmp_path, monkeypatch):
+  # Dev AUC scripted per epoch: best after epoch 1, then two evaluations
+  # without a gain, so patience 2 stops training after epoch 3 of 6; the
+  # final metrics come from the best checkpoint, not the last weights.
+  scripted = iter([0.60, 0.70, 0.65, 0.69, 0.99, 0.99])
+  real_evaluate = train.Evaluator.evaluate
+
+  def evaluate(self, params, behaviors, item_vecs=None):
+    result = real_evaluate(self, params, behaviors, item_vecs)
+    if item_vecs is None:  # the dev evaluation that ends each epoch
+      result["all"]["auc"] = next(scripted)
+    return result
+
+  monkeypatch.setattr(train.Evaluator, "evaluate", evaluate)
+  config = shrink(load_preset("nrms"), data_dir, batch_size=64, epochs=6,
+                  patience=2, checkpoint_every=0)
+  workdir = str(tmp_path / "run")
+  summary = train.train_and_evaluate(config, workdir)
+  dev = [r for r in workdir_lib.read_metrics(workdir) if r["split"] == "dev"]
+  assert [r["auc"] for r in dev] == [0.60, 0.70, 0.65, 0.69]
+  steps_per_epoch = dev[0]["step"]
+  assert [r["step"] for r in dev] == [steps_per_epoch * k
+                                     for k in (1, 2, 3, 4)]
+  assert summary["steps"] == 4 * steps_per_epoch
+  assert summary["best_step"] == 2 * steps_per_epoch
+  step_of_best, best = _final_params(workdir, "best")
+  step_of_last, last = _final_params(workdir, "latest")
+  assert (step_of_best, step_of_last) == (2 * steps_per_epoch,
+                                          4 * steps_per_epoch)
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(best), jax.tree.leaves(last)))
+  # The reported test figures are the best checkpoint's: `--mode=eval`
+  # (which restores it) gives the same numbers.
+  result = _run("--mode=eval", f"--workdir={workdir}", "--split=test")
+  assert result.returncode == 0, result.stderr[-3000:]
+  reported = json.loads(result.stdout.strip().splitlines()[-1])
+  for key in ("auc", "mrr", "ndcg5", "ndcg10"):
+    assert reported[key] == pytest.approx(summary["test"]["all"][key],
+                                          abs=1e-6), key
