@@ -12,6 +12,7 @@ finished runs (experiment grids) load no JAX.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -40,7 +41,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
-    os.remove(tmp)
+    # Gone when the interrupt came just after the rename (the file is done).
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
     raise
 
 

@@ -531,6 +531,25 @@ def test_a_failed_write_keeps_the_old_file_and_no_temporary(tmp_path):
   assert new.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
+def test_an_interrupt_just_after_the_rename_is_not_an_error(tmp_path,
+                                                           monkeypatch):
+  # Ctrl-C landing as os.replace returns: the file is complete and the
+  # interrupt must reach the user, not a FileNotFoundError for the renamed
+  # temporary (run.py reported it as "error: [Errno 2] ...", status 2).
+  path = tmp_path / "metrics.json"
+  replace = os.replace
+
+  def replace_then_interrupt(src, dst):
+    replace(src, dst)
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(workdir_lib.os, "replace", replace_then_interrupt)
+  with pytest.raises(KeyboardInterrupt):
+    workdir_lib.atomic_write_text(path, "new\n")
+  assert path.read_text() == "new\n"
+  assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
 def test_resume_under_another_config_is_an_error_naming_the_fields(
     trained, tmp_path):
   # A checkpoint is never resumed (nor its metrics reported) under another
