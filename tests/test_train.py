@@ -18,6 +18,7 @@ import pytest
 
 from genre_jax import checkpoint as ckpt_lib
 from genre_jax import data as data_lib
+from genre_jax import logs
 from genre_jax import train
 from genre_jax import workdir as workdir_lib
 from genre_jax.config import load_preset
@@ -641,18 +642,16 @@ def test_eval_with_nothing_to_score_is_an_error_not_nan(trained, tmp_path):
     assert "NaN" not in result.stdout
 
 
-def test_final_json_lines_are_strict_json():
+def test_final_json_lines_are_strict_json(capsys):
   # Undefined figures (e.g. cold-user AUC with no cold users) print as null
-  # with a warning: NaN is not JSON. Run apart: run.py defines absl flags.
-  script = ("import run; print(run._json_line({'auc': float('nan'), "
-            "'cold': {'auc': float('inf'), 'n': 0}, 'xs': [1.5]}))")
-  result = subprocess.run([sys.executable, "-c", script], capture_output=True,
-                          text=True, cwd=ROOT, timeout=120)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert json.loads(result.stdout) == {"auc": None,
-                                       "cold": {"auc": None, "n": 0},
-                                       "xs": [1.5]}
-  assert "written as null: auc=nan, cold.auc=inf" in result.stderr
+  # with a warning: NaN is not JSON. run.py and every script use json_line.
+  line = logs.json_line({"auc": float("nan"),
+                         "cold": {"auc": float("inf"), "n": 0}, "xs": [1.5]})
+  assert json.loads(line) == {"auc": None, "cold": {"auc": None, "n": 0},
+                              "xs": [1.5]}
+  assert "NaN" not in line and "Infinity" not in line
+  assert ("written as null: auc=nan, cold.auc=inf"
+          in capsys.readouterr().err)
 
 
 def test_an_evaluation_replayed_after_a_crash_is_listed_once(tmp_path):
