@@ -75,7 +75,7 @@ sys.path.insert(0, ROOT)
 from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from genre_jax.errors import (  # pylint: disable=g-import-not-at-top
     ConfigError, DataFormatError, exit_on_input_error)
-from genre_jax.logs import quiet_library_logging  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import json_line, quiet_library_logging, strict_json  # pylint: disable=g-import-not-at-top
 from genre_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
 HERE = os.path.join(ROOT, "experiments", "genre_goodreads")
@@ -165,7 +165,7 @@ def record_path(name: str) -> str:
 
 
 def write_record(name: str, config, final: dict) -> None:
-  workdir_lib.atomic_write_text(record_path(name), json.dumps(
+  workdir_lib.atomic_write_text(record_path(name), strict_json(
       {"run": name, "config": json.loads(config.to_json_best_effort()),
        "final_metrics": final}, indent=2))
 
@@ -501,7 +501,7 @@ def main(argv: Sequence[str]) -> None:
     os.makedirs(_OUT_DIR.value, exist_ok=True)
     workdir_lib.atomic_write_text(
         os.path.join(_OUT_DIR.value, f"{name}.md"), table)
-    workdir_lib.atomic_write_text(results_path, json.dumps(result, indent=2))
+    workdir_lib.atomic_write_text(results_path, strict_json(result, indent=2))
 
   for index, run in enumerate(grid):
     if run in results:
@@ -523,7 +523,7 @@ def main(argv: Sequence[str]) -> None:
   table, result = tabulate(results, models, grid, header(finished=True))
   write(table, result)
   print(table)
-  print(json.dumps(result))
+  print(json_line(result))
 
 
 if __name__ == "__main__":

@@ -27,15 +27,9 @@ def quiet_library_logging() -> None:
     handler.addFilter(_LibraryInfoFilter())
 
 
-def json_line(value: Any, **dumps_kwargs) -> str:
-  """The final JSON line of run.py or a script: strict JSON, NaN and inf
-  written as null.
-
-  Python's json writes NaN, which JSON parsers reject; an undefined figure
-  (e.g. the cold-user AUC of a split without cold users) becomes null, with
-  a warning on stderr naming it. `dumps_kwargs` go to json.dumps (e.g.
-  default=str).
-  """
+def _finite_or_null(value: Any) -> tuple[Any, list[str]]:
+  """`value` with each NaN or inf float replaced by None, and where they were
+  (as "cold.auc=nan")."""
   undefined = []
 
   def clean(x, where):
@@ -49,7 +43,24 @@ def json_line(value: Any, **dumps_kwargs) -> str:
       return None
     return x
 
-  value = clean(value, "")
+  return clean(value, ""), undefined
+
+
+def strict_json(value: Any, **dumps_kwargs) -> str:
+  """JSON text any parser reads: NaN and inf written as null.
+
+  Python's json writes NaN, which other JSON parsers reject; an undefined
+  figure (e.g. the cold-user AUC of a split without cold users) becomes
+  null. `dumps_kwargs` go to json.dumps (e.g. indent=2, default=str).
+  """
+  return json.dumps(_finite_or_null(value)[0], allow_nan=False,
+                    **dumps_kwargs)
+
+
+def json_line(value: Any, **dumps_kwargs) -> str:
+  """The final JSON line of run.py or a script: strict_json, with a warning
+  on stderr naming each undefined figure written as null."""
+  value, undefined = _finite_or_null(value)
   if undefined:
     print(f"warning: undefined figures written as null: "
           f"{', '.join(undefined)}", file=sys.stderr)

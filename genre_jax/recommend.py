@@ -18,8 +18,6 @@ import os
 from typing import Sequence
 
 from absl import logging
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from genre_jax import train as train_lib

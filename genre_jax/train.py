@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import queue
@@ -34,6 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from genre_jax import checkpoint as ckpt_lib
+from genre_jax import logs
 from genre_jax import metrics as metrics_lib
 from genre_jax import workdir as workdir_lib
 from genre_jax.data import batching
@@ -756,8 +756,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                           item_vecs)
   if "oracle" in dataset.info:
     summary["oracle"] = dataset.info["oracle"]
+  # Strict JSON on disk (an undefined cold-user figure is null); the
+  # summary returned keeps its NaN.
   workdir_lib.atomic_write_text(os.path.join(workdir, "final_metrics.json"),
-                                json.dumps(summary, indent=2))
+                                logs.strict_json(summary, indent=2))
   if run is not None:
     if "test" in summary:
       run.summary.update({f"test/{k}": summary["test"]["all"][k]

@@ -21,6 +21,7 @@ from typing import Any
 
 import ml_collections
 
+from genre_jax import logs
 from genre_jax.errors import ConfigError
 
 
@@ -190,7 +191,7 @@ def append_metrics(workdir: str, record: dict[str, Any]) -> None:
   records = [r for r in read_metrics(workdir)
              if (r.get("step"), r.get("split")) != same]
   records.append(record)
-  atomic_write_text(path, json.dumps(records, indent=2))
+  atomic_write_text(path, logs.strict_json(records, indent=2))
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

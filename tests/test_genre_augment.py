@@ -8,7 +8,6 @@ real Goodreads release is checked when ../shared/data is present.
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 

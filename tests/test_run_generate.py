@@ -7,7 +7,6 @@ import pathlib
 import subprocess
 import sys
 
-import pytest
 
 from tests.test_genre_providers import FakeServer, build_tiny_llama
 

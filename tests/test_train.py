@@ -654,6 +654,28 @@ def test_final_json_lines_are_strict_json(capsys):
           in capsys.readouterr().err)
 
 
+def test_files_of_a_run_without_cold_users_are_strict_json(data_dir,
+                                                          tmp_path):
+  # The cold-user figures of a split without cold users are undefined: NaN
+  # in the summary Python gets back, null in the files (JSON has no NaN).
+  config = shrink(load_preset("nrms"), data_dir, max_steps=2)
+  config.data.cold_threshold = -1  # no impression has <= -1 history items
+  workdir = tmp_path / "run"
+  summary = train.train_and_evaluate(config, str(workdir))
+  assert np.isnan(summary["test"]["cold"]["auc"])
+
+  def reject(constant):
+    raise AssertionError(f"{constant} written (not JSON)")
+
+  final = json.loads((workdir / "final_metrics.json").read_text(),
+                     parse_constant=reject)
+  assert final["test"]["cold"]["auc"] is None
+  assert final["test"]["all"]["auc"] == summary["test"]["all"]["auc"]
+  (record,) = json.loads((workdir / "metrics.json").read_text(),
+                         parse_constant=reject)
+  assert record["cold"]["auc"] is None and record["auc"] > 0
+
+
 def test_an_evaluation_replayed_after_a_crash_is_listed_once(tmp_path):
   # Killed between an evaluation and the next checkpoint, a run evaluates
   # that step again when resumed: the new record replaces the old one.

@@ -12,7 +12,6 @@ finished run is used as the recommender's item encoder with
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import optax
 from flax import nnx
 
 from genre_jax import checkpoint as ckpt_lib
+from genre_jax import logs
 from genre_jax import workdir as workdir_lib
 from genre_jax.errors import ConfigError
 from genre_jax.lm import bert
@@ -224,7 +224,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   summary = {"steps": steps, "losses": _recorded_losses(workdir, steps),
              "seconds": time.time() - tick, "num_texts": int(len(ids))}
   workdir_lib.atomic_write_text(os.path.join(workdir, "final_metrics.json"),
-                                json.dumps(summary, indent=2))
+                                logs.strict_json(summary, indent=2))
   return summary
 
 
