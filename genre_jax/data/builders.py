@@ -25,6 +25,7 @@ the prepared versions under data_dir: it cannot tell which one they were.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -42,6 +43,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from genre_jax import registry
+from genre_jax import workdir as workdir_lib
 from genre_jax.data import mind
 from genre_jax.data import synthetic
 from genre_jax.data import tokenize
@@ -445,8 +447,14 @@ def _read_synthetic(folder: str, sizes: dict[str, int]) -> types.Dataset:
   """Generates the synthetic MIND files once (atomically), then reads them."""
   if not os.path.isfile(os.path.join(folder, "oracle.json")):
     os.makedirs(os.path.dirname(folder), exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".tmp_synth")
-    synthetic.write_synthetic(tmp, **sizes)
+    workdir_lib.remove_abandoned_temporaries(os.path.dirname(folder))
+    tmp = workdir_lib.temporary_path(folder)
+    os.mkdir(tmp)
+    try:
+      synthetic.write_synthetic(tmp, **sizes)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
     try:
       os.replace(tmp, folder)
     except OSError:  # Another process got there first: same content.
@@ -488,10 +496,17 @@ def _records(data_source) -> Iterator[dict]:
 
 
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  """Writes the cache atomically (a temporary, then a rename)."""
+  workdir_lib.remove_abandoned_temporaries(os.path.dirname(path))
+  tmp = workdir_lib.temporary_path(path)
+  try:
+    with open(tmp, "xb") as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
 
 
 def _cached(path: str, compute: Callable[[], dict[str, np.ndarray]]

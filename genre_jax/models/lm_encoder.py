@@ -18,6 +18,7 @@ runs only layers N..L-1 from them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,6 +32,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from genre_jax import workdir as workdir_lib
 from genre_jax.data.types import Dataset, ItemInputSpec
 from genre_jax.errors import ConfigError, DataFormatError
 from genre_jax.registry import ITEM_ENCODERS
@@ -396,7 +398,8 @@ def build_cache(config: ml_collections.ConfigDict, ids: np.ndarray,
     logging.info("LM cache hit: %s", path)
     return _load_cache(path, lc.cache_dtype)
   width = int(lm.config.hidden_size)
-  tmp = f"{path}.tmp-{os.getpid()}"
+  workdir_lib.remove_abandoned_temporaries(cache_dir)
+  tmp = workdir_lib.temporary_path(path)
   # .npy has no bfloat16: store its bits as uint16 and view them on load.
   out = np.lib.format.open_memmap(
       tmp, mode="w+", shape=ids.shape + (width,),
@@ -411,15 +414,20 @@ def build_cache(config: ml_collections.ConfigDict, ids: np.ndarray,
   chunk = 256
   logging.info("Building the LM cache (%d items, layers 0..%d) at %s",
                len(ids), n - 1, path)
-  for start in range(0, len(ids), chunk):
-    stop = min(start + chunk, len(ids))
-    rows = np.arange(start, start + chunk) % len(ids)  # fixed shape
-    hidden = lower(state, jnp.asarray(ids[rows]), jnp.asarray(mask[rows]))
-    hidden = np.asarray(hidden.astype(_CACHE_DTYPES[lc.cache_dtype]))
-    out[start:stop] = hidden[:stop - start].view(out.dtype)
-  out.flush()
-  del out
-  os.replace(tmp, path)
+  try:
+    for start in range(0, len(ids), chunk):
+      stop = min(start + chunk, len(ids))
+      rows = np.arange(start, start + chunk) % len(ids)  # fixed shape
+      hidden = lower(state, jnp.asarray(ids[rows]), jnp.asarray(mask[rows]))
+      hidden = np.asarray(hidden.astype(_CACHE_DTYPES[lc.cache_dtype]))
+      out[start:stop] = hidden[:stop - start].view(out.dtype)
+    out.flush()
+    del out
+    os.replace(tmp, path)
+  except BaseException:  # e.g. Ctrl-C: no partial cache of GBs left behind
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
   return _load_cache(path, lc.cache_dtype)
 
 
