@@ -48,6 +48,8 @@ def temporary_path(path: str | os.PathLike) -> pathlib.Path:
 
 
 def _running(pid: int) -> bool:
+  if os.name == "nt":
+    return True  # os.kill(pid, 0) would send Ctrl-C there: never remove
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
