@@ -21,7 +21,7 @@ import re
 import shutil
 import socket
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 from absl import logging
 import ml_collections
@@ -86,29 +86,36 @@ def remove_abandoned_temporaries(folder: str | os.PathLike) -> list[str]:
   return removed
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-  """Writes text to `path` (newlines as given) through a temporary file in
-  the same folder and an atomic rename: readers see the old file or the new
-  one, never part of one, and a failed write leaves no temporary behind
-  (one a killed process left is removed by the next write in the folder)."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Yields a new temporary name beside `path` to write the file at; when
+  the block ends, renames it onto `path` (atomic: readers see the old file
+  or the new one, never part of one), or on any error (Ctrl-C included)
+  deletes it. A killed process's temporary goes with the next output in
+  the folder (remove_abandoned_temporaries)."""
   path = pathlib.Path(path).expanduser()
   path.parent.mkdir(parents=True, exist_ok=True)
   remove_abandoned_temporaries(path.parent)
-  # Opened with "x" (the name is new) and the usual permissions (mkstemp's
-  # would be owner-only).
   tmp = temporary_path(path)
-  f = open(tmp, "x", encoding="utf-8", newline="")
   try:
-    with f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
+    yield tmp
     os.replace(tmp, path)
   except BaseException:
     # Gone when the interrupt came just after the rename (the file is done).
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
     raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes text to `path` (newlines as given) through atomic_output."""
+  with atomic_output(path) as tmp:
+    # "x": the name is new; the usual permissions (mkstemp's would be
+    # owner-only).
+    with open(tmp, "x", encoding="utf-8", newline="") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
 
 
 def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:

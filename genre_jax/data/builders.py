@@ -25,7 +25,6 @@ the prepared versions under data_dir: it cannot tell which one they were.
 from __future__ import annotations
 
 import abc
-import contextlib
 import dataclasses
 import functools
 import glob
@@ -497,16 +496,8 @@ def _records(data_source) -> Iterator[dict]:
 
 def _save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
   """Writes the cache atomically (a temporary, then a rename)."""
-  workdir_lib.remove_abandoned_temporaries(os.path.dirname(path))
-  tmp = workdir_lib.temporary_path(path)
-  try:
-    with open(tmp, "xb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
+  with workdir_lib.atomic_output(path) as tmp, open(tmp, "xb") as f:
+    np.savez(f, **arrays)
 
 
 def _cached(path: str, compute: Callable[[], dict[str, np.ndarray]]

@@ -18,7 +18,6 @@ runs only layers N..L-1 from them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -398,12 +397,6 @@ def build_cache(config: ml_collections.ConfigDict, ids: np.ndarray,
     logging.info("LM cache hit: %s", path)
     return _load_cache(path, lc.cache_dtype)
   width = int(lm.config.hidden_size)
-  workdir_lib.remove_abandoned_temporaries(cache_dir)
-  tmp = workdir_lib.temporary_path(path)
-  # .npy has no bfloat16: store its bits as uint16 and view them on load.
-  out = np.lib.format.open_memmap(
-      tmp, mode="w+", shape=ids.shape + (width,),
-      dtype=np.float32 if lc.cache_dtype == "float32" else np.uint16)
   graphdef, state = nnx.split(lm)
 
   @jax.jit
@@ -414,7 +407,12 @@ def build_cache(config: ml_collections.ConfigDict, ids: np.ndarray,
   chunk = 256
   logging.info("Building the LM cache (%d items, layers 0..%d) at %s",
                len(ids), n - 1, path)
-  try:
+  # Interrupted, it leaves no partial cache (of GBs, for a large LM).
+  with workdir_lib.atomic_output(path) as tmp:
+    # .npy has no bfloat16: store its bits as uint16 and view them on load.
+    out = np.lib.format.open_memmap(
+        tmp, mode="w+", shape=ids.shape + (width,),
+        dtype=np.float32 if lc.cache_dtype == "float32" else np.uint16)
     for start in range(0, len(ids), chunk):
       stop = min(start + chunk, len(ids))
       rows = np.arange(start, start + chunk) % len(ids)  # fixed shape
@@ -423,11 +421,6 @@ def build_cache(config: ml_collections.ConfigDict, ids: np.ndarray,
       out[start:stop] = hidden[:stop - start].view(out.dtype)
     out.flush()
     del out
-    os.replace(tmp, path)
-  except BaseException:  # e.g. Ctrl-C: no partial cache of GBs left behind
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
   return _load_cache(path, lc.cache_dtype)
 
 
