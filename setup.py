@@ -38,8 +38,8 @@ setuptools.setup(
         "cuda": ["jax[cuda]"],
         "test": [
             "pytest>=8",
-            # The suite runs one worker per core (pytest.ini): on two cores
-            # 594 s instead of 825 s, measured back to back here.
+            # The suite runs one worker per core (pytest.ini), so its slow,
+            # independent tests overlap.
             "pytest-xdist>=3.5",
             "scikit-learn>=1.3",
             # CPU build taken from local disk; an unpinned torch pulls CUDA.
