@@ -765,7 +765,8 @@ def test_benchmark_mfu_is_per_device():
   # rate one device's: MFU divides by the device count (it used to report
   # the global FLOPs against one device, twice the true MFU).
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") +
+                      " --xla_force_host_platform_device_count=2"}
   result = subprocess.run(
       [sys.executable, str(ROOT / "experiments" / "benchmark.py"),
        "--preset=nrms", "--smoke", "--eval=false"],

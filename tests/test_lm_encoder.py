@@ -177,12 +177,12 @@ def test_mlm_loss_falls_and_the_checkpoint_loads_into_the_recommender(
   config.data = shrink(load_preset("nrms"), data_dir).data
   config.data.fields = ("title", "abstract")
   config.model.lm.max_len = 24
-  config.pretrain.steps = 20
+  config.pretrain.steps = 10
   config.pretrain.batch_size = 16
-  config.pretrain.lr = 3e-4
-  config.pretrain.warmup_steps = 4
-  config.pretrain.log_every = 5
-  config.pretrain.checkpoint_every = 10
+  config.pretrain.lr = 1e-3
+  config.pretrain.warmup_steps = 2
+  config.pretrain.log_every = 1
+  config.pretrain.checkpoint_every = 5
   workdir = str(tmp_path / "mlm")
   summary = mlm.pretrain(config, workdir, dataset=dataset)
   losses = [r["loss"] for r in summary["losses"]]

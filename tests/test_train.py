@@ -381,7 +381,8 @@ def test_two_devices_give_the_same_loss_as_one(data_dir):
   results = {}
   for count in (1, 2):
     env = dict(os.environ,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={count}",
+               XLA_FLAGS=os.environ.get("XLA_FLAGS", "") +
+               f" --xla_force_host_platform_device_count={count}",
                JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True,
                          text=True, env=env, cwd=ROOT, timeout=600)
