@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import fcntl
 import os
 import pathlib
 from typing import Callable
 
 import pytest
+
+try:
+  import fcntl  # POSIX: lets xdist workers share the Goodreads cache
+except ImportError:
+  fcntl = None
 
 # The tests' models are tiny, so their time goes to XLA compiling on the CPU
 # more than to running; LLVM's optimization level 0 compiles about twice as
@@ -81,17 +85,19 @@ def goodreads_cache(tmp_path_factory, goodreads_dir) -> pathlib.Path:
   for the tests that train or evaluate on the release.
 
   Shared by all of a run's xdist workers: the first to get here prepares it
-  (about 40 s of CPU) under a file lock, the others wait and reuse it.
+  (about 40 s of CPU) under a file lock, the others wait and reuse it
+  (without fcntl, on Windows, each worker prepares its own).
   """
   from genre_jax import config as config_lib
   from genre_jax import data as data_lib
 
   root = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
+  if os.environ.get("PYTEST_XDIST_WORKER") and fcntl is not None:
     root = root.parent  # the run's folder, above each worker's own
   path = root / "goodreads_cache"
   with open(root / "goodreads_cache.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    if fcntl is not None:
+      fcntl.flock(lock, fcntl.LOCK_EX)
     done = path / "prepared"
     if not done.exists():
       config = config_lib.base_config()
