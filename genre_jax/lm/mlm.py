@@ -36,28 +36,74 @@ P = jax.sharding.PartitionSpec
 IGNORE = -1  # target of positions that are not predicted
 
 
-class BertForMaskedLM(nnx.Module):
-  """BertEncoder + the MLM head (dense, GELU, LayerNorm, tied decoder)."""
+class MlmHead(nnx.Module):
+  """BERT's prediction head: dense, activation, LayerNorm, then the decoder
+  tied to the word-embedding table (its bias is the head's own)."""
 
-  def __init__(self, encoder: bert.BertEncoder, *, rngs: nnx.Rngs):
-    cfg = encoder.config
-    self.encoder = encoder
+  def __init__(self, cfg: hf.BertConfig, *, rngs: nnx.Rngs):
+    self.activation = cfg.hidden_act
     self.transform = nnx.Linear(cfg.hidden_size, cfg.hidden_size, rngs=rngs)
     self.transform_norm = nnx.LayerNorm(cfg.hidden_size,
                                         epsilon=cfg.layer_norm_eps, rngs=rngs)
     self.decoder_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32))
 
-  def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, hidden: jax.Array, table: jax.Array) -> jax.Array:
+    """Logits [..., V] of hidden states [..., D], with `table` [V, D]."""
+    h = hf.ACTIVATIONS[self.activation](self.transform(hidden))
+    h = self.transform_norm(h)
+    return h @ table.T.astype(h.dtype) + self.decoder_bias[...]
+
+
+class BertForMaskedLM(nnx.Module):
+  """BertEncoder + the MLM head."""
+
+  def __init__(self, encoder: bert.BertEncoder, head: MlmHead):
+    self.encoder = encoder
+    self.head = head
+
+  def __call__(self, ids: jax.Array, mask: jax.Array,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Logits [B, L, V] at every position, or [B, K, V] at `positions`.
+
+    `positions` [B, K] are the masked slots a loss reads: gathering them
+    before the head runs the [D, V] decoder on K ~ 15% of L tokens, its
+    cost (the largest single matmul of a small BERT) cut by the same factor.
+    """
     hidden = self.encoder(ids, mask)  # [B, L, D]
-    h = self.transform_norm(jax.nn.gelu(self.transform(hidden),
-                                        approximate=False))
+    if positions is not None:
+      hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
     table = self.encoder.embeddings.word_embeddings.embedding[...]  # [V, D]
-    return h @ table.T.astype(h.dtype) + self.decoder_bias[...]  # [B, L, V]
+    return self.head(hidden, table)
+
+
+# HF names of the head's tensors in BertForMaskedLM / BertForPreTraining
+# checkpoints (old ones name LayerNorm parameters gamma/beta).
+_HEAD_SOURCES = {
+    ("transform", "kernel"): hf.Source(
+        ("cls.predictions.transform.dense.weight",), transpose=True),
+    ("transform", "bias"): hf.Source(
+        ("cls.predictions.transform.dense.bias",)),
+    ("transform_norm", "scale"): hf.Source(
+        ("cls.predictions.transform.LayerNorm.weight",
+         "cls.predictions.transform.LayerNorm.gamma")),
+    ("transform_norm", "bias"): hf.Source(
+        ("cls.predictions.transform.LayerNorm.bias",
+         "cls.predictions.transform.LayerNorm.beta")),
+    ("decoder_bias",): hf.Source(
+        ("cls.predictions.bias", "cls.predictions.decoder.bias")),
+}
 
 
 def build_mlm(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
               ) -> BertForMaskedLM:
-  """The MLM model: pretrained encoder of model.lm.path, or fresh weights."""
+  """The MLM model: model.lm.path's weights, or fresh ones (from_scratch).
+
+  The head comes from the checkpoint too when it has one (BertForMaskedLM,
+  BertForPreTraining): continuing pretraining through a random head would
+  first spend steps, and the encoder's pretrained weights, on fitting it.
+  Encoder-only checkpoints (sentence-transformers, BertModel) get a fresh
+  head.
+  """
   from genre_jax.models import lm_encoder
 
   path = lm_encoder.lm_path(config)
@@ -65,57 +111,131 @@ def build_mlm(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
     raise ConfigError(f"masked-LM pretraining needs a BERT-family model; "
                       f"{path} is '{hf.model_kind(path)}'")
   if config.pretrain.from_scratch:
-    encoder = bert.BertEncoder(hf.read_bert_config(path), rngs=rngs)
+    cfg = hf.read_bert_config(path)
+    return BertForMaskedLM(bert.BertEncoder(cfg, rngs=rngs),
+                           MlmHead(cfg, rngs=rngs))
+  encoder, cfg = bert.load_bert(path, rngs=rngs)
+  checkpoint = hf.Checkpoint(path)
+  if "cls.predictions.transform.dense.weight" in checkpoint:
+    head = hf.build_from_checkpoint(lambda r: MlmHead(cfg, rngs=r),
+                                    checkpoint, _HEAD_SOURCES, rngs=rngs)
   else:
-    encoder, _ = bert.load_bert(path, rngs=rngs)
-  return BertForMaskedLM(encoder, rngs=rngs)
+    logging.info("%s has no masked-LM head; it starts from random weights",
+                 path)
+    head = MlmHead(cfg, rngs=rngs)
+  return BertForMaskedLM(encoder, head)
+
+
+def max_predictions(length: int, rate: float) -> int:
+  """Masked slots per row of `length` tokens: ceil(rate * length), >= 1."""
+  return max(1, math.ceil(rate * length))
 
 
 def mask_tokens(ids: np.ndarray, mask: np.ndarray, special: np.ndarray,
                 *, rate: float, vocab_size: int, mask_id: int,
                 rng: np.random.Generator):
-  """BERT masking of [B, L] ids -> (inputs, targets) with IGNORE targets.
+  """BERT masking of [B, L] ids -> (inputs [B, L], positions [B, K],
+  targets [B, K]), K = max_predictions(L, rate).
 
-  `special` [B, L] marks [CLS]/[SEP]-like tokens, never chosen.
+  As BERT's own data pipeline does, each row predicts exactly
+  max(1, round(rate * n)) of its n candidate tokens (real tokens that
+  `special` [B, L] does not mark as [CLS]/[SEP]-like), drawn uniformly; of
+  those, 80% become [MASK], 10% a random token, 10% stay. A fixed count per
+  row keeps the loss's shape static; slots a row does not fill have target
+  IGNORE (and position 0).
   """
+  batch, length = ids.shape
+  k = max_predictions(length, rate)
   candidates = mask & ~special
-  chosen = candidates & (rng.random(ids.shape) < rate)
-  # Every row with a candidate predicts at least one token.
-  none = candidates.any(1) & ~chosen.any(1)
-  for row in np.flatnonzero(none):
-    chosen[row, rng.choice(np.flatnonzero(candidates[row]))] = True
-  targets = np.where(chosen, ids, IGNORE).astype(np.int32)
-  roll = rng.random(ids.shape)
+  count = candidates.sum(1)
+  wanted = np.where(count > 0, np.maximum(1, np.rint(rate * count)), 0)
+  # Uniform draws; non-candidates sort last. [B, K] positions, slot j used
+  # when j < wanted.
+  keys = np.where(candidates, rng.random(ids.shape), np.inf)
+  order = np.argsort(keys, axis=1, kind="stable")[:, :k]
+  used = np.arange(k)[None, :] < wanted[:, None]
+  positions = np.where(used, order, 0).astype(np.int32)
+  rows = np.arange(batch)[:, None]
+  targets = np.where(used, ids[rows, positions], IGNORE).astype(np.int32)
+  roll = rng.random(positions.shape)
   inputs = ids.copy()
-  inputs[chosen & (roll < 0.8)] = mask_id
-  swap = chosen & (roll >= 0.8) & (roll < 0.9)
-  inputs[swap] = rng.integers(0, vocab_size, int(swap.sum()))
-  return inputs.astype(np.int32), targets
+  to_mask = used & (roll < 0.8)
+  inputs[rows.repeat(k, 1)[to_mask], positions[to_mask]] = mask_id
+  swap = used & (roll >= 0.8) & (roll < 0.9)
+  inputs[rows.repeat(k, 1)[swap], positions[swap]] = rng.integers(
+      0, vocab_size, int(swap.sum()))
+  return inputs.astype(np.int32), positions, targets
 
 
-def mlm_loss(model: BertForMaskedLM, inputs, mask, targets):
-  logits = model(inputs, mask).astype(jnp.float32)  # [B, L, V]
+def mlm_loss(model: BertForMaskedLM, inputs, mask, positions, targets):
+  """Mean cross-entropy over the masked slots (targets != IGNORE)."""
+  logits = model(inputs, mask, positions).astype(jnp.float32)  # [B, K, V]
   weights = (targets != IGNORE).astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(
       logits, jnp.maximum(targets, 0))
   return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+def optimizer(pc: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """AdamW (weight decay 0.01), clipped at norm 1, under linear warm-up and
+  cosine decay over config.pretrain.steps: BERT's recipe."""
+  steps = int(pc.steps)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, float(pc.lr), min(int(pc.warmup_steps), steps - 1), steps)
+  return optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(schedule, weight_decay=0.01))
+
+
+def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *,
+                    seed: int, loss=mlm_loss):
+  """The pure MLM step (state, batch) -> (state, loss), for jax.jit.
+
+  state: {"params", "opt", "step"}; batch: {"inputs", "mask", "positions",
+  "targets"} as mask_tokens makes them. Dropout is keyed by (seed, step).
+  `loss` has mlm_loss's signature (benchmarks swap in variants).
+  """
+
+  def step_fn(state, batch):
+    key = jax.random.fold_in(jax.random.key(seed), state["step"])
+
+    def loss_fn(p):
+      m = nnx.merge(graphdef, p, rest, copy=True)
+      nnx.reseed(m, dropout=key)
+      return loss(m, batch["inputs"], batch["mask"], batch["positions"],
+                  batch["targets"])
+
+    value, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    return ({"params": optax.apply_updates(state["params"], updates),
+             "opt": opt, "step": state["step"] + 1}, value)
+
+  return step_fn
+
+
+def special_token_ids(config: ml_collections.ConfigDict
+                      ) -> tuple[list[int], int]:
+  """([CLS], [SEP], [PAD] ids the tokenizer has, [MASK] id) of model.lm.path.
+  """
+  from genre_jax.models import lm_encoder
+
+  tokenizer = hf.load_tokenizer(lm_encoder.lm_path(config))
+  specials = [tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")]
+  mask_id = tokenizer.token_to_id("[MASK]")
+  if mask_id is None:
+    raise ConfigError(f"{lm_encoder.lm_path(config)}: the tokenizer has no "
+                      "[MASK] token")
+  return [s for s in specials if s is not None], mask_id
+
+
 def corpus(config: ml_collections.ConfigDict, dataset):
   """Token ids [N, L], mask and special-token mask of every item's text."""
-  from genre_jax.lm import hf as hf_lib
   from genre_jax.models import lm_encoder
 
   texts = lm_encoder.item_text(config, dataset)[1:]
   texts = np.concatenate([[""], texts[np.array([bool(t) for t in texts])]])
   ids, mask = lm_encoder.tokenize_text(config, texts)
-  tokenizer = hf_lib.load_tokenizer(lm_encoder.lm_path(config))
-  specials = [tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")]
-  special = np.isin(ids, [s for s in specials if s is not None])
-  mask_id = tokenizer.token_to_id("[MASK]")
-  if mask_id is None:
-    raise ConfigError(f"{lm_encoder.lm_path(config)}: the tokenizer has no "
-                      "[MASK] token")
+  specials, mask_id = special_token_ids(config)
+  special = np.isin(ids, specials)
   return ids[1:], mask[1:], special[1:], mask_id
 
 
@@ -136,10 +256,13 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
 
   from genre_jax.models import lm_encoder
 
+  pc = config.pretrain
   train_lib.check_batch_size(config, "pretrain")
+  if not 0.0 < float(pc.mask_rate) <= 1.0:
+    raise ConfigError(f"config.pretrain.mask_rate={pc.mask_rate}: must be in "
+                      "(0, 1]")
   lm_encoder.check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  pc = config.pretrain
   steps = int(pc.steps)
   # Checked before config.json is rewritten: it must keep describing the
   # checkpoints beside it.
@@ -162,27 +285,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   model.train()
   vocab_size = model.encoder.config.vocab_size
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, float(pc.lr), min(int(pc.warmup_steps), steps - 1), steps)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(schedule, weight_decay=0.01))
+  tx = optimizer(pc)
   state = jax.device_put({"params": params, "opt": tx.init(params),
                           "step": jnp.zeros((), jnp.int32)}, replicated)
 
-  def step_fn(state, batch):
-    key = jax.random.fold_in(jax.random.key(int(config.train.seed)),
-                             state["step"])
-
-    def loss_fn(p):
-      m = nnx.merge(graphdef, p, rest, copy=True)
-      nnx.reseed(m, dropout=key)
-      return mlm_loss(m, batch["inputs"], batch["mask"], batch["targets"])
-
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    return ({"params": optax.apply_updates(state["params"], updates),
-             "opt": opt, "step": state["step"] + 1}, loss)
-
+  step_fn = make_train_step(graphdef, rest, tx, seed=int(config.train.seed))
   step = jax.jit(step_fn, in_shardings=(replicated, data_sharding),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
   checkpoints = ckpt_lib.Checkpoints(workdir)
@@ -203,11 +310,12 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
     rng = np.random.default_rng([int(config.train.seed), s])
     rows = rng.integers(0, len(ids), pc.batch_size)
     rows = rows[jax.process_index() * local:(jax.process_index() + 1) * local]
-    inputs, targets = mask_tokens(
+    inputs, positions, targets = mask_tokens(
         ids[rows], mask[rows], special[rows], rate=float(pc.mask_rate),
         vocab_size=vocab_size, mask_id=mask_id, rng=rng)
     batch = train_lib.to_global(
-        {"inputs": inputs, "mask": mask[rows], "targets": targets},
+        {"inputs": inputs, "mask": mask[rows], "positions": positions,
+         "targets": targets},
         data_sharding)
     state, loss = step(state, batch)
     if (s + 1) % int(pc.log_every) == 0 or s == start:

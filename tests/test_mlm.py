@@ -1,0 +1,132 @@
+"""Masked-LM pretraining: BERT masking, and the head against transformers."""
+
+from __future__ import annotations
+
+from flax import nnx
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from genre_jax.config import load_preset
+from genre_jax.errors import ConfigError
+from genre_jax.lm import mlm
+
+_TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+             num_attention_heads=4, intermediate_size=64,
+             max_position_embeddings=32, hidden_act="gelu_new")
+_MASK_ID, _SPECIAL = 3, (0, 1, 2)  # [MASK]; [PAD], [CLS], [SEP]
+
+
+def _texts(rng, batch: int, length: int):
+  """[B, L] ids of [CLS] w1 .. wn [SEP] [PAD]..., n from 0 to L - 2."""
+  ids = np.zeros((batch, length), np.int64)
+  lengths = rng.integers(0, length - 1, batch)
+  lengths[:2] = (0, length - 2)  # an empty text and a full one
+  lengths[-batch // 4:] = length - 2
+  for row, n in enumerate(lengths):
+    ids[row, :n + 2] = [1, *rng.integers(4, 100, n), 2]
+  mask = ids > 0
+  return ids, mask, np.isin(ids, _SPECIAL), lengths
+
+
+def test_mask_tokens_predicts_bert_counts_of_real_tokens_only():
+  rng = np.random.default_rng(0)
+  ids, mask, special, lengths = _texts(rng, 4000, 24)
+  inputs, positions, targets = mlm.mask_tokens(
+      ids, mask, special, rate=0.15, vocab_size=100, mask_id=_MASK_ID,
+      rng=np.random.default_rng(1))
+  assert positions.shape == targets.shape == (4000, 4)  # ceil(0.15 * 24)
+  used = targets != mlm.IGNORE
+  expected = np.where(lengths > 0, np.maximum(1, np.rint(0.15 * lengths)), 0)
+  np.testing.assert_array_equal(used.sum(1), expected)
+  rows = np.arange(len(ids))[:, None].repeat(4, 1)
+  # Targets are the original tokens, at distinct non-special positions.
+  np.testing.assert_array_equal(targets[used], ids[rows[used],
+                                                   positions[used]])
+  assert not special[rows[used], positions[used]].any()
+  assert mask[rows[used], positions[used]].all()
+  for row in np.flatnonzero(used.sum(1) > 1):
+    chosen = positions[row][used[row]]
+    assert len(set(chosen)) == len(chosen)
+  # Nothing else changes; chosen tokens: 80% [MASK], 10% random, 10% kept.
+  changed = inputs != ids
+  changed[rows[used], positions[used]] = False
+  assert not changed.any()
+  after = inputs[rows[used], positions[used]]
+  before = ids[rows[used], positions[used]]
+  n = used.sum()
+  assert abs(np.mean(after == _MASK_ID) - 0.8) < 0.02, n
+  kept = np.mean(after == before)
+  assert abs(kept - 0.1) < 0.02  # (plus the ~1% random draws that hit it)
+  # In texts of one length, every word is as likely to be chosen.
+  full = lengths == 22
+  chosen_at = np.bincount(positions[full][used[full]], minlength=24)
+  assert chosen_at[0] == chosen_at[23] == 0
+  assert chosen_at[1:23].min() > 0.6 * chosen_at[1:23].max(), chosen_at
+
+
+def _tiny_bert_mlm(tmp_path):
+  """A random tiny BertForMaskedLM saved to tmp_path (eval mode)."""
+  torch.manual_seed(0)
+  model = transformers.BertForMaskedLM(transformers.BertConfig(**_TINY))
+  with torch.no_grad():  # so that a head left at its init would show
+    model.cls.predictions.bias.normal_()
+    model.cls.predictions.transform.LayerNorm.bias.normal_()
+  model.eval().save_pretrained(tmp_path, safe_serialization=True)
+  return model
+
+
+def _config(path):
+  config = load_preset("mlm_minilm")
+  config.model.lm.path = str(path)
+  return config
+
+
+def test_mlm_logits_match_transformers_at_all_and_masked_positions(tmp_path):
+  reference = _tiny_bert_mlm(tmp_path)
+  model = mlm.build_mlm(_config(tmp_path), rngs=nnx.Rngs(0))
+  model.eval()
+  ids, mask, special, _ = _texts(np.random.default_rng(2), 6, 12)
+  with torch.no_grad():
+    expected = reference(input_ids=torch.tensor(ids),
+                         attention_mask=torch.tensor(mask.astype(np.int64))
+                         ).logits.numpy()  # [B, L, V]
+  full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+  np.testing.assert_allclose(full[mask], expected[mask], atol=1e-4, rtol=0)
+  _, positions, targets = mlm.mask_tokens(
+      ids, mask, special, rate=0.3, vocab_size=100, mask_id=_MASK_ID,
+      rng=np.random.default_rng(3))
+  gathered = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask),
+                              jnp.asarray(positions)))  # [B, K, V]
+  rows = np.arange(len(ids))[:, None]
+  np.testing.assert_allclose(gathered, full[rows, positions], atol=1e-5)
+  # The loss: mean cross-entropy of the reference's logits over used slots.
+  used = targets != mlm.IGNORE
+  picked = expected[rows, positions][used]  # [N, V]
+  log_z = np.log(np.exp(picked - picked.max(1, keepdims=True)).sum(1)) + (
+      picked.max(1))
+  want = np.mean(log_z - picked[np.arange(len(picked)), targets[used]])
+  got = float(mlm.mlm_loss(model, jnp.asarray(ids), jnp.asarray(mask),
+                           jnp.asarray(positions), jnp.asarray(targets)))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_encoder_only_checkpoint_gets_a_fresh_head(tmp_path):
+  torch.manual_seed(0)
+  backbone = transformers.BertModel(transformers.BertConfig(**_TINY))
+  backbone.save_pretrained(tmp_path, safe_serialization=True)
+  model = mlm.build_mlm(_config(tmp_path), rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(
+      np.asarray(model.encoder.embeddings.word_embeddings.embedding[...]),
+      backbone.embeddings.word_embeddings.weight.detach().numpy())
+  assert not np.asarray(model.head.decoder_bias[...]).any()
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.5])
+def test_mask_rate_outside_0_1_is_a_config_error(tmp_path, rate):
+  config = _config(tmp_path)
+  config.pretrain.mask_rate = rate
+  with pytest.raises(ConfigError, match=r"pretrain\.mask_rate=.*\(0, 1\]"):
+    mlm.pretrain(config, str(tmp_path / "run"), dataset=object())
