@@ -63,6 +63,11 @@ def check_fits(manager, step: int, item: str, abstract_tree) -> None:
       "table" in k.split("/") for k in extra):
     text += ("\n  (genre_jax names the word embedding 'word_table' since "
              "0944cdf; this checkpoint was written before: retrain it)")
+  if any(k.split("/")[0] == "head" for k in missing) and any(
+      k.split("/")[0] == "transform" for k in extra):
+    text += ("\n  (genre_jax keeps the masked-LM head under 'head' since "
+             "4be8edd; this pretraining checkpoint was written before: "
+             "rerun the pretraining)")
   raise ConfigError(text + "\nWas it trained with another config.model, "
                     "config.data or version of genre_jax?")
 

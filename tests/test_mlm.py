@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flax import nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -130,3 +131,26 @@ def test_mask_rate_outside_0_1_is_a_config_error(tmp_path, rate):
   config.pretrain.mask_rate = rate
   with pytest.raises(ConfigError, match=r"pretrain\.mask_rate=.*\(0, 1\]"):
     mlm.pretrain(config, str(tmp_path / "run"), dataset=object())
+
+
+def test_pretraining_checkpoint_from_before_the_head_module_is_named(
+    tmp_path):
+  from genre_jax import checkpoint as ckpt_lib
+
+  head = {"transform": {"kernel": np.zeros((2, 2), np.float32)},
+          "decoder_bias": np.zeros((5,), np.float32)}
+  encoder = {"word": np.ones((5, 2), np.float32)}
+  old = ckpt_lib.Checkpoints(str(tmp_path))
+  try:  # the head's parameters beside the encoder, as before 4be8edd
+    old.save(old.latest, {"params": {"encoder": encoder, **head}, "opt": {},
+                          "step": 0}, {})
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+        {"encoder": encoder, "head": head})
+    with pytest.raises(ConfigError) as error:
+      old.restore(old.latest, {"params": abstract, "opt": {}, "step": None})
+  finally:
+    old.close()
+  message = str(error.value)
+  assert "not in the checkpoint (2): head/decoder_bias" in message
+  assert "'head' since 4be8edd" in message
