@@ -4,10 +4,11 @@ BERT-style masking (15% of real, non-special tokens: 80% [MASK], 10% a random
 token, 10% unchanged) over the text of every item (the configured fields:
 titles, abstracts, GENRE-generated text when the dataset carries it). From
 scratch (`pretrain.from_scratch`) or continuing from the weights of
-`model.lm.path`. The step is jit-compiled and data-parallel like the
-recommender's; checkpoints are Orbax (`workdir/checkpoints/latest`). A
-finished run is used as the recommender's item encoder with
-`--config.model.lm.init=WORKDIR`.
+`model.lm.path` (its masked-LM head too, when the checkpoint has one). The
+head and its tied decoder run only at the masked slots, not at every token.
+The step is jit-compiled and data-parallel like the recommender's;
+checkpoints are Orbax (`workdir/checkpoints/latest`). A finished run is used
+as the recommender's item encoder with `--config.model.lm.init=WORKDIR`.
 """
 
 from __future__ import annotations
