@@ -35,6 +35,12 @@ and the optimizer 0), for NRMS and BERT-NRMS; XLA's own count
 beside it for every preset. MFU = one device's FLOPs per second (analytic /
 number of devices, else XLA) / the matmul rate measured on one device.
 
+With more than one row (`--anchor`, `--preset=nrms,naml`, `--dedup_ablation`)
+each row is measured in a fresh process of this script (`--isolate_rows`,
+on by default): JAX cannot reset the allocator's peak-memory counter, so rows
+sharing one process would each report the largest peak so far. The parent
+process never touches the accelerator, so it holds none of its memory.
+
 The output ends with one line of JSON: {"device", "num_devices",
 "matmul_flops_per_s", "rows": [...]}. A bad preset name or --set override
 fails before anything is measured.
@@ -43,9 +49,11 @@ fails before anything is measured.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 
@@ -64,7 +72,9 @@ from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not
 from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
 from genre_jax.data.types import Behaviors, ItemInputSpec  # pylint: disable=g-import-not-at-top
 
-_PRESET = flags.DEFINE_string("preset", "nrms", "Preset name in configs/.")
+_PRESET = flags.DEFINE_list(
+    "preset", ["nrms"], "Preset names in configs/, comma-separated: one row "
+    "each.")
 _SET = flags.DEFINE_multi_string(
     "set", [], "Config overrides, e.g. --set=model.dtype=bfloat16.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes, few steps (CPU/CI).")
@@ -89,6 +99,13 @@ _GROUP = flags.DEFINE_integer("group", 5, "Steps per synchronised timing.")
 _EVAL = flags.DEFINE_bool("eval", True, "Also time the evaluator.")
 _EVAL_IMPRESSIONS = flags.DEFINE_integer(
     "eval_impressions", 2048, "Impressions scored in the eval timing.")
+_ISOLATE = flags.DEFINE_bool(
+    "isolate_rows", True, "With more than one row, measure each in a fresh "
+    "process of this script: JAX cannot reset the allocator's peak, so rows "
+    "sharing a process would each report the largest peak so far.")
+_ONLY_ROW = flags.DEFINE_integer(
+    "only_row", -1, "Measure only this row of the plan (what --isolate_rows "
+    "runs in each child process).")
 
 # The anchor's NRMS: 300-wide word embeddings, 16 heads of 16, query 200.
 _ANCHOR_NRMS = ("model.embed_dim=300", "model.hidden_dim=256",
@@ -416,6 +433,7 @@ def bench_row(label: str, config, shape: Shape, *, steps: int, warmup: int,
       "flops_per_step_analytic": formula_flops,
       "flops_per_step_xla": xla_flops,
       "mfu": flops / step_seconds / matmul_rate if flops else None,
+      "matmul_flops_per_s": matmul_rate,  # the rate "mfu" divides by
       "cudnn_fused_attention_calls": cudnn_attention_calls(step),
       "final_loss": float(metrics["loss"]),
   }
@@ -456,10 +474,34 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def _rows_in_child_processes(num_rows: int) -> None:
+  """Runs this command once per row (--only_row=i), then prints their rows
+  as one table and one line of JSON; a failing row stops the rest."""
+  results = []
+  for i in range(num_rows):
+    child = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *sys.argv[1:],
+         f"--only_row={i}"], stdout=subprocess.PIPE, text=True, check=False)
+    if child.returncode:
+      sys.stdout.write(child.stdout)
+      raise SystemExit(child.returncode)
+    results.append(json.loads(child.stdout.strip().splitlines()[-1]))
+  rows = [row for result in results for row in result["rows"]]
+  rates = [result["matmul_flops_per_s"] for result in results]
+  first = results[0]
+  print(f"device: {first['device']} ({first['num_devices']} device(s)), "
+        f"measured matmul rate {statistics.median(rates) / 1e12:.3f} TFLOP/s "
+        f"(median of {num_rows} processes, one per row)")
+  print(format_table(rows))
+  print(json_line({"device": first["device"],
+                   "num_devices": first["num_devices"],
+                   "matmul_flops_per_s": statistics.median(rates),
+                   "rows_in_child_processes": True, "rows": rows}))
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  device = jax.devices()[0]
   plans = []  # (label, preset, shape, overrides, data path)
   if _ANCHOR.value:
     for label, preset, batch, overrides, real in _ANCHOR_ROWS + _EXTRA_ROWS:
@@ -468,37 +510,44 @@ def main(argv):
       plans.append((label, preset, Shape(batch, 50, 5, 30, 20000, 30522),
                     tuple(overrides) + tuple(_SET.value),
                     _DATA_PATH.value if real else ""))
-  elif _SMOKE.value:
-    plans.append((f"{_PRESET.value} smoke", _PRESET.value,
-                  Shape(8, 6, 3, 8, 64, 128), tuple(_SET.value),
-                  _DATA_PATH.value))
   else:
-    shape = Shape(_BATCH.value, _HISTORY.value, _CANDIDATES.value,
-                  _TITLE.value, _NUM_ITEMS.value, _VOCAB.value)
-    if _DEDUP_ABLATION.value:
-      if not _DATA_PATH.value:
-        raise app.UsageError("--dedup_ablation needs --data_path")
-      plans.append((f"{_PRESET.value} every slot", _PRESET.value, shape,
-                    tuple(_SET.value), _DATA_PATH.value, False))
-    plans.append((_PRESET.value, _PRESET.value, shape, tuple(_SET.value),
-                  _DATA_PATH.value))
+    shape = (Shape(8, 6, 3, 8, 64, 128) if _SMOKE.value else
+             Shape(_BATCH.value, _HISTORY.value, _CANDIDATES.value,
+                   _TITLE.value, _NUM_ITEMS.value, _VOCAB.value))
+    if _DEDUP_ABLATION.value and not _DATA_PATH.value:
+      raise app.UsageError("--dedup_ablation needs --data_path")
+    for preset in _PRESET.value:
+      label = f"{preset} smoke" if _SMOKE.value else preset
+      if _DEDUP_ABLATION.value:
+        plans.append((f"{label} every slot", preset, shape,
+                      tuple(_SET.value), _DATA_PATH.value, False))
+      plans.append((label, preset, shape, tuple(_SET.value),
+                    _DATA_PATH.value))
   for name, value, least in (("steps", _STEPS.value, 1),
                               ("group", _GROUP.value, 1),
                               ("warmup", _WARMUP.value, 0),
                               ("eval_impressions", _EVAL_IMPRESSIONS.value, 1)):
     if value < least:  # else a traceback (or a loop that never ends) later
       raise app.UsageError(f"--{name}={value}: must be >= {least}")
-  for label, _, shape, *_ in plans:
-    if shape.batch < 1 or shape.batch % jax.device_count():
-      raise app.UsageError(
-          f"--batch_size={shape.batch} (row '{label}'): must be a positive "
-          f"multiple of the number of devices ({jax.device_count()})")
+  if not 0 <= _ONLY_ROW.value < len(plans) and _ONLY_ROW.value != -1:
+    raise app.UsageError(f"--only_row={_ONLY_ROW.value}: the plan has "
+                         f"{len(plans)} rows")
   steps = 4 if _SMOKE.value else _STEPS.value
   warmup = 1 if _SMOKE.value else _WARMUP.value
   group = 2 if _SMOKE.value else _GROUP.value
   # Every config is built first: a typo fails before minutes of measuring.
   configs = [load_preset(preset, "", overrides)
              for _, preset, _, overrides, *_ in plans]
+  if _ONLY_ROW.value >= 0:
+    configs, plans = [configs[_ONLY_ROW.value]], [plans[_ONLY_ROW.value]]
+  elif len(plans) > 1 and _ISOLATE.value:
+    # Before this process touches the accelerator (it would hold memory).
+    return _rows_in_child_processes(len(plans))
+  for label, _, shape, *_ in plans:
+    if shape.batch < 1 or shape.batch % jax.device_count():
+      raise app.UsageError(
+          f"--batch_size={shape.batch} (row '{label}'): must be a positive "
+          f"multiple of the number of devices ({jax.device_count()})")
   matmul_rate = measure_matmul_rate()
   rows = []
   for config, (label, preset, shape, _, data_path, *dedup) in zip(configs,
@@ -510,6 +559,7 @@ def main(argv):
         eval_impressions=64 if _SMOKE.value else _EVAL_IMPRESSIONS.value,
         matmul_rate=matmul_rate, data_path=data_path,
         dedup=dedup[0] if dedup else True))
+  device = jax.devices()[0]
   print(f"device: {device.device_kind} ({jax.device_count()} device(s)), "
         f"measured matmul rate {matmul_rate / 1e12:.3f} TFLOP/s")
   print(format_table(rows))

