@@ -128,6 +128,7 @@ def main(argv):
   if _MAX_LEN.value:
     config.model.lm.max_len = _MAX_LEN.value
   config_lib.apply_overrides(config, _SET.value)
+  mlm.check_config(config)  # a bad shape or rate fails before compiling
   vocab_size = nnx.eval_shape(
       lambda: mlm.build_mlm(config, rngs=nnx.Rngs(0))).encoder.config.vocab_size
   batches = _batches(config, vocab_size, _STEPS.value + 1)

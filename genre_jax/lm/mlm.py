@@ -244,6 +244,19 @@ def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid config.pretrain or
+  config.model.lm field, before anything is built or written."""
+  from genre_jax import train as train_lib
+  from genre_jax.models import lm_encoder
+
+  train_lib.check_batch_size(config, "pretrain")
+  if not 0.0 < float(config.pretrain.mask_rate) <= 1.0:
+    raise ConfigError(f"config.pretrain.mask_rate={config.pretrain.mask_rate}"
+                      ": must be in (0, 1]")
+  lm_encoder.check_config(config)
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str,
              dataset=None) -> dict:
   """Masked-LM training on the item corpus; resumes from workdir's latest.
@@ -255,14 +268,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   from genre_jax import data as data_lib
   from genre_jax import train as train_lib
 
-  from genre_jax.models import lm_encoder
-
   pc = config.pretrain
-  train_lib.check_batch_size(config, "pretrain")
-  if not 0.0 < float(pc.mask_rate) <= 1.0:
-    raise ConfigError(f"config.pretrain.mask_rate={pc.mask_rate}: must be in "
-                      "(0, 1]")
-  lm_encoder.check_config(config)
+  check_config(config)
   os.makedirs(workdir, exist_ok=True)
   steps = int(pc.steps)
   # Checked before config.json is rewritten: it must keep describing the
