@@ -8,6 +8,7 @@ tokenize_items on the reader's table.
 import json
 import os
 import pathlib
+import tempfile
 import zipfile
 
 import numpy as np
@@ -320,6 +321,20 @@ def test_goodreads_side_tables_and_rebuild_on_change(tmp_path, monkeypatch):
   assert sorted(more.side_tables) == ["generator", "profiler", "summarizer"]
   assert list(more.side_tables["generator"]["user_id"]) == ["U1"]
   assert_same_dataset(more, changed)
+
+
+def test_building_leaves_nothing_in_the_temp_folder(tmp_path, monkeypatch):
+  # TFDS's lookup of an unprepared dataset in its bucket left an empty
+  # tmp*tfds folder in /tmp per table built (thousands after a few suites).
+  scratch = tmp_path / "tmp"
+  scratch.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+  root = tmp_path / "goodreads"
+  make_goodreads(root)
+  dataset = data_lib.load_dataset(
+      data_config(tmp_path, name="goodreads_genre", path=str(root)))
+  assert sorted(dataset.info["tfds_dirs"]) == ["behaviors", "genre", "items"]
+  assert list(scratch.iterdir()) == []
 
 
 def test_goodreads_bad_genre_line_names_file_line_field(tmp_path):

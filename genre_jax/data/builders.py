@@ -132,6 +132,18 @@ def _features(table: str) -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict(dict(id=text(), response_json=text()))
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """DatasetInfo of a table made from local files only.
+
+  TFDS looks for an unprepared dataset's info in its public bucket, and that
+  lookup leaves an empty /tmp/tmp*tfds folder behind on every build; our
+  tables are never in the bucket, so there is nothing to look up.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    """Keeps the info the builder declared (see the class docstring)."""
+
+
 class _TableBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Writes one table of a MIND-format dataset, in source order.
 
@@ -168,7 +180,7 @@ class _TableBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     table = self.builder_config.table
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
         builder=self,
         description=self.__doc__,
         features=_features(table),
