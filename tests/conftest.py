@@ -155,7 +155,7 @@ def pytest_sessionfinish(session):
   After this hook, xdist reports the worker finished and pytest runs five
   more full collections; over a worker's heap (JAX, PyTorch, tokenizers)
   those took 1-3 s each, and execnet interrupts a worker still busy 5 s
-  after its last report, which ended every suite with a KeyboardInterrupt
+  after its last report, which ended many suite runs with a KeyboardInterrupt
   warning from inside JAX's gc callback. Garbage made by the tests is still
   collected (and any error in its finalizers still reported) here.
   """
