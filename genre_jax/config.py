@@ -87,8 +87,14 @@ def base_config() -> ml_collections.ConfigDict:
   # GloVe). A width other than embed_dim gets a trained Linear to it.
   # frozen: the table gets no updates (Legommenders' default for pretrained
   # tables), so item text is read through fixed word vectors.
-  c.model.word_embeddings = ml_collections.ConfigDict(dict(init="",
-                                                           frozen=False))
+  # init_std: the standard deviation of a table learnt from a random start
+  # (init=""): 0 = Flax's default, 1/sqrt(embed_dim); 1.0 = PyTorch's
+  # nn.Embedding default, N(0, 1), which plain PyTorch NRMS/NAML code starts
+  # from. Adam moves every weight by about lr a step whatever its size, so
+  # a 16x larger start leaves the words' vectors near their random values
+  # for longer (experiments/genre_goodreads/README.md, `torch_init/`).
+  c.model.word_embeddings = ml_collections.ConfigDict(dict(
+      init="", frozen=False, init_std=0.0))
   # Additive-attention query size.
   c.model.attention_dim = 200
   c.model.dropout = 0.2

@@ -130,6 +130,35 @@ def test_default_table_is_learnt_from_a_random_start(data_dir, dataset):
   assert any(_changed(before, after, "'word_table'").values())
 
 
+@pytest.mark.parametrize("init_std", [0.0, 1.0])
+def test_random_table_starts_at_init_std(data_dir, dataset, init_std):
+  # 0: Flax's default N(0, 1/embed_dim); 1.0: PyTorch's nn.Embedding N(0, 1).
+  config = shrink(load_preset("naml"), data_dir)
+  config.data.fields = ("title",)  # the dataset fixture's only field
+  config.model.word_embeddings.init_std = init_std
+  model = recommender.build_model(config, _spec(config, dataset), seed=0)
+  table = _word_table(nnx.state(model, nnx.Param))
+  want = init_std or config.model.embed_dim ** -0.5
+  assert table.std() == pytest.approx(want, rel=0.02)
+  assert abs(table.mean()) < 0.02 * want
+  # Either way the table is learnt.
+  _, before, after = _first_losses(config, dataset, steps=2)
+  assert any(_changed(before, after, "'word_table'").values())
+
+
+def test_bad_init_std_is_a_clear_error(data_dir, dataset):
+  config = _config("nrms", data_dir, "", False)
+  config.model.word_embeddings.init_std = -1.0
+  with pytest.raises(ConfigError, match=(
+      r"config.model.word_embeddings.init_std=-1.0: must be >= 0")):
+    _build(config, dataset)
+  config = _config("nrms", data_dir, "lm", False)
+  config.model.word_embeddings.init_std = 1.0
+  with pytest.raises(ConfigError, match=(
+      r"init_std=1.0 sets the start .*\.init='lm' fills it")):
+    _build(config, dataset)
+
+
 def _spec(config, dataset):
   from genre_jax import train
 

@@ -103,11 +103,33 @@ def pretrained_word_table(config: ml_collections.ConfigDict,
   return np.asarray(table[:vocab_size], np.float32)
 
 
+def random_table_std(config: ml_collections.ConfigDict) -> float:
+  """config.model.word_embeddings.init_std, checked: >= 0, and 0 when a
+  pretrained table (init) fills the table instead."""
+  field = "config.model.word_embeddings.init_std"
+  words = config.model.get("word_embeddings", {})
+  std = words.get("init_std", 0.0)
+  try:
+    std = float(std)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{field}={std!r}: not a number") from None
+  if not std >= 0:
+    raise ConfigError(f"{field}={std}: must be >= 0 (0 = Flax's default "
+                      "1/sqrt(embed_dim))")
+  if std and words.get("init", ""):
+    raise ConfigError(
+        f"{field}={std} sets the start of a randomly initialised table, but "
+        f"config.model.word_embeddings.init='{words.init}' fills it with a "
+        "pretrained one: set one of them")
+  return std
+
+
 class WordEmbedding(nnx.Module):
   """The word embeddings shared by all fields, [vocab, embed_dim]; zero on
   padded tokens.
 
-  Learnt from scratch by default. config.model.word_embeddings.init fills the
+  Learnt from scratch by default, from N(0, init_std^2) when
+  word_embeddings.init_std is set. config.model.word_embeddings.init fills the
   table from a pretrained one instead, followed by a trained Linear to
   embed_dim when its width differs (Legommenders' `auto` transformation);
   word_embeddings.frozen keeps the table (not the Linear) fixed in training,
@@ -119,7 +141,11 @@ class WordEmbedding(nnx.Module):
     dim = config.model.embed_dim
     table = pretrained_word_table(config, spec.vocab_size)
     width = dim if table is None else table.shape[1]
-    self.word_table = nnx.Embed(spec.vocab_size, width, dtype=dtype, rngs=rngs)
+    std = random_table_std(config)
+    init = ({} if std == 0 else
+            dict(embedding_init=nnx.initializers.normal(stddev=std)))
+    self.word_table = nnx.Embed(spec.vocab_size, width, dtype=dtype,
+                                rngs=rngs, **init)
     if table is not None:
       self.word_table.embedding[...] = jnp.asarray(table)
     self.proj = _hidden_projection(width, dim, dtype, rngs)
