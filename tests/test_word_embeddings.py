@@ -63,16 +63,23 @@ def _config(preset, data_dir, init, frozen):
   return config
 
 
-def test_run_py_trains_nrms_on_frozen_minilm_token_embeddings(data_dir,
-                                                              tmp_path):
-  workdir = tmp_path / "run"
-  config_flags = [
-      "--config=configs/nrms.py", f"--config.data.data_dir={data_dir}",
+def _tiny_run_flags(data_dir):
+  """run.py flags: 4 steps of a 16-wide model on small synthetic data."""
+  return [
+      f"--config.data.data_dir={data_dir}",
       "--config.data.synthetic.num_users=150",
       "--config.data.synthetic.num_items=200", "--config.data.history_len=10",
       "--config.model.embed_dim=16", "--config.model.hidden_dim=16",
       "--config.model.num_heads=2", "--config.train.batch_size=16",
       "--config.train.max_steps=4", "--config.train.warmup_steps=2",
+  ]
+
+
+def test_run_py_trains_nrms_on_frozen_minilm_token_embeddings(data_dir,
+                                                              tmp_path):
+  workdir = tmp_path / "run"
+  config_flags = [
+      "--config=configs/nrms.py", *_tiny_run_flags(data_dir),
       "--config.model.word_embeddings.init=lm",
       "--config.model.word_embeddings.frozen=True"]
   result = subprocess.run(
@@ -144,6 +151,41 @@ def test_random_table_starts_at_init_std(data_dir, dataset, init_std):
   # Either way the table is learnt.
   _, before, after = _first_losses(config, dataset, steps=2)
   assert any(_changed(before, after, "'word_table'").values())
+
+
+def test_run_py_starts_the_table_at_init_std(data_dir, tmp_path):
+  # The setting behind the Goodreads torch_init/ grid, through the entry
+  # point: PyTorch's N(0, 1) start, not Flax's N(0, 1/16) for a 16-wide table.
+  workdir = tmp_path / "run"
+  config_flags = [
+      "--config=configs/naml.py", *_tiny_run_flags(data_dir),
+      "--config.model.word_embeddings.init_std=1.0"]
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "run.py"), f"--workdir={workdir}",
+       *config_flags], capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  checkpoints = ckpt_lib.Checkpoints(str(workdir))
+  params, _ = checkpoints.restore_saved(checkpoints.latest)
+  table = _word_table(params)
+  assert table.shape == (VOCAB, 16)
+  assert table.std() == pytest.approx(1.0, rel=0.02)
+  evaluated = subprocess.run(
+      [sys.executable, str(ROOT / "run.py"), "--mode=eval",
+       f"--workdir={workdir}", "--split=test"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert 0.0 <= json.loads(evaluated.stdout.strip().splitlines()[-1])[
+      "auc"] <= 1.0
+  # A bad value is one line naming the field, and the workdir stays empty.
+  bad = subprocess.run(
+      [sys.executable, str(ROOT / "run.py"), f"--workdir={tmp_path / 'bad'}",
+       *config_flags[:-1], "--config.model.word_embeddings.init_std=-1"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert bad.returncode != 0
+  assert "config.model.word_embeddings.init_std=-1.0: must be >= 0" in (
+      bad.stderr)
+  assert "Traceback" not in bad.stderr
+  assert not list((tmp_path / "bad").rglob("*"))  # no checkpoint, no state
 
 
 def test_bad_init_std_is_a_clear_error(data_dir, dataset):
