@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import pathlib
 import struct
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -383,6 +384,17 @@ def _read_header(path: pathlib.Path) -> dict[str, _TensorInfo]:
   return tensors
 
 
+def _inside(root: str, name: str) -> bool:
+  """Whether the relative file name `name` stays under the folder `root` by
+  its spelling (`..` that comes back is fine, `/x` or `../x` is not; a name
+  with a NUL byte names no file). Symlinks the folder itself holds are
+  followed: the Hugging Face cache links each shard into a blobs/ folder."""
+  if "\x00" in name or os.path.isabs(name):
+    return False
+  target = os.path.normpath(os.path.join(root, name))
+  return os.path.commonpath([root, target]) == root
+
+
 class Checkpoint:
   """Lazy, read-only access to the tensors of a model directory's weights.
 
@@ -431,8 +443,13 @@ class Checkpoint:
       raise DataFormatError(index, None, "weight_map",
                             "expected an object of tensor name -> file")
     shards: dict[pathlib.Path, list[str]] = {}
+    root = os.path.normpath(os.path.abspath(index.parent))
     for key, name in weight_map.items():
       shard = index.parent / str(name)
+      if not _inside(root, str(name)):
+        raise DataFormatError(index, None, "weight_map",
+                              f"'{key}' names shard {name!r}; a shard must "
+                              "be a file inside the model directory")
       if not shard.is_file():
         raise DataFormatError(index, None, "weight_map",
                               f"'{key}' names shard {name!r}, which does not "
