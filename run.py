@@ -32,6 +32,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from genre_jax import config as config_lib
+from genre_jax import workdir as workdir_lib
 from genre_jax.config import flag_error_message
 from genre_jax.errors import ConfigError, exit_on_input_error
 from genre_jax.genre import generate as generate_lib
@@ -236,14 +238,24 @@ def _pretrain(config, workdir):
 
 
 def _generate(config, workdir):
-  from genre_jax import data as data_lib
-  from genre_jax.genre import augment
-
   g = _GENERATE.value
   out = g.out or (os.path.join(workdir, f"{g.scheme}.jsonl") if workdir
                   else "")
   if not out:
     raise app.UsageError("--mode=generate needs --workdir or --generate.out")
+  config_lib.validate(config, sections=("data",))
+  config_lib.validate(g, rules=config_lib.GENERATE_RULES, name="--generate")
+  # One writer for the outputs and their answer caches.
+  with workdir_lib.exclusive(workdir or os.path.dirname(os.path.abspath(out)),
+                             "run.py --mode=generate"):
+    _generate_into(config, g, out)
+
+
+def _generate_into(config, g, out):
+  """_generate once its settings are checked and its folder held."""
+  from genre_jax import data as data_lib
+  from genre_jax.genre import augment
+
   # Prompts are built from the original data, whatever augmentation the
   # config switches on for training.
   data_config = config.data.copy_and_resolve_references()

@@ -1,18 +1,27 @@
 """Orbax checkpoints of a run: the latest state (for resume) and the best one.
 
 Layout under a workdir (its other files: workdir.py):
-  checkpoints/latest/<step>/  train state + progress (epoch, batch, best, ...)
-  checkpoints/best/<step>/    train state + the dev metrics that made it best
+  checkpoints/latest/<save>/  train state + progress (epoch, batch, best, ...);
+                              the two newest saves are kept
+  checkpoints/best/<save>/    train state + progress as of the best dev AUC
+  checkpoints/damaged/        saves that failed to read, moved out of the way
 
 Orbax writes each step into a temporary directory and renames it when it is
 complete, and only complete steps are listed: a checkpoint cut off half-way
-(a killed process) is never restored.
+(a killed process) is never restored. A complete save damaged later (a
+truncated or deleted file, a disk error) is reported in one line and moved to
+checkpoints/damaged/, and the previous intact save is used instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import sys
+import tempfile
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
@@ -86,6 +95,123 @@ def has_checkpoint(workdir: str) -> bool:
   return False
 
 
+def _silence_closed_loop_callbacks() -> None:
+  """After a failed read or write, TensorStore's threads still complete the
+  failed operation's futures, whose callbacks find Orbax's event loop closed
+  and print a traceback each ("Event loop is closed"), which says nothing the
+  one-line report does not. Those alone are dropped, from then on."""
+  hook = sys.excepthook
+  if getattr(hook, "drops_closed_loop", False):
+    return
+
+  def drop_closed_loop(kind, value, traceback):
+    if not (isinstance(value, RuntimeError) and
+            str(value) == "Event loop is closed"):
+      hook(kind, value, traceback)
+
+  drop_closed_loop.drops_closed_loop = True
+  sys.excepthook = drop_closed_loop
+
+
+@contextlib.contextmanager
+def _library_noise_held():
+  """Holds what is written to the process's stderr during the block and
+  writes it out after, unless the block fails.
+
+  A save that fails (a full disk) makes Orbax's and TensorStore's threads
+  print pages of tracebacks on their own, before the error reaches the
+  caller, which reports it in one line.
+  """
+  try:
+    held = tempfile.TemporaryFile()
+  except OSError:  # nowhere to hold it (the disk is full): let it through
+    yield
+    return
+  with held:
+    sys.stderr.flush()
+    real = os.dup(2)
+    os.dup2(held.fileno(), 2)
+    failed = False
+    try:
+      yield
+    except BaseException:
+      failed = True
+      _silence_closed_loop_callbacks()
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(real, 2)
+      os.close(real)
+      if not failed:
+        held.seek(0)
+        text = held.read()
+        if text:
+          sys.stderr.buffer.write(text)
+          sys.stderr.flush()
+
+
+class CheckpointDamagedError(ConfigError):
+  """No save of a checkpoint folder could be read (each one damaged)."""
+
+
+def _reason(error: BaseException) -> str:
+  """The first line of an error's message, shortened: Orbax and TensorStore
+  errors span pages."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  text = lines[0] if lines else type(error).__name__
+  return text if len(text) <= 200 else text[:197] + "..."
+
+
+def move_aside(manager, step: int) -> str:
+  """Moves a damaged save of `manager` to checkpoints/damaged/ (kept for
+  inspection, never listed again); returns where it went."""
+  folder = os.path.join(os.fspath(manager.directory), str(step))
+  damaged = os.path.join(os.path.dirname(os.fspath(manager.directory)),
+                         "damaged")
+  os.makedirs(damaged, exist_ok=True)
+  name = f"{os.path.basename(os.fspath(manager.directory))}-{step}"
+  target, n = os.path.join(damaged, name), 1
+  while os.path.exists(target):
+    n += 1
+    target = os.path.join(damaged, f"{name}.{n}")
+  shutil.move(folder, target)
+  manager.reload()
+  return target
+
+
+def newest_intact(managers, read):
+  """`read(manager, step)` of the newest save that reads, trying each
+  manager's saves newest first, then the next manager's; or None when there
+  is no save at all.
+
+  A save that fails to read (any error but a ConfigError, which says the
+  save is intact but of another model) is reported in one warning line and
+  moved to checkpoints/damaged/. Raises CheckpointDamagedError when saves
+  exist but none reads.
+  """
+  failures = []
+  for manager in managers:
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        with _library_noise_held():
+          return read(manager, step)
+      except ConfigError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        where = os.path.join(os.fspath(manager.directory), str(step))
+        failures.append(f"{where} ({_reason(e)})")
+        target = move_aside(manager, step)
+        logging.warning("Checkpoint %s is damaged and cannot be read (%s); "
+                        "moved it to %s and trying the previous one.", where,
+                        _reason(e), target)
+  if failures:
+    raise CheckpointDamagedError(
+        f"no checkpoint of this run can be read: {'; '.join(failures)} (now "
+        "under checkpoints/damaged/); train again from the start: the same "
+        "command in a new --workdir")
+  return None
+
+
 class Checkpoints:
   """The latest and the best checkpoint of one workdir.
 
@@ -98,6 +224,8 @@ class Checkpoints:
     root = os.path.abspath(os.path.join(workdir, "checkpoints"))
     options = dict(create=True, enable_async_checkpointing=False,
                    cleanup_tmp_directories=True)
+    # Two latest saves: when the newest is damaged, the one before resumes.
+    keep = {"latest": 2, "best": 1}
     # Handlers named up front, so that a fresh manager can read a saved
     # item's metadata before restoring it (see check_fits).
     def manager(name):
@@ -106,7 +234,8 @@ class Checkpoints:
           item_handlers={"params": ocp.StandardCheckpointHandler(),
                          "opt": ocp.StandardCheckpointHandler(),
                          "progress": ocp.JsonCheckpointHandler()},
-          options=ocp.CheckpointManagerOptions(max_to_keep=1, **options))
+          options=ocp.CheckpointManagerOptions(max_to_keep=keep[name],
+                                               **options))
     self.latest = manager("latest")
     self.best = manager("best")
 
@@ -122,18 +251,16 @@ class Checkpoints:
     """
     latest = manager.latest_step()
     key = 0 if latest is None else latest + 1
-    manager.save(key, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state["params"]),
-        opt=ocp.args.StandardSave({"opt": state["opt"], "step": state["step"]}),
-        progress=ocp.args.JsonSave(progress)))
-    manager.wait_until_finished()
+    with _library_noise_held():
+      manager.save(key, args=ocp.args.Composite(
+          params=ocp.args.StandardSave(state["params"]),
+          opt=ocp.args.StandardSave({"opt": state["opt"],
+                                     "step": state["step"]}),
+          progress=ocp.args.JsonSave(progress)))
+      manager.wait_until_finished()
 
   @staticmethod
-  def restore(manager, abstract_state):
-    """(state, progress) of the manager's newest complete step, or None."""
-    step = manager.latest_step()
-    if step is None:
-      return None
+  def _read_state(manager, step, abstract_state):
     check_fits(manager, step, "params", abstract_state["params"])
     check_fits(manager, step, "opt", {"opt": abstract_state["opt"],
                                       "step": abstract_state["step"]})
@@ -145,15 +272,35 @@ class Checkpoints:
     state = {"params": restored["params"], **restored["opt"]}
     return state, restored["progress"]
 
+  def restore(self, abstract_state):
+    """(state, progress) of the newest intact latest save, else of the best
+    one (whose progress is the run's right after that evaluation); None for
+    a run with no save. Damaged saves are moved aside (newest_intact)."""
+    return newest_intact(
+        (self.latest, self.best),
+        lambda manager, step: self._read_state(manager, step, abstract_state))
+
   @staticmethod
   def restore_params(manager, abstract_params):
-    """Parameters of the manager's newest complete step, or None."""
+    """Parameters of the manager's newest complete step, or None.
+
+    Raises CheckpointDamagedError, naming the save and why, when it cannot be
+    read; nothing is moved (eval and recommend only read a workdir).
+    """
     step = manager.latest_step()
     if step is None:
       return None
-    check_fits(manager, step, "params", abstract_params)
-    restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params)))
+    try:
+      with _library_noise_held():
+        check_fits(manager, step, "params", abstract_params)
+        restored = manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params)))
+    except ConfigError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointDamagedError(
+          f"{os.fspath(manager.directory)}/{step}: the checkpoint is damaged "
+          f"and cannot be read ({_reason(e)})") from None
     return restored["params"]
 
   @staticmethod

@@ -8,14 +8,17 @@ the preset needs; any field can be overridden on the command line
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
+import math
 import os
 import re
 import traceback
-from typing import Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
+from genre_jax import registry
 from genre_jax.errors import ConfigError
 
 # The presets, one file each, beside the package.
@@ -47,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.history_len = 50
   # Negatives per clicked item in training (candidates = 1 + K).
   c.data.num_negatives = 4
-  # Users with a history of at most this many items are "cold".
+  # Users with a history of at most this many items are "cold" (-1: none).
   c.data.cold_threshold = 5
   # GENRE augmentation with LLM generations (genre_jax/genre/augment.py).
   # Each source: "" (off), "release" / "release:<table>" (the dataset's own
@@ -248,17 +251,29 @@ def apply_overrides(config: ml_collections.ConfigDict,
       raise ConfigError(f"config override '{item}': expected key=value")
     try:
       value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
       value = text
     node, names = config, key.split(".")
     try:
       for name in names[:-1]:
         node = node[name]
       old = node[names[-1]]
-    except (KeyError, AttributeError):
+    except (KeyError, AttributeError, TypeError):
       raise ConfigError(f"config override '{item}': no field '{key}'") from None
-    if isinstance(old, float) and isinstance(value, int):
-      value = float(value)
+    if isinstance(old, ml_collections.ConfigDict):
+      raise ConfigError(f"config override '{item}': '{key}' is a section; "
+                        f"set its fields ({key}.<field>=...)")
+    if (isinstance(value, bool) and isinstance(old, (int, float))
+        and not isinstance(old, bool)):
+      raise ConfigError(f"config override '{item}': '{key}' is a number, "
+                        f"not {value}")
+    if (isinstance(old, float) and isinstance(value, int)
+        and not isinstance(value, bool)):
+      try:
+        value = float(value)
+      except OverflowError:
+        raise ConfigError(f"config override '{item}': too large for the "
+                          f"float field '{key}'") from None
     elif isinstance(old, tuple) and isinstance(value, list):
       value = tuple(value)
     elif isinstance(old, str) and not isinstance(value, str):
@@ -324,3 +339,274 @@ def flag_error_message(error: BaseException, argv: Sequence[str]) -> str | None:
   if not lines:
     return None
   return f"{config_arg}: line {lines[-1]}: {message}"
+
+
+# --- Validation ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What one config field may hold: `check(value)` is True when it is valid;
+  `allowed` says so in words for the error ("an integer >= 1"), or is a
+  function giving them (choices read from a registry)."""
+  allowed: str | Callable[[], str]
+  check: Callable[[Any], bool]
+
+  def describe(self) -> str:
+    return self.allowed() if callable(self.allowed) else self.allowed
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return (isinstance(v, (int, float)) and not isinstance(v, bool)
+          and math.isfinite(v))
+
+
+def integer(lo: int | None = None, hi: int | None = None) -> Rule:
+  bounds = " and ".join(
+      ([f">= {lo}"] if lo is not None else []) +
+      ([f"<= {hi}"] if hi is not None else []))
+  return Rule(f"an integer{' ' + bounds if bounds else ''}",
+              lambda v: _is_int(v) and (lo is None or v >= lo) and
+              (hi is None or v <= hi))
+
+
+def number(lo: float | None = None, hi: float | None = None, *,
+           lo_open: bool = False, hi_open: bool = False) -> Rule:
+  """A finite number in [lo, hi] (a bound left out: unbounded; *_open:
+  the bound itself excluded)."""
+  parts = []
+  if lo is not None:
+    parts.append(f"{'>' if lo_open else '>='} {lo:g}")
+  if hi is not None:
+    parts.append(f"{'<' if hi_open else '<='} {hi:g}")
+
+  def check(v):
+    if not _is_number(v):
+      return False
+    if lo is not None and (v <= lo if lo_open else v < lo):
+      return False
+    return hi is None or (v < hi if hi_open else v <= hi)
+
+  return Rule(f"a finite number{' ' + ' and '.join(parts) if parts else ''}",
+              check)
+
+
+def flag() -> Rule:
+  return Rule("True or False", lambda v: isinstance(v, bool))
+
+
+def text(nonempty: bool = False) -> Rule:
+  return Rule("a non-empty string" if nonempty else "a string",
+              lambda v: isinstance(v, str) and (bool(v) or not nonempty))
+
+
+def choice(*values: str) -> Rule:
+  return Rule(f"one of {', '.join(values)}", lambda v: v in values)
+
+
+def registered(parts: registry.Registry) -> Rule:
+  """A name of the registry; its names are read when checked (parts register
+  on import), and not checked while it is empty (nothing imported yet: the
+  registry names the choices itself when the part is built)."""
+  return Rule(lambda: f"one of {', '.join(parts.names())}",
+              lambda v: isinstance(v, str) and (not parts.names() or v in parts))
+
+
+def sequence(of: Rule, *, nonempty: bool = False) -> Rule:
+  """A tuple (or list) of distinct values each allowed by `of`."""
+  return Rule(
+      f"a{' non-empty' if nonempty else ''} tuple of distinct values, each "
+      f"{of.describe()}",
+      lambda v: isinstance(v, (tuple, list)) and (bool(v) or not nonempty)
+      and all(of.check(x) for x in v) and len(set(map(repr, v))) == len(v))
+
+
+_POSITIVE = integer(1)
+_COUNT = integer(0)
+_SHARE = number(0, 1, hi_open=True)
+_ITEM_FIELDS = ("title", "abstract", "category", "subcategory", "summary")
+_DTYPES = choice("float32", "bfloat16")
+
+# Every field a config may hold, by dotted name ("*": any one name). A field
+# without a rule is an error, so a new field cannot go unchecked
+# (tests/test_config_validation.py checks every preset against this table).
+CONFIG_RULES: dict[str, Rule] = {
+    "data.name": registered(registry.DATASETS),
+    "data.data_dir": text(nonempty=True),
+    "data.path": text(),
+    "data.variant": choice("demo", "small", "large"),
+    "data.tokenizer": text(),
+    "data.fields": sequence(choice(*_ITEM_FIELDS), nonempty=True),
+    "data.max_len.*": _POSITIVE,
+    "data.history_len": _POSITIVE,
+    # 0 negatives: a softmax over the click alone, a loss of 0 whatever the
+    # model does.
+    "data.num_negatives": _POSITIVE,
+    "data.cold_threshold": integer(-1),  # -1: no user is cold
+    "data.genre.summarizer": text(),
+    "data.genre.summary_field": choice("summary", "title"),
+    "data.genre.profiler": text(),
+    "data.genre.generator": sequence(text(nonempty=True)),
+    "data.genre.domain": choice("auto", "news", "book"),
+    "data.synthetic.num_users": _POSITIVE,
+    "data.synthetic.num_items": _POSITIVE,
+    "data.synthetic.num_topics": _POSITIVE,
+    "data.synthetic.seed": _COUNT,
+    "model.item_encoder": registered(registry.ITEM_ENCODERS),
+    "model.user_encoder": registered(registry.USER_ENCODERS),
+    "model.predictor": registered(registry.PREDICTORS),
+    "model.scaled_dot": flag(),
+    "model.embed_dim": _POSITIVE,
+    "model.hidden_dim": _POSITIVE,
+    "model.num_heads": _POSITIVE,
+    "model.word_embeddings.init": text(),
+    "model.word_embeddings.frozen": flag(),
+    "model.word_embeddings.init_std": number(0),
+    "model.attention_dim": _POSITIVE,
+    "model.dropout": _SHARE,
+    "model.dtype": _DTYPES,
+    "model.param_dtype": _DTYPES,
+    "model.attention": choice("auto", "xla", "cudnn"),
+    "model.cnn.num_filters": _POSITIVE,
+    "model.cnn.kernel_size": _POSITIVE,
+    "model.transformer.num_layers": _POSITIVE,
+    "model.transformer.mlp_dim": _POSITIVE,
+    "model.transformer.pooling": choice("mean", "first"),
+    "model.fastformer.num_layers": _POSITIVE,
+    "model.gru.use_user_id": flag(),
+    "model.gru.num_users": _COUNT,
+    "model.poly.num_interests": _POSITIVE,
+    "model.poly.code_dim": _POSITIVE,
+    "model.poly.disagreement_weight": number(0),
+    "model.mlp.hidden": sequence(_POSITIVE, nonempty=True),
+    "model.dcn.num_cross": _POSITIVE,
+    "model.dcn.hidden": sequence(_POSITIVE, nonempty=True),
+    "model.lm.kind": choice("auto", "bert", "llama"),
+    "model.lm.path": text(),
+    "model.lm.init": text(),
+    "model.lm.template": text(),
+    "model.lm.max_len": integer(2),
+    "model.lm.pooling": choice("cls", "mean", "last"),
+    "model.lm.tune_from": _COUNT,
+    "model.lm.cache": flag(),
+    "model.lm.cache_dtype": _DTYPES,
+    "model.lm.cache_dir": text(),
+    "model.lm.lr": number(0),
+    "model.lm.lora.rank": _COUNT,
+    "model.lm.lora.alpha": number(0, lo_open=True),
+    "model.lm.lora.dropout": _SHARE,
+    "model.lm.lora.targets": sequence(text(nonempty=True), nonempty=True),
+    "train.seed": _COUNT,
+    "train.batch_size": _POSITIVE,
+    "train.epochs": _POSITIVE,
+    "train.lr": number(0, lo_open=True),
+    "train.weight_decay": number(0),
+    "train.warmup_steps": _COUNT,
+    "train.decay": choice("cosine", "linear", "constant"),
+    "train.grad_clip": number(0),
+    "train.log_every": _POSITIVE,
+    "train.patience": _POSITIVE,
+    "train.max_steps": _COUNT,
+    "train.dedup_items": flag(),
+    "train.prefetch": _COUNT,
+    "train.checkpoint_every": _COUNT,
+    "eval.batch_size": _POSITIVE,
+    # Never train: selecting on the training data reports nothing.
+    "eval.dev_split": choice("dev", "test"),
+    # Masked-LM pretraining presets (configs/mlm_*.py).
+    "pretrain.from_scratch": flag(),
+    "pretrain.mask_rate": number(0, 1, lo_open=True),
+    "pretrain.steps": _POSITIVE,
+    "pretrain.batch_size": _POSITIVE,
+    "pretrain.lr": number(0, lo_open=True),
+    "pretrain.warmup_steps": _COUNT,
+    "pretrain.log_every": _POSITIVE,
+    "pretrain.checkpoint_every": _COUNT,
+}
+
+# `run.py --mode=generate`'s settings (genre_jax/genre/generate.py).
+GENERATE_RULES: dict[str, Rule] = {
+    "scheme": choice("summarizer", "profiler", "generator", "chain"),
+    "provider": choice("replay", "openai", "local"),
+    "domain": choice("auto", "news", "book"),
+    "out": text(),
+    "limit": _COUNT,
+    "chunk_size": _POSITIVE,
+    "max_history": _POSITIVE,
+    "replay.path": text(),
+    "replay.strict": flag(),
+    "openai.base_url": text(nonempty=True),
+    "openai.model": text(nonempty=True),
+    "openai.api_key_env": text(),
+    "openai.cache": text(),
+    "openai.concurrency": _POSITIVE,
+    "openai.rate": number(0),
+    "openai.max_retries": _COUNT,
+    "openai.timeout": number(0, lo_open=True),
+    "openai.backoff": number(0),
+    "openai.max_backoff": number(0),
+    "openai.give_up_after": _COUNT,
+    "openai.raise_on_failure": flag(),
+    "openai.temperature": number(0, 2),
+    "openai.max_tokens": _POSITIVE,
+    "local.model_dir": text(),
+    "local.dtype": _DTYPES,
+    "local.batch_size": _POSITIVE,
+    "local.max_new_tokens": _POSITIVE,
+    "local.max_prompt_len": _POSITIVE,
+    "local.temperature": number(0),
+    "local.top_p": number(0, 1, lo_open=True),
+    "local.stop": sequence(text(nonempty=True)),
+    "local.seed": _COUNT,
+    "local.cache": text(),
+}
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"a.b": value} of every leaf of a nested config."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def _rule_for(rules: Mapping[str, Rule], key: str) -> Rule | None:
+  if key in rules:
+    return rules[key]
+  return rules.get(key.rsplit(".", 1)[0] + ".*")
+
+
+def validate(config: ml_collections.ConfigDict, *,
+             rules: Mapping[str, Rule] = CONFIG_RULES,
+             name: str = "config", sections: Sequence[str] = ()) -> None:
+  """Raises ConfigError naming the first field outside its allowed values.
+
+  Called before any data is prepared or anything compiled, so a bad value
+  costs nothing; `sections` limits the check to some top-level sections
+  (generation reads only config.data).
+  """
+  tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) \
+      else config
+  for key, value in _leaves(tree).items():
+    if sections and key.split(".", 1)[0] not in sections:
+      continue
+    rule = _rule_for(rules, key)
+    if rule is None:
+      raise ConfigError(f"{name}.{key}: genre_jax has no such setting (no "
+                        "rule for it in genre_jax/config.py); remove it")
+    if not rule.check(value):
+      raise ConfigError(f"{name}.{key}={value!r}: must be {rule.describe()}")
+  if not sections or "data" in sections:
+    data = tree.get("data", {})
+    missing = [f for f in data.get("fields", ()) if f not in
+               data.get("max_len", {})]
+    if missing:
+      raise ConfigError(f"{name}.data.fields: no {name}.data.max_len for "
+                        f"{missing}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
+import re
 import sys
 from typing import Callable
 
@@ -44,5 +47,67 @@ def exit_on_input_error(main: Callable, *also: type[BaseException]
             app.UsageError, *also) as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
+    except Exception as e:  # pylint: disable=broad-except
+      message = storage_error_message(e)
+      if message is None:
+        raise
+      print(f"error: {message}", file=sys.stderr)
+      sys.stdout.flush()
+      sys.stderr.flush()
+      # Not sys.exit: at shutdown the failed write's leftover asyncio tasks
+      # (Orbax, TensorStore) print tracebacks of their own. Every output is
+      # complete or absent already, and the lock goes with the process.
+      os._exit(2)  # pylint: disable=protected-access
 
   return wrapped
+
+
+# Errors of the storage rather than of the program: a full disk, a quota, a
+# file-size limit, a read-only file system. Orbax and TensorStore report them
+# as their own error types, by text (RESOURCE_EXHAUSTED: No space left...).
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+_STORAGE_TEXTS = ("No space left on device", "Disk quota exceeded",
+                  "File too large", "Read-only file system",
+                  "RESOURCE_EXHAUSTED")
+
+
+def storage_error_message(error: BaseException) -> str | None:
+  """One line for an error caused by the storage (disk full, quota, size
+  limit, read-only), found anywhere in the exception's chain; None for any
+  other error. Every output is written under a temporary name and renamed,
+  and checkpoints are complete or absent, so running the same command again
+  once there is room resumes where it stopped."""
+  seen, todo = set(), [error]
+  while todo:
+    e = todo.pop()
+    if e is None or id(e) in seen:
+      continue
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:
+      where = f" writing {e.filename}" if e.filename else ""
+      return (f"{e.strerror}{where}: free some space (or lift the limit) and "
+              "run the same command again; it resumes from the last complete "
+              "checkpoint, and no finished output was damaged")
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" in text and ("memory" in text.lower() or
+                                         "allocat" in text):
+      return ("the device ran out of memory (RESOURCE_EXHAUSTED): lower "
+              "config.train.batch_size or config.eval.batch_size, or the "
+              "model's sizes, and run the same command again")
+    for sign in _STORAGE_TEXTS:
+      if sign in text:
+        paths = re.findall(r'"(/[^"]+)"', text)
+        # Orbax writes a save under <folder>/<save>.orbax-checkpoint-tmp.
+        where = (f" under {re.split(r'/[^/]*orbax-checkpoint-tmp', paths[0])[0]}"
+                 if paths else "")
+        reason = sign
+        for known in _STORAGE_TEXTS[:-1]:
+          if known in text:
+            reason = known
+            break
+        return (f"a write{where} failed: {reason}: free some space (or "
+                "lift the limit) and run the same command again; it resumes "
+                "from the last complete checkpoint, and no finished output "
+                "was damaged")
+    todo.extend([e.__cause__, e.__context__])
+  return None

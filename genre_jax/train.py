@@ -14,6 +14,7 @@ several fake CPU devices, on one GPU, or on several hosts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -33,10 +34,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from genre_jax import checkpoint as ckpt_lib
+from genre_jax import config as config_lib
 from genre_jax import logs
 from genre_jax import metrics as metrics_lib
 from genre_jax import workdir as workdir_lib
 from genre_jax.data import batching
+from genre_jax.data import checks
 from genre_jax.data.types import Behaviors, Dataset, ItemInputSpec
 from genre_jax.errors import ConfigError
 from genre_jax.models import recommender
@@ -517,6 +520,13 @@ def restore_params_from(workdir: str, target_params, *, which: str = "best"):
   try:
     manager = checkpoints.best if which == "best" else checkpoints.latest
     params = checkpoints.restore_params(manager, _abstract(target_params))
+  except ckpt_lib.CheckpointDamagedError as e:
+    raise ckpt_lib.CheckpointDamagedError(
+        f"{e}. To rebuild it, train the same config again into a new "
+        f"workdir (training is deterministic: the same {which} checkpoint), "
+        f"e.g. python run.py --mode=train --config=<the preset and "
+        f"--config.* flags of this run; every field is in "
+        f"{os.path.join(workdir, 'config.json')}> --workdir=NEW") from None
   finally:
     checkpoints.close()
   if params is None:
@@ -547,6 +557,24 @@ def check_batch_size(config: ml_collections.ConfigDict, section: str) -> None:
                       f"positive multiple of the number of devices ({devices})")
 
 
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """config_lib.validate with every model part and dataset registered, so
+  their names are checked too."""
+  from genre_jax import data  # pylint: disable=g-import-not-at-top,unused-import
+  from genre_jax.models import lm_encoder  # pylint: disable=g-import-not-at-top,unused-import
+
+  config_lib.validate(config)
+
+
+def hold_workdir(workdir: str, what: str) -> contextlib.AbstractContextManager:
+  """The workdir's one-writer lock (workdir.exclusive), taken by process 0
+  only: the processes of one multi-host run write the same workdir."""
+  if jax.process_index() == 0:
+    return workdir_lib.exclusive(workdir, what)
+  workdir_lib.make_workdir(workdir)
+  return contextlib.nullcontext()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        dataset: Dataset | None = None,
                        init_from: str = "",
@@ -554,8 +582,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        wandb_mode: str = "disabled") -> dict[str, Any]:
   """Trains with early stopping on dev AUC, resuming from `workdir` if it can.
 
-  Resume order: this workdir's latest checkpoint; else `init_from`'s best
-  parameters (fresh optimizer); else a fresh initialisation.
+  Resume order: this workdir's latest checkpoint (the newest intact save);
+  else `init_from`'s best parameters (fresh optimizer); else a fresh
+  initialisation. Every config field is checked before anything is done, and
+  the workdir is held by this run alone (a second one fails at once).
 
   Args:
     config: the full run config.
@@ -569,22 +599,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   Returns:
     {"dev": ..., "test": ...} metrics of the best checkpoint, plus timings.
   """
-  from genre_jax import data as data_lib  # heavy import, only when needed
-
   if wandb_mode not in ("disabled", "offline", "online"):
     raise ConfigError(f"--wandb_mode={wandb_mode}: choose disabled, offline "
                       "or online")
-  # Sizes are checked before the dataset is prepared, which can take minutes.
+  # Checked before the dataset is prepared, which can take minutes.
+  validate_config(config)
   check_batch_size(config, "train")
   check_batch_size(config, "eval")
-  os.makedirs(workdir, exist_ok=True)
+  with hold_workdir(workdir, "training"):
+    return _train_and_evaluate(config, workdir, dataset=dataset,
+                               init_from=init_from,
+                               step_callback=step_callback,
+                               wandb_mode=wandb_mode)
+
+
+def _train_and_evaluate(config, workdir, *, dataset, init_from,
+                        step_callback, wandb_mode):
+  """train_and_evaluate once the config is valid and the workdir held."""
+  from genre_jax import data as data_lib  # heavy import, only when needed
+
   # A checkpoint resumed under another config (another dataset, model or
   # optimizer) would pass one run off as another: checked before the data
-  # is prepared, and before config.json is rewritten.
+  # is prepared, and before config.json is rewritten. So is the run's
+  # evaluation log, which it extends.
   if ckpt_lib.has_checkpoint(workdir):
     workdir_lib.check_resumable(workdir, config)
+  workdir_lib.read_metrics(workdir)
   if dataset is None:
     dataset = data_lib.load_dataset(config.data)
+  # A dataset that cannot train or select a model is refused before a
+  # minute is spent on it.
+  checks.check_trainable(dataset, str(config.eval.dev_split))
   tc = config.train
   mesh = make_mesh()
 
@@ -611,7 +656,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpoints = ckpt_lib.Checkpoints(workdir)
   progress = {"epoch": 0, "batch": 0, "step": 0, "best_auc": -1.0,
               "best_step": -1, "bad_epochs": 0, "done": False}
-  restored = checkpoints.restore(checkpoints.latest, _abstract(state))
+  restored = checkpoints.restore(_abstract(state))
   if restored is not None:
     state, progress = restored
     # A finished run goes on when its limits were raised (check_resumable
@@ -723,9 +768,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if run is not None:
       run.log({f"dev/{k}": record[k] for k in metrics_lib.METRIC_KEYS},
               step=step)
-    if math.isfinite(record["auc"]) and record["auc"] > best["auc"]:
+    improved = math.isfinite(record["auc"]) and record["auc"] > best["auc"]
+    if improved:
       best, bad_epochs = {"auc": record["auc"], "step": step}, 0
-      checkpoints.save(checkpoints.best, state, progress_record(0, False))
     else:
       bad_epochs += 1
     if not hit_step_limit:
@@ -737,6 +782,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       logging.info("Early stopping: dev AUC has not improved for %d "
                    "evaluations (best %.4f at step %d).", bad_epochs,
                    best["auc"], best["step"])
+    # best/ holds the progress of the latest save made beside it, so that a
+    # run whose latest saves are all damaged resumes from best/ exactly.
+    if improved:
+      checkpoints.save(checkpoints.best, state, progress_record(skip, done))
     checkpoints.save(checkpoints.latest, state,
                      progress_record(skip, done))
 

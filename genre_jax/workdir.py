@@ -2,6 +2,7 @@
 
   config.json          the run's full config (written before training; a
                        resume must keep it, see check_resumable)
+  .lock                held by the one process writing the run (exclusive)
   metrics.json         every evaluation, appended as training goes
   final_metrics.json   the best checkpoint's dev/test metrics
   checkpoints/         Orbax checkpoints (checkpoint.py)
@@ -13,6 +14,8 @@ finished runs (experiment grids) load no JAX.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import errno
 import hashlib
 import json
 import os
@@ -28,6 +31,11 @@ import ml_collections
 
 from genre_jax import logs
 from genre_jax.errors import ConfigError
+
+try:
+  import fcntl  # POSIX advisory locks
+except ImportError:  # Windows: runs are not locked
+  fcntl = None
 
 
 _HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
@@ -265,8 +273,109 @@ def append_metrics(workdir: str, record: dict[str, Any]) -> None:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
+  """The run's evaluation log (metrics.json), [] before the first one.
+
+  A damaged log is a ConfigError naming the file and line: it is the run's
+  only record of its dev evaluations, so it is never overwritten silently.
+  """
   path = os.path.join(workdir, "metrics.json")
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return json.load(f)
+  remedy = ("restore it from a backup, or move it away to start a new log "
+            "(the checkpoints are not affected)")
+  try:
+    with open(path, encoding="utf-8") as f:
+      records = json.load(f)
+  except UnicodeDecodeError as e:
+    raise ConfigError(f"{path}: not UTF-8 text ({e.reason}); {remedy}") from None
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); "
+                      f"{remedy}") from None
+  if not (isinstance(records, list) and
+          all(isinstance(r, dict) for r in records)):
+    raise ConfigError(f"{path}: not a list of evaluation records; {remedy}")
+  return records
+
+
+LOCK_FILE = ".lock"
+
+
+def make_workdir(workdir: str, flag: str = "--workdir") -> str:
+  """Creates `workdir` (and its parents); a path that cannot be a writable
+  folder (a file, a folder under a file, no permission, a read-only disk) is
+  a ConfigError naming it, before any work is done."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  try:
+    os.makedirs(path, exist_ok=True)
+  except FileExistsError:
+    raise ConfigError(f"{flag}={workdir}: {path} is a file, not a folder; "
+                      "choose another --workdir") from None
+  except NotADirectoryError:
+    raise ConfigError(f"{flag}={workdir}: a parent of {path} is a file; "
+                      "choose another --workdir") from None
+  except OSError as e:
+    raise ConfigError(f"{flag}={workdir}: cannot create {path} "
+                      f"({e.strerror}); choose another --workdir") from None
+  if not os.path.isdir(path):
+    raise ConfigError(f"{flag}={workdir}: {path} is not a folder")
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise ConfigError(f"{flag}={workdir}: {path} is not writable; choose "
+                      "another --workdir or fix its permissions")
+  return path
+
+
+@contextlib.contextmanager
+def exclusive(workdir: str, what: str) -> Iterator[None]:
+  """Holds `workdir`'s lock for the block: one writer per run directory.
+
+  Two processes training (or generating) into one workdir would interleave
+  checkpoints and metrics; the second to come fails at once with a
+  ConfigError naming the holder (pid, host, what it runs, since when). The
+  lock is an advisory `flock`, released by the kernel when its holder exits,
+  so a killed run's lock is simply taken over by the next one. `what` is
+  recorded for the message (e.g. "run.py --mode=train").
+  """
+  path = make_workdir(workdir)
+  lock_path = os.path.join(path, LOCK_FILE)
+  try:
+    handle = open(lock_path, "a+", encoding="utf-8")
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir}: cannot write its lock file "
+                      f"{lock_path} ({e.strerror}); choose another "
+                      "--workdir or fix its permissions") from None
+  try:
+    if fcntl is not None:
+      try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+          raise
+        handle.seek(0)
+        holder = _holder_text(handle.read())
+        raise ConfigError(
+            f"--workdir={workdir} is in use by another run ({holder}); wait "
+            "for it to end or choose another --workdir") from None
+      handle.seek(0)
+      previous = handle.read()
+      if previous.strip():
+        logging.info("Took the lock of %s, last held by %s (ended).",
+                     workdir, _holder_text(previous))
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(), "what": what,
+        "since": datetime.datetime.now().astimezone().isoformat(
+            timespec="seconds")}) + "\n")
+    handle.flush()
+    yield
+  finally:
+    handle.close()  # releases the flock
+
+
+def _holder_text(recorded: str) -> str:
+  try:
+    holder = json.loads(recorded)
+    return (f"pid {holder['pid']} on {holder['host']}, {holder['what']}, "
+            f"since {holder['since']}")
+  except (ValueError, KeyError, TypeError):
+    return "a process that left no details"

@@ -55,7 +55,8 @@ def _strict_json(line: str):
     ("bench_input.py", ["--data_dir=MISSING"],
      "error: MIND data folder MISSING does not exist"),
     ("bench_mlm.py", ["--set=pretrain.mask_rate=0.0"],
-     "error: config.pretrain.mask_rate=0.0: must be in (0, 1]"),
+     "error: config.pretrain.mask_rate=0.0: must be a finite number > 0 "
+     "and <= 1"),
     ("lm_parity.py", ["--lm_path=MISSING"],
      "error: MISSING/config.json: no config.json"),
 ])

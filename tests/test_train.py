@@ -233,7 +233,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(trained, tmp_path):
   try:
     old.save(old.latest, {"params": params, "opt": {}, "step": 0}, {})
     with pytest.raises(Exception) as error:
-      old.restore(old.latest, {"params": abstract, "opt": {}, "step": None})
+      old.restore({"params": abstract, "opt": {}, "step": None})
   finally:
     old.close()
   message = str(error.value)
@@ -458,8 +458,7 @@ def test_config_of_an_older_workdir_gets_new_fields_defaults(tmp_path):
      "error: --generate.shceme: no field 'shceme'; did you mean \"scheme\""),
     (["--config=configs/nrms.py", "--config.train.batch_size=0",
       "--config.data.data_dir=DATA"],
-     "error: config.train.batch_size=0 must be a positive multiple of the "
-     "number of devices"),
+     "error: config.train.batch_size=0: must be an integer >= 1"),
 ])
 def test_bad_config_is_one_line_naming_the_flag(args, expected, tmp_path):
   # A typo'd override, a missing or broken config file: one line that names

@@ -122,6 +122,10 @@ def read_news(paths: str | os.PathLike | Sequence[str | os.PathLike]
       ids.append(item_id)
       for f, value in zip(TEXT_FIELDS, row):
         text[f].append(value)
+    if not first_line:  # A truncated download or a wrong file, not a dataset.
+      raise DataFormatError(path, None, None,
+                            "no rows: an empty news file (one item a line: "
+                            f"{', '.join(NEWS_COLUMNS)})")
   if conflicts:
     logging.warning(
         "read_news: %d item ids appear in several of %s with different text; "
@@ -347,8 +351,19 @@ def read_mind_dir(root: str | os.PathLike, splits: Sequence[str] = SPLITS, *,
   order = sorted(behaviors_paths, key=lambda s: s != "train")  # stable
   splits_out, stats = {}, {}
   for split in order:
-    splits_out[split], stats[split] = read_behaviors(
-        behaviors_paths[split], item_index, user_index)
+    path = behaviors_paths[split]
+    splits_out[split], stats[split] = read_behaviors(path, item_index,
+                                                     user_index)
+    if not stats[split].rows_read:
+      raise DataFormatError(path, None, None,
+                            f"no rows: the {split} split's behaviors file is "
+                            "empty (one impression a line: "
+                            f"{', '.join(BEHAVIORS_COLUMNS)})")
+    if not stats[split].rows_kept:
+      raise DataFormatError(path, None, None,
+                            f"none of the {split} split's "
+                            f"{stats[split].rows_read} rows has a candidate "
+                            f"item of {', '.join(news)}")
   train = splits_out["train"]
   items.popularity = np.bincount(
       train.cand_items, minlength=len(items.ids)).astype(np.int64)

@@ -250,10 +250,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   from genre_jax import train as train_lib
   from genre_jax.models import lm_encoder
 
+  train_lib.validate_config(config)
   train_lib.check_batch_size(config, "pretrain")
-  if not 0.0 < float(config.pretrain.mask_rate) <= 1.0:
-    raise ConfigError(f"config.pretrain.mask_rate={config.pretrain.mask_rate}"
-                      ": must be in (0, 1]")
   lm_encoder.check_config(config)
 
 
@@ -265,12 +263,19 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   run that already finished `pretrain.steps` returns its recorded summary and
   rewrites nothing.
   """
+  from genre_jax import train as train_lib
+
+  check_config(config)
+  with train_lib.hold_workdir(workdir, "masked-LM pretraining"):
+    return _pretrain(config, workdir, dataset)
+
+
+def _pretrain(config, workdir, dataset):
+  """pretrain once the config is checked and the workdir held."""
   from genre_jax import data as data_lib
   from genre_jax import train as train_lib
 
   pc = config.pretrain
-  check_config(config)
-  os.makedirs(workdir, exist_ok=True)
   steps = int(pc.steps)
   # Checked before config.json is rewritten: it must keep describing the
   # checkpoints beside it.
@@ -301,7 +306,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
   step = jax.jit(step_fn, in_shardings=(replicated, data_sharding),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
   checkpoints = ckpt_lib.Checkpoints(workdir)
-  restored = checkpoints.restore(checkpoints.latest, _abstract(state))
+  restored = checkpoints.restore(_abstract(state))
   start = 0
   if restored is not None:
     state = jax.device_put(restored[0], replicated)
