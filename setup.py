@@ -41,6 +41,7 @@ setuptools.setup(
             # The suite runs one worker per core (pytest.ini), so its slow,
             # independent tests overlap.
             "pytest-xdist>=3.5",
+            "hypothesis>=6.100",
             "scikit-learn>=1.3",
             # CPU build taken from local disk; an unpinned torch pulls CUDA.
             "torch==2.13.0",

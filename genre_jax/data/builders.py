@@ -246,8 +246,13 @@ def _read_generations(path: str) -> tuple[str, list[tuple[str, str]]]:
   parsing the LLM reply inside it is genre_jax.genre's job.
   """
   id_field, rows = "", []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        raise DataFormatError(path, line_no, None,
+                              f"not valid UTF-8 ({e.reason})") from None
       if not line.strip():
         continue
       try:
@@ -255,6 +260,9 @@ def _read_generations(path: str) -> tuple[str, list[tuple[str, str]]]:
       except json.JSONDecodeError as e:
         raise DataFormatError(path, line_no, None,
                               f"not a JSON object: {e.msg}") from None
+      except (ValueError, RecursionError) as e:  # too deep, too many digits
+        raise DataFormatError(path, line_no, None,
+                              f"not a usable JSON object: {e}") from None
       if not isinstance(obj, dict):
         raise DataFormatError(path, line_no, None, "not a JSON object")
       keys = [k for k in ("item_id", "user_id") if k in obj]
@@ -270,7 +278,12 @@ def _read_generations(path: str) -> tuple[str, list[tuple[str, str]]]:
         raise DataFormatError(path, line_no, key, "must be a non-empty string")
       if "response" not in obj:
         raise DataFormatError(path, line_no, "response", "missing")
-      rows.append((obj[key], json.dumps(obj["response"], ensure_ascii=False)))
+      try:
+        response = json.dumps(obj["response"], ensure_ascii=False)
+      except (ValueError, RecursionError) as e:
+        raise DataFormatError(path, line_no, "response",
+                              f"not usable: {e}") from None
+      rows.append((obj[key], response))
   return id_field or "item_id", rows
 
 

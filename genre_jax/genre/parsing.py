@@ -203,7 +203,8 @@ def _scan_balanced(text: str, start: int) -> tuple[int | None, list[int]]:
 def _load_literal(span: str) -> Any:
   """Parses a JSON (or Python-literal) value; raises ValueError if neither.
 
-  A value nested too deeply for the parser is malformed too, not a crash.
+  A value nested too deeply for the parser, or a Python dict or set with an
+  unhashable key (`{[1]: 2}`), is malformed too, not a crash.
   """
   try:
     return json.loads(span, strict=False)
@@ -213,7 +214,8 @@ def _load_literal(span: str) -> Any:
     raise ValueError("nested too deeply") from None
   try:
     return ast.literal_eval(span)
-  except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+  except (ValueError, TypeError, SyntaxError, MemoryError,
+          RecursionError) as e:
     raise ValueError(str(e)) from e
 
 
@@ -554,6 +556,10 @@ def _jsonl_row(path: str, lineno: int, line: str, key: str) -> tuple[str, Any]:
   except RecursionError:
     raise DataFormatError(path, lineno, None,
                           "not valid JSON (nested too deeply)") from None
+  except ValueError as e:  # An integer longer than Python will convert.
+    raise DataFormatError(path, lineno, None,
+                          f"not valid JSON ({str(e).split(';')[0]})"
+                          ) from None
   if not isinstance(row, dict):
     raise DataFormatError(path, lineno, None, "a row must be a JSON object")
   item_id = row.get(key)
