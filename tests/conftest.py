@@ -8,6 +8,7 @@ import pathlib
 from typing import Callable
 
 import pytest
+from tests.helpers import TINY_BEHAVIORS, TINY_NEWS, write_tsv
 
 try:
   import fcntl  # POSIX: lets xdist workers share the Goodreads cache
@@ -23,45 +24,6 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
                              " --xla_backend_optimization_level=0").strip()
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
-
-# Five items; the title of N3 holds quotes and its abstract a tab-free comma
-# list, as real MIND rows do. Entity columns are raw JSON, kept unparsed.
-TINY_NEWS = [
-    ["N1", "sports", "golf", "Golf is back", "A round of golf.", "u1", "[]",
-     "[]"],
-    ["N2", "news", "politics", "Votes counted", "", "u2",
-     '[{"Label": "Vote", "Type": "O"}]', "[]"],
-    ["N3", "sports", "tennis", 'The "big" serve', "Aces, faults, lets.", "",
-     "[]", "[]"],
-    ["N4", "food", "", "Soup of the day", "Hot soup.", "", "[]", "[]"],
-    ["N5", "news", "world", "Rain everywhere", "Wet.", "", "[]", "[]"],
-]
-
-# behaviors.tsv rows per split: impression id, user, time, history, impressions.
-TINY_BEHAVIORS = {
-    "train": [
-        ["1", "U1", "11/11/2019 9:05:58 AM", "N1 N2", "N3-1 N4-0 N5-0"],
-        ["2", "U2", "", "", "N1-0 N3-1"],
-        ["3", "U1", "", "N1 N2 N3", "N5-1 N4-0"],
-    ],
-    "dev": [
-        ["4", "U3", "", "N4", "N1-1 N2-0"],
-        ["5", "U2", "", "N1", "N2-0 N5-1"],
-    ],
-    "test": [
-        ["6", "U1", "", "N1 N2 N3 N5", "N4-1 N2-0 N3-0"],
-    ],
-}
-
-
-def write_tsv(path: str | os.PathLike, rows: list[list[str]],
-              newline: str = "\n") -> str:
-  """Writes rows tab-separated (no quoting) and returns the path."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "w", encoding="utf-8", newline="") as f:
-    f.write("".join("\t".join(r) + newline for r in rows))
-  return str(path)
 
 
 @pytest.fixture(scope="session")

@@ -381,6 +381,7 @@ def test_goodreads_needs_a_path(tmp_path):
     data_lib.load_dataset(data_config(tmp_path, name="goodreads_genre"))
 
 
+@pytest.mark.slow
 def test_goodreads_release(tmp_path, goodreads_dir, goodreads_cache):
   # goodreads_dir (tests/conftest.py) skips when ../shared/data is absent;
   # the release is prepared once per session, in goodreads_cache.

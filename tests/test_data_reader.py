@@ -14,9 +14,7 @@ from genre_jax.data import tokenize
 from genre_jax.data import types
 from genre_jax.errors import ConfigError
 from genre_jax.errors import DataFormatError
-from tests.conftest import TINY_BEHAVIORS
-from tests.conftest import TINY_NEWS
-from tests.conftest import write_tsv
+from tests.helpers import TINY_BEHAVIORS, TINY_NEWS, write_tsv
 
 
 def _warnings(caplog) -> list[str]:
@@ -260,6 +258,7 @@ def test_read_mind_dir_missing_train_is_an_error(tmp_path, make_tiny_mind):
     mind.read_mind_dir(tmp_path / "nowhere")
 
 
+@pytest.mark.slow
 def test_goodreads_release(goodreads_dir):
   ds = mind.read_mind_dir(goodreads_dir)
   assert ds.items.num_items == 16833
@@ -320,7 +319,7 @@ def test_tokenize_leaves_the_callers_tokenizer_alone(tokenizer):
 
 
 def test_tokenize_with_special_tokens_matches_transformers():
-  transformers = pytest.importorskip("transformers")
+  import transformers  # pylint: disable=g-import-not-at-top
   model_dir = os.path.dirname(tokenize.default_tokenizer_path())
   hf = transformers.AutoTokenizer.from_pretrained(model_dir)
   items = _table()

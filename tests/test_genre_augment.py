@@ -15,7 +15,8 @@ from genre_jax import data as data_lib
 from genre_jax import train
 from genre_jax.data import batching
 from genre_jax.genre import augment
-from tests.test_train import load_preset, shrink
+from genre_jax.config import load_preset
+from tests.helpers import shrink
 
 
 def _write_jsonl(path, rows):
@@ -123,6 +124,7 @@ def test_profiles_and_generated_items_are_synthetic_history_only(
       assert set(batch["profile"][batch["weights"] > 0]) <= {0, profile}
 
 
+@pytest.mark.slow
 def test_a_model_trains_and_evaluates_with_every_augmentation(
     tmp_path, make_tiny_mind):
   # A synthetic dataset big enough to train on, with GENRE files for it.
@@ -176,6 +178,7 @@ def test_unknown_release_table_is_a_clear_error(tiny_genre, tmp_path):
     data_lib.load_dataset(config.data)
 
 
+@pytest.mark.slow
 def test_goodreads_release(goodreads_dir, goodreads_cache):
   config = _config(goodreads_dir, goodreads_cache, summarizer="release",
                    profiler="release", generator=("release",))
@@ -201,7 +204,7 @@ def _history(split, m):
 def test_generated_items_join_cold_users_only(tiny_genre, tmp_path):
   # U1 is cold in train, warm (6 items) in test; U4 is warm everywhere. The
   # generations file covers all three users: only cold rows get the item.
-  from tests.conftest import write_tsv  # pylint: disable=g-import-not-at-top
+  from tests.helpers import write_tsv  # pylint: disable=g-import-not-at-top
   from genre_jax.data import mind  # pylint: disable=g-import-not-at-top
   write_tsv(f"{tiny_genre}/test/behaviors.tsv", [
       ["6", "U1", "", "N1 N2 N3 N5 N4 N1", "N4-1 N2-0"],

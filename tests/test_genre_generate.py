@@ -13,7 +13,7 @@ from genre_jax.genre import generate
 from genre_jax.genre import providers
 from genre_jax.genre.parsing import Status
 
-from tests.test_genre_providers import build_tiny_llama
+from tests.helpers import build_tiny_llama
 
 
 def _behaviors(rows, clicked=6, negative=None):

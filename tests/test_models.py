@@ -233,6 +233,7 @@ def test_item_encoder_end_to_end_and_padding_invariance(item_encoder):
 # --- User encoders x predictors ---------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("user_encoder", USER_ENCODERS.names())
 def test_user_encoder_with_every_predictor(user_encoder):
   """Each predictor scores this user encoder's output with finite values and
@@ -457,6 +458,7 @@ def test_masked_attention_zeroes_padded_rows_even_if_the_kernel_gives_nan(
   np.testing.assert_array_equal(out[0, :2], 1.0)
 
 
+@pytest.mark.slow
 def test_documented_part_settings_can_be_overridden():
   # item_encoders.TransformerItemEncoder and recommender.Recommender read
   # model.transformer.pooling and model.poly.disagreement_weight; as fields

