@@ -9,8 +9,6 @@ Usage:
 Prints a table, then one line of JSON (the last line of output).
 """
 
-import os
-import sys
 import time
 from typing import Sequence
 
@@ -18,15 +16,14 @@ from absl import app
 from absl import flags
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from genre_jax.data import batching
+from genre_jax.data import mind
+from genre_jax.errors import exit_on_input_error
+from genre_jax.logs import json_line
 
-from genre_jax.data import batching  # pylint: disable=g-import-not-at-top
-from genre_jax.data import mind  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
-from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
+import common_flags
 
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "../shared/data/goodreads", "MIND-format dataset folder.")
+_DATA_DIR = common_flags.data_dir()
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Global batch size.")
 _HISTORY_LEN = flags.DEFINE_integer("history_len", 50, "History items kept.")
 _NUM_NEGATIVES = flags.DEFINE_integer("num_negatives", 4, "Negatives K.")
@@ -85,4 +82,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(exit_on_input_error(main))
+  app.run(exit_on_input_error(main), flags_parser=common_flags.parse)

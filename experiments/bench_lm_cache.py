@@ -9,7 +9,7 @@ Both runs start from the same weights, and their first losses are printed
 side by side (they must agree: the cache is exact).
 
   python experiments/bench_lm_cache.py            # synthetic demo data
-  python experiments/bench_lm_cache.py --data_path=../shared/data/goodreads
+  python experiments/bench_lm_cache.py --data_dir=../shared/data/goodreads
 
 Prints a table and ends with one line of JSON holding
 `cached_samples_per_s`, `uncached_samples_per_s` and `speedup`.
@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 
@@ -30,21 +29,19 @@ from absl import logging
 import jax
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from genre_jax import config as config_lib
+from genre_jax import data as data_lib
+from genre_jax import train
+from genre_jax.data import batching
+from genre_jax.errors import exit_on_input_error
+from genre_jax.logs import json_line
 
-from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from genre_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-from genre_jax import train  # pylint: disable=g-import-not-at-top
-from genre_jax.data import batching  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
-from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
+import common_flags
 
-_DATA_PATH = flags.DEFINE_string(
-    "data_path", "", "A Goodreads-layout MIND folder; default: the synthetic "
-    "demo dataset.")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "", "Where prepared datasets live (default: a temp dir).")
+_DATA_DIR = common_flags.data_dir(
+    default="", when_empty="the synthetic demo dataset")
+_CACHE_DIR = common_flags.cache_dir(
+    when_empty="a new temporary folder (the LM layer cache goes there too)")
 _BATCH = flags.DEFINE_integer("batch_size", 32, "Samples per step.")
 _HISTORY = flags.DEFINE_integer("history_len", 10, "History items kept.")
 _MAX_LEN = flags.DEFINE_integer("max_len", 32, "LM tokens per item.")
@@ -52,22 +49,21 @@ _TUNE_FROM = flags.DEFINE_integer("tune_from", 5, "First tuned layer.")
 _STEPS = flags.DEFINE_integer("steps", 12, "Timed steps per run.")
 _CACHE_DTYPE = flags.DEFINE_enum("cache_dtype", "float32",
                                  ["float32", "bfloat16"], "Cache storage.")
-_SET = flags.DEFINE_multi_string(
-    "set", [], "Config overrides, e.g. --set=data.synthetic.num_items=500.")
+_SET = common_flags.overrides()
 
 
-def _config(data_dir: str, cache: bool):
+def _config(cache_dir: str, cache: bool):
   config = config_lib.load_preset(
-      "bert_nrms", "goodreads" if _DATA_PATH.value else None)
-  if _DATA_PATH.value:
-    config.data.path = _DATA_PATH.value
-  config.data.data_dir = data_dir
+      "bert_nrms", "goodreads" if _DATA_DIR.value else None)
+  if _DATA_DIR.value:
+    config.data.path = _DATA_DIR.value
+  config.data.data_dir = cache_dir
   config.data.history_len = _HISTORY.value
   config.model.lm.max_len = _MAX_LEN.value
   config.model.lm.tune_from = _TUNE_FROM.value
   config.model.lm.cache = cache
   config.model.lm.cache_dtype = _CACHE_DTYPE.value
-  config.model.lm.cache_dir = os.path.join(data_dir, "lm_cache_bench")
+  config.model.lm.cache_dir = os.path.join(cache_dir, "lm_cache_bench")
   config.train.batch_size = _BATCH.value
   config.model.dropout = 0.0  # identical losses in both runs
   config_lib.apply_overrides(config, _SET.value)
@@ -107,8 +103,8 @@ def _run(config, dataset, batches) -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  data_dir = _DATA_DIR.value or tempfile.mkdtemp(prefix="bench_lm_cache_")
-  config = _config(data_dir, cache=True)
+  cache_dir = _CACHE_DIR.value or tempfile.mkdtemp(prefix="bench_lm_cache_")
+  config = _config(cache_dir, cache=True)
   # The shapes as the config holds them, after --set (which may change them).
   batch_size, history_len = (int(config.train.batch_size),
                              int(config.data.history_len))
@@ -123,7 +119,7 @@ def main(argv):
   batches = [b for _, b in zip(range(_STEPS.value + 1), batcher.epoch(0))]
   shutil.rmtree(config.model.lm.cache_dir, ignore_errors=True)
   cached = _run(config, dataset, batches)  # builds the cache
-  uncached = _run(_config(data_dir, cache=False), dataset, batches)
+  uncached = _run(_config(cache_dir, cache=False), dataset, batches)
   speedup = cached["samples_per_s"] / uncached["samples_per_s"]
   max_loss_diff = float(np.max(np.abs(np.subtract(cached["losses"],
                                                   uncached["losses"]))))
@@ -152,4 +148,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(exit_on_input_error(main))
+  app.run(exit_on_input_error(main), flags_parser=common_flags.parse)

@@ -21,9 +21,7 @@ Inputs are random token ids over the model's vocabulary, every text
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
 
 from absl import app
@@ -35,22 +33,20 @@ import numpy as np
 import optax
 from flax import nnx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from genre_jax import config as config_lib
+from genre_jax.errors import exit_on_input_error
+from genre_jax.lm import mlm
+from genre_jax.logs import json_line
+from genre_jax.models import lm_encoder
 
-from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
-from genre_jax.lm import mlm  # pylint: disable=g-import-not-at-top
-from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
-from genre_jax.models import lm_encoder  # pylint: disable=g-import-not-at-top
+import common_flags
 
 _BATCH = flags.DEFINE_integer("batch_size", 0,
                               "Texts per step (0: the preset's).")
 _MAX_LEN = flags.DEFINE_integer("max_len", 0,
                                 "Tokens per text (0: the preset's).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant.")
-_SET = flags.DEFINE_multi_string(
-    "set", [], "Config overrides, e.g. --set=pretrain.mask_rate=0.3.")
+_SET = common_flags.overrides()
 
 
 def all_positions_loss(model, inputs, mask, positions, targets):
@@ -168,4 +164,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(exit_on_input_error(main))
+  app.run(exit_on_input_error(main), flags_parser=common_flags.parse)

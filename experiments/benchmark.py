@@ -9,22 +9,35 @@ on the same device, and how many cuDNN fused-attention calls the compiled
 step holds.
 
 Inputs are random (every title exactly --title_len real tokens, full
-histories: the anchor's protocol) unless --data_path names a dataset in the
+histories: the anchor's protocol) unless --data_dir names a dataset in the
 Goodreads layout: then batches are the real TrainBatcher batches of that
 data, with each distinct item encoded once per batch (our "dedup" extra).
 
   # CPU smoke test (CI):
-  python experiments/benchmark.py --preset=nrms --smoke
-  # The rows of ../shared/bench/torch_anchor.py at its exact shapes (title
-  # 30, history 50, 1 + 4 candidates, bf16 compute), plus our extras rows
-  # (cached frozen layers; dedup on real Goodreads batches), on one GPU:
-  python experiments/benchmark.py --anchor --data_path=../shared/data/goodreads
+  python experiments/benchmark.py --presets=nrms --smoke
+  # Side by side with the PyTorch anchor (third_party/torch_anchor/, after
+  # pip install -e ".[bench]"), on one GPU: the anchor's rows at its exact
+  # shapes (title 30, history 50, 1 + 4 candidates, bf16 compute), plus our
+  # extras rows (cached frozen layers; dedup on real Goodreads batches),
+  # then the anchor itself on the same device, and one table of both:
+  python experiments/benchmark.py --anchor --data_dir=../shared/data/goodreads
+  # The same, at smoke size on a CPU (the anchor's --smoke: batch 2, eager):
+  python experiments/benchmark.py --anchor --smoke
   # Any preset and shape, with config overrides:
-  python experiments/benchmark.py --preset=naml --batch_size=128 \
+  python experiments/benchmark.py --presets=naml --batch_size=128 \
       --set=model.dtype=bfloat16
   # Encoding each distinct item once vs every slot, on real batches:
-  python experiments/benchmark.py --preset=nrms --data_path=DIR \
+  python experiments/benchmark.py --presets=nrms --data_dir=DIR \
       --batch_size=128 --history_len=8 --title_len=16 --dedup_ablation
+
+With --anchor, the anchor (`third_party/torch_anchor/torch_anchor.py`, which
+picks CUDA when PyTorch sees a GPU, else the CPU) runs first, in its own
+process, on the configs matching our rows: eager and torch.compile (eager
+only with --smoke: compiling takes minutes on a CPU); --anchor_results=FILE
+reads the anchor.json of an earlier anchor run instead. Our rows then run,
+and a last table puts each row's samples/s beside the anchor's and gives
+the ratio ours / anchor. An anchor that cannot run (no PyTorch, another
+device) is said in one line, and our rows are printed all the same.
 
 FLOPs per step are counted analytically the way the anchor counts them
 (every matmul 2mnk forward; + 2mnk for a trained weight's gradient; + 2mnk
@@ -35,26 +48,31 @@ and the optimizer 0), for NRMS and BERT-NRMS; XLA's own count
 beside it for every preset. MFU = one device's FLOPs per second (analytic /
 number of devices, else XLA) / the matmul rate measured on one device.
 
-With more than one row (`--anchor`, `--preset=nrms,naml`, `--dedup_ablation`)
+With more than one row (`--anchor`, `--presets=nrms,naml`, `--dedup_ablation`)
 each row is measured in a fresh process of this script (`--isolate_rows`,
 on by default): JAX cannot reset the allocator's peak-memory counter, so rows
 sharing one process would each report the largest peak so far. The parent
 process never touches the accelerator, so it holds none of its memory.
 
 The output ends with one line of JSON: {"device", "num_devices",
-"matmul_flops_per_s", "rows": [...]}. A bad preset name or --set override
-fails before anything is measured.
+"matmul_flops_per_s", "rows": [...]}, with --anchor also "anchor" (where
+its figures came from, its device, its configs' samples/s) and
+"comparison": [{label, anchor_config, ours_samples_per_s,
+anchor_samples_per_s: {mode: x}, ratio: {mode: ours / anchor}}]. A bad
+preset name or --set override fails before anything is measured.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app
@@ -64,28 +82,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from genre_jax import train
+from genre_jax.config import load_preset
+from genre_jax.errors import exit_on_input_error
+from genre_jax.logs import json_line
+from genre_jax.data.types import Behaviors, ItemInputSpec
 
-from genre_jax import train  # pylint: disable=g-import-not-at-top
-from genre_jax.config import load_preset  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
-from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
-from genre_jax.data.types import Behaviors, ItemInputSpec  # pylint: disable=g-import-not-at-top
+import common_flags
 
-_PRESET = flags.DEFINE_list(
-    "preset", ["nrms"], "Preset names in configs/, comma-separated: one row "
-    "each.")
-_SET = flags.DEFINE_multi_string(
-    "set", [], "Config overrides, e.g. --set=model.dtype=bfloat16.")
+# The PyTorch reference these rows are compared with (`--anchor`).
+ANCHOR_SCRIPT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    "third_party", "torch_anchor", "torch_anchor.py")
+
+_PRESETS = common_flags.presets(["nrms"])  # one row each
+_SET = common_flags.overrides()
 _SMOKE = flags.DEFINE_bool("smoke", False, "Tiny shapes, few steps (CPU/CI).")
 _ANCHOR = flags.DEFINE_bool(
-    "anchor", False, "Run the rows of ../shared/bench/torch_anchor.py at its "
-    "exact shapes, then the same rows with our extras.")
-_DATA_PATH = flags.DEFINE_string(
-    "data_path", "", "Real batches from this Goodreads-layout dataset "
-    "(deduplicated items) instead of random ones.")
+    "anchor", False, "Run the rows of third_party/torch_anchor/"
+    "torch_anchor.py at its exact shapes, then the same rows with our "
+    "extras; run the anchor itself on the same device and tabulate both "
+    "sides with the ratio ours / anchor.")
+_ANCHOR_RESULTS = flags.DEFINE_string(
+    "anchor_results", "", "With --anchor: compare with this anchor.json "
+    "(written by an earlier torch_anchor.py --out DIR) instead of running "
+    "the anchor.")
+_ANCHOR_MODELS_FLAG = flags.DEFINE_list(
+    "anchor_models", ["nrms", "bert_full", "bert_last1"], "With --anchor: "
+    "the anchor's models whose rows run (nrms: NRMS; bert_full: BERT-NRMS "
+    "fully tuned; bert_last1: BERT-NRMS, top layer tuned).")
+# Real batches (deduplicated items) instead of random ones.
+_DATA_DIR = common_flags.data_dir(
+    default="", when_empty="random inputs (the anchor's protocol)")
+_CACHE_DIR = common_flags.cache_dir()
 _DEDUP_ABLATION = flags.DEFINE_bool(
-    "dedup_ablation", False, "With --data_path: time the same real batches "
+    "dedup_ablation", False, "With --data_dir: time the same real batches "
     "with every item slot encoded, then with each distinct item once.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Samples per step.")
 _HISTORY = flags.DEFINE_integer("history_len", 50, "History items per sample.")
@@ -111,24 +142,29 @@ _ONLY_ROW = flags.DEFINE_integer(
 _ANCHOR_NRMS = ("model.embed_dim=300", "model.hidden_dim=256",
                 "model.num_heads=16", "model.attention_dim=200")
 _BF16 = ("model.dtype=bfloat16",)
+# The anchor's models (its config names) as our rows call them.
+_ANCHOR_MODELS = {"nrms": "NRMS", "bert_full": "BERT-NRMS full",
+                  "bert_last1": "BERT-NRMS top layer"}
 _ANCHOR_ROWS = (
-    # (label, preset, batch, overrides, needs real data)
-    ("NRMS b256", "nrms", 256, _ANCHOR_NRMS + _BF16, False),
-    ("NRMS b64", "nrms", 64, _ANCHOR_NRMS + _BF16, False),
-    ("BERT-NRMS full b64", "bert_nrms", 64,
+    # (anchor model, batch, label suffix, preset, overrides, needs real data)
+    ("nrms", 256, "", "nrms", _ANCHOR_NRMS + _BF16, False),
+    ("nrms", 64, "", "nrms", _ANCHOR_NRMS + _BF16, False),
+    ("bert_full", 64, "", "bert_nrms",
      ("model.lm.tune_from=0", "model.lm.cache=False") + _BF16, False),
-    ("BERT-NRMS top layer b64", "bert_nrms", 64,
+    ("bert_last1", 64, "", "bert_nrms",
      ("model.lm.tune_from=5", "model.lm.cache=False") + _BF16, False),
 )
 _EXTRA_ROWS = (
-    ("BERT-NRMS top layer b64 +cache", "bert_nrms", 64,
+    ("bert_last1", 64, " +cache", "bert_nrms",
      ("model.lm.tune_from=5", "model.lm.cache=True",
       "model.lm.cache_dtype=bfloat16") + _BF16, False),
-    ("NRMS b256 +dedup Goodreads", "nrms", 256, _ANCHOR_NRMS + _BF16, True),
-    ("NRMS b64 +dedup Goodreads", "nrms", 64, _ANCHOR_NRMS + _BF16, True),
-    ("BERT-NRMS full b64 +dedup Goodreads", "bert_nrms", 64,
+    ("nrms", 256, " +dedup Goodreads", "nrms", _ANCHOR_NRMS + _BF16, True),
+    ("nrms", 64, " +dedup Goodreads", "nrms", _ANCHOR_NRMS + _BF16, True),
+    ("bert_full", 64, " +dedup Goodreads", "bert_nrms",
      ("model.lm.tune_from=0", "model.lm.cache=False") + _BF16, True),
 )
+# The anchor's --smoke keeps its batch-64 configs, at batch 2.
+_ANCHOR_SMOKE_BATCH = 2
 
 
 @dataclasses.dataclass
@@ -474,9 +510,124 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def _rows_in_child_processes(num_rows: int) -> None:
-  """Runs this command once per row (--only_row=i), then prints their rows
-  as one table and one line of JSON; a failing row stops the rest."""
+# --- The PyTorch anchor -------------------------------------------------------
+
+# The anchor's modes, in its order.
+_ANCHOR_MODES = ("eager", "compile")
+
+
+def run_anchor(configs: list[tuple[str, int]], smoke: bool
+               ) -> tuple[dict | None, str]:
+  """Runs the anchor on `configs` ((model, batch) at full size), in its own
+  process, before this one touches the accelerator: its anchor.json, or None
+  and the one-line reason it did not run."""
+  needed = ["torch"] + (["transformers"] if any(
+      model.startswith("bert") for model, _ in configs) else [])
+  missing = [m for m in needed if importlib.util.find_spec(m) is None]
+  if missing:
+    return None, (f"{' and '.join(missing)} not installed "
+                  "(pip install -e \".[bench]\")")
+  # torch.compile takes minutes per config on a CPU: smoke runs eager only.
+  modes = _ANCHOR_MODES[:1] if smoke else _ANCHOR_MODES
+  only = ",".join(f"{model}_b{batch}_{mode}" for mode in modes
+                  for model, batch in dict.fromkeys(configs))
+  with tempfile.TemporaryDirectory(prefix="torch_anchor_") as out:
+    command = [sys.executable, ANCHOR_SCRIPT, "--out", out, "--only", only,
+               *(["--smoke"] if smoke else [])]
+    print(f"running the PyTorch anchor: torch_anchor.py --only {only}"
+          + (" --smoke" if smoke else ""), file=sys.stderr, flush=True)
+    child = subprocess.run(command, capture_output=True, text=True,
+                           check=False)
+    sys.stderr.write(child.stdout)  # the anchor's own table, for the log
+    if child.returncode:
+      last = (child.stderr.strip().splitlines() or ["no message"])[-1]
+      return None, (f"torch_anchor.py exited with status {child.returncode}"
+                    f" ({last})")
+    return read_anchor_results(os.path.join(out, "anchor.json")), ""
+
+
+def read_anchor_results(path: str) -> dict:
+  """The anchor.json at `path`, checked to hold the anchor's results;
+  UsageError naming the file otherwise."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      anchor = json.load(f)
+  except OSError as e:
+    raise app.UsageError(f"--anchor_results={path}: cannot read it "
+                         f"({e.strerror})") from e
+  except json.JSONDecodeError as e:
+    raise app.UsageError(f"--anchor_results={path}:{e.lineno}: not valid "
+                         f"JSON ({e.msg})") from e
+  results = anchor.get("results") if isinstance(anchor, dict) else None
+  if not isinstance(results, list) or not all(
+      isinstance(r, dict) and {"model", "batch", "mode"} <= set(r)
+      and isinstance(r.get("samples_per_s", 0.0), (int, float))
+      for r in results):
+    raise app.UsageError(
+        f"--anchor_results={path}: not an anchor.json of torch_anchor.py (no "
+        "\"results\" list of configs with model, batch, mode and a number "
+        "of samples_per_s)")
+  if not isinstance(anchor.get("env", {}), dict):
+    raise app.UsageError(f"--anchor_results={path}: its \"env\" is not an "
+                         "object")
+  return anchor
+
+
+def anchor_device(anchor: dict) -> str:
+  """The device the anchor ran on: its GPU's name, else "cpu"."""
+  return str(anchor.get("env", {}).get("gpu") or "cpu")
+
+
+def compare_with_anchor(rows: list[dict], models: list[str],
+                        anchor: dict) -> list[dict]:
+  """Each row beside the anchor's config of the same model and batch:
+  samples/s per anchor mode and the ratio ours / anchor (absent where the
+  anchor has no such config or it failed)."""
+  found = {(r["model"], r["batch"], r["mode"]): r for r in anchor["results"]}
+  comparison = []
+  for row, model in zip(rows, models):
+    theirs = {mode: found[model, row["batch"], mode].get("samples_per_s")
+              for mode in _ANCHOR_MODES
+              if (model, row["batch"], mode) in found}
+    comparison.append({
+        "label": row["label"], "anchor_config": f"{model}_b{row['batch']}",
+        "ours_samples_per_s": row["samples_per_s"],
+        "anchor_samples_per_s": theirs,
+        "ratio": {mode: row["samples_per_s"] / value
+                  for mode, value in theirs.items() if value}})
+  return comparison
+
+
+def format_comparison(comparison: list[dict]) -> str:
+  """Ours beside the anchor, samples/s, one line per row."""
+  modes = [m for m in _ANCHOR_MODES
+           if any(m in c["anchor_samples_per_s"] for c in comparison)]
+  header = f"{'row':<36}{'anchor config':<16}{'ours':>10}" + "".join(
+      f"{'anchor ' + m:>16}{'ours/' + m:>14}" for m in modes)
+  lines = ["samples/s, ours beside the PyTorch anchor's:", header,
+           "-" * len(header)]
+  for c in comparison:
+    line = (f"{c['label']:<36}{c['anchor_config']:<16}"
+            f"{c['ours_samples_per_s']:>10.1f}")
+    for mode in modes:
+      if mode not in c["anchor_samples_per_s"]:
+        line += f"{'-':>16}{'-':>14}"
+      elif mode not in c["ratio"]:
+        line += f"{'failed':>16}{'-':>14}"
+      else:
+        line += (f"{c['anchor_samples_per_s'][mode]:>16.1f}"
+                 f"{c['ratio'][mode]:>13.2f}x")
+    lines.append(line)
+  return "\n".join(lines)
+
+
+# --- Running the plan ---------------------------------------------------------
+
+
+def _rows_in_child_processes(num_rows: int) -> tuple[dict, list[dict]]:
+  """Runs this command once per row (--only_row=i): the first process's
+  device figures (with the median matmul rate) and every row; a failing
+  row stops the rest."""
   results = []
   for i in range(num_rows):
     child = subprocess.run(
@@ -487,42 +638,53 @@ def _rows_in_child_processes(num_rows: int) -> None:
       raise SystemExit(child.returncode)
     results.append(json.loads(child.stdout.strip().splitlines()[-1]))
   rows = [row for result in results for row in result["rows"]]
-  rates = [result["matmul_flops_per_s"] for result in results]
-  first = results[0]
-  print(f"device: {first['device']} ({first['num_devices']} device(s)), "
-        f"measured matmul rate {statistics.median(rates) / 1e12:.3f} TFLOP/s "
-        f"(median of {num_rows} processes, one per row)")
-  print(format_table(rows))
-  print(json_line({"device": first["device"],
-                   "num_devices": first["num_devices"],
-                   "matmul_flops_per_s": statistics.median(rates),
-                   "rows_in_child_processes": True, "rows": rows}))
+  rate = statistics.median(r["matmul_flops_per_s"] for r in results)
+  return {"device": results[0]["device"],
+          "num_devices": results[0]["num_devices"],
+          "matmul_flops_per_s": rate,
+          "rate_note": f"median of {num_rows} processes, one per row",
+          "rows_in_child_processes": True}, rows
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   plans = []  # (label, preset, shape, overrides, data path)
+  anchor_configs = []  # each row's anchor config, (model, full-size batch)
   if _ANCHOR.value:
-    for label, preset, batch, overrides, real in _ANCHOR_ROWS + _EXTRA_ROWS:
-      if real and not _DATA_PATH.value:
+    unknown = sorted(set(_ANCHOR_MODELS_FLAG.value) - set(_ANCHOR_MODELS))
+    if unknown or not _ANCHOR_MODELS_FLAG.value:
+      raise app.UsageError(
+          f"--anchor_models={','.join(_ANCHOR_MODELS_FLAG.value)}: choose "
+          f"from {','.join(_ANCHOR_MODELS)}")
+    for model, batch, suffix, preset, overrides, real in (_ANCHOR_ROWS +
+                                                          _EXTRA_ROWS):
+      if (model not in _ANCHOR_MODELS_FLAG.value
+          or (real and not _DATA_DIR.value)
+          or (_SMOKE.value and batch != 64)):
         continue
-      plans.append((label, preset, Shape(batch, 50, 5, 30, 20000, 30522),
-                    tuple(overrides) + tuple(_SET.value),
-                    _DATA_PATH.value if real else ""))
+      anchor_configs.append((model, batch))
+      if _SMOKE.value:  # the anchor's smoke configs: batch 64 at batch 2
+        batch = _ANCHOR_SMOKE_BATCH
+      shape = Shape(batch, 50, 5, 30, 64 if _SMOKE.value else 20000, 30522)
+      plans.append((f"{_ANCHOR_MODELS[model]} b{batch}{suffix}", preset,
+                    shape, tuple(overrides) + tuple(_SET.value),
+                    _DATA_DIR.value if real else ""))
   else:
+    if _ANCHOR_RESULTS.value:
+      raise app.UsageError("--anchor_results needs --anchor")
     shape = (Shape(8, 6, 3, 8, 64, 128) if _SMOKE.value else
              Shape(_BATCH.value, _HISTORY.value, _CANDIDATES.value,
                    _TITLE.value, _NUM_ITEMS.value, _VOCAB.value))
-    if _DEDUP_ABLATION.value and not _DATA_PATH.value:
-      raise app.UsageError("--dedup_ablation needs --data_path")
-    for preset in _PRESET.value:
+    if _DEDUP_ABLATION.value and not _DATA_DIR.value:
+      raise app.UsageError("--dedup_ablation needs --data_dir")
+    for preset in _PRESETS.value:
       label = f"{preset} smoke" if _SMOKE.value else preset
       if _DEDUP_ABLATION.value:
         plans.append((f"{label} every slot", preset, shape,
-                      tuple(_SET.value), _DATA_PATH.value, False))
+                      tuple(_SET.value), _DATA_DIR.value, False))
       plans.append((label, preset, shape, tuple(_SET.value),
-                    _DATA_PATH.value))
+                    _DATA_DIR.value))
   for name, value, least in (("steps", _STEPS.value, 1),
                               ("group", _GROUP.value, 1),
                               ("warmup", _WARMUP.value, 0),
@@ -538,11 +700,60 @@ def main(argv):
   # Every config is built first: a typo fails before minutes of measuring.
   configs = [load_preset(preset, "", overrides)
              for _, preset, _, overrides, *_ in plans]
+  anchor, anchor_source, anchor_missing = None, "", ""
+  if _ANCHOR.value and _ONLY_ROW.value < 0:
+    if _ANCHOR_RESULTS.value:
+      anchor = read_anchor_results(_ANCHOR_RESULTS.value)
+      anchor_source = _ANCHOR_RESULTS.value
+    else:
+      # Before this process, or any row's, touches the accelerator.
+      anchor, anchor_missing = run_anchor(anchor_configs, _SMOKE.value)
+      anchor_source = os.path.relpath(ANCHOR_SCRIPT)
   if _ONLY_ROW.value >= 0:
     configs, plans = [configs[_ONLY_ROW.value]], [plans[_ONLY_ROW.value]]
-  elif len(plans) > 1 and _ISOLATE.value:
+  if len(plans) > 1 and _ISOLATE.value:
     # Before this process touches the accelerator (it would hold memory).
-    return _rows_in_child_processes(len(plans))
+    figures, rows = _rows_in_child_processes(len(plans))
+  else:
+    figures, rows = _rows_in_this_process(configs, plans, steps=steps,
+                                          warmup=warmup, group=group)
+  print(f"device: {figures['device']} ({figures['num_devices']} device(s)), "
+        f"measured matmul rate {figures['matmul_flops_per_s'] / 1e12:.3f} "
+        "TFLOP/s" + (f" ({figures['rate_note']})" if "rate_note" in figures
+                     else ""))
+  print(format_table(rows))
+  result = {key: value for key, value in figures.items() if key != "rate_note"}
+  result["rows"] = rows
+  if _ANCHOR.value and _ONLY_ROW.value < 0:
+    if anchor is None:
+      print(f"anchor not run: {anchor_missing}; our rows only")
+      result["anchor"] = {"source": anchor_source, "not_run": anchor_missing}
+    else:
+      theirs = anchor_device(anchor)
+      print(f"anchor: {anchor_source}, on {theirs}")
+      if (theirs == "cpu") != (str(figures["device"]).lower() == "cpu"):
+        print(f"note: the anchor ran on {theirs}, our rows on "
+              f"{figures['device']}: the ratios compare devices too")
+      elif theirs == "cpu":
+        print("note: on a CPU the anchor computes in float32 (its bf16 "
+              "autocast is CUDA only); CPU figures check the code paths, "
+              "not speed")
+      result["comparison"] = compare_with_anchor(
+          rows, [model for model, _ in anchor_configs], anchor)
+      print(format_comparison(result["comparison"]))
+      result["anchor"] = {
+          "source": anchor_source, "device": theirs,
+          "torch": anchor.get("env", {}).get("torch"),
+          "results": [{key: r.get(key) for key in (
+              "model", "batch", "mode", "samples_per_s", "step_ms_median",
+              "peak_mem_gib", "achieved_tflops", "error") if key in r}
+                      for r in anchor["results"]]}
+  print(json_line(result))
+
+
+def _rows_in_this_process(configs, plans, *, steps: int, warmup: int,
+                          group: int) -> tuple[dict, list[dict]]:
+  """Measures every planned row here: the device figures and the rows."""
   for label, _, shape, *_ in plans:
     if shape.batch < 1 or shape.batch % jax.device_count():
       raise app.UsageError(
@@ -553,20 +764,18 @@ def main(argv):
   for config, (label, preset, shape, _, data_path, *dedup) in zip(configs,
                                                                   plans):
     config.name = preset
+    if data_path and _CACHE_DIR.value:
+      config.data.data_dir = _CACHE_DIR.value
     rows.append(bench_row(
         label, config, shape, steps=steps, warmup=warmup, group=group,
         with_eval=_EVAL.value,
         eval_impressions=64 if _SMOKE.value else _EVAL_IMPRESSIONS.value,
         matmul_rate=matmul_rate, data_path=data_path,
         dedup=dedup[0] if dedup else True))
-  device = jax.devices()[0]
-  print(f"device: {device.device_kind} ({jax.device_count()} device(s)), "
-        f"measured matmul rate {matmul_rate / 1e12:.3f} TFLOP/s")
-  print(format_table(rows))
-  print(json_line({"device": device.device_kind,
-                   "num_devices": jax.device_count(),
-                   "matmul_flops_per_s": matmul_rate, "rows": rows}))
+  return {"device": jax.devices()[0].device_kind,
+          "num_devices": jax.device_count(),
+          "matmul_flops_per_s": matmul_rate}, rows
 
 
 if __name__ == "__main__":
-  app.run(exit_on_input_error(main))
+  app.run(exit_on_input_error(main), flags_parser=common_flags.parse)

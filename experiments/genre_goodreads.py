@@ -31,7 +31,8 @@ already finished, so an interrupted grid is continued by running the same
 command again; a workdir whose config.json differs from the run's config
 (another version of this script, other overrides) is an error, never reused
 as if it were the same run. Every finished run also leaves a record (its
-config and final metrics, a few KB) in --out_dir/run_metrics/<run>.json,
+config, less the data and cache folders, and its final metrics, a few KB;
+no machine path) in --out_dir/run_metrics/<run>.json,
 which stands in for its workdir: a grid is extended on another machine, or
 after its workdirs (checkpoints) are deleted, without retraining or losing
 the seeds that ran before. --finished_only tabulates what has finished so
@@ -61,7 +62,6 @@ import json
 import os
 import re
 import statistics
-import sys
 import time
 from typing import Sequence
 
@@ -69,19 +69,19 @@ from absl import app
 from absl import flags
 from absl import logging
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import (  # pylint: disable=g-import-not-at-top
+from genre_jax import config as config_lib
+from genre_jax.errors import (
     ConfigError, DataFormatError, exit_on_input_error)
-from genre_jax.logs import json_line, quiet_library_logging, strict_json  # pylint: disable=g-import-not-at-top
-from genre_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import json_line, quiet_library_logging, strict_json
+from genre_jax import workdir as workdir_lib
 
-HERE = os.path.join(ROOT, "experiments", "genre_goodreads")
+import common_flags
 
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "../shared/data/goodreads", "The Goodreads release folder.")
+# This script's results folder, beside it.
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                    "genre_goodreads")
+
+_DATA_DIR = common_flags.data_dir()
 _MODELS = flags.DEFINE_list("models", ["naml", "nrms", "fastformer"],
                             "Presets to train.")
 _VARIANTS = flags.DEFINE_list(
@@ -91,14 +91,12 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 _QUICK = flags.DEFINE_bool(
     "quick", False, "Reduced grid for a CPU: nrms, original vs summarizer, "
     "one seed, 1/4 epoch each (overrides --models/--variants/--seeds).")
-_WORKDIR_ROOT = flags.DEFINE_string(
-    "workdir_root", os.path.join(HERE, "runs"), "Run workdirs go here.")
-_OUT_DIR = flags.DEFINE_string("out_dir", HERE,
-                               "Where results.md and results.json go.")
-_DATA_CACHE = flags.DEFINE_string(
-    "data_cache", "", "config.data.data_dir; default: the presets' own.")
-_SET = flags.DEFINE_multi_string(
-    "set", [], "Config overrides for every run, e.g. --set=train.epochs=1.")
+_WORKDIR_ROOT = common_flags.workdir_root(os.path.join(HERE, "runs"))
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", HERE, "Where results.md, results.json and the run records "
+    "(run_metrics/) go.")
+_CACHE_DIR = common_flags.cache_dir()
+_SET = common_flags.overrides()
 _GAINS_OVER = flags.DEFINE_list(
     "gains_over", ["original"], "Variants every other variant is compared "
     "with, paired by seed: the first fills the table's last column and "
@@ -121,8 +119,8 @@ def variant_config(model: str, variant: str, seed: int):
                          f"{list(VARIANTS)}")
   config = config_lib.load_preset(model, "goodreads")
   config.data.path = os.path.abspath(os.path.expanduser(_DATA_DIR.value))
-  if _DATA_CACHE.value:
-    config.data.data_dir = _DATA_CACHE.value
+  if _CACHE_DIR.value:
+    config.data.data_dir = _CACHE_DIR.value
   config.train.seed = seed
   genre = config.data.genre
   if variant in ("summarizer", "all"):
@@ -164,10 +162,24 @@ def record_path(name: str) -> str:
   return os.path.join(_OUT_DIR.value, "run_metrics", f"{name}.json")
 
 
+def record_config(config) -> dict:
+  """The run's config as its record keeps it: without where its data and
+  prepared cache lay (workdir.LOCATION_KEYS), which is not what the run was
+  (never compared) and would put a machine's folders in a results folder."""
+  saved = json.loads(config.to_json_best_effort())
+  for key in workdir_lib.LOCATION_KEYS:
+    *parents, leaf = key.split(".")
+    node = saved
+    for part in parents:
+      node = node.get(part, {})
+    node.pop(leaf, None)
+  return saved
+
+
 def write_record(name: str, config, final: dict) -> None:
   workdir_lib.atomic_write_text(record_path(name), strict_json(
-      {"run": name, "config": json.loads(config.to_json_best_effort()),
-       "final_metrics": final}, indent=2))
+      {"run": name, "config": record_config(config), "final_metrics": final},
+      indent=2))
 
 
 def read_record(path: str, config) -> dict:
@@ -527,4 +539,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(exit_on_input_error(main))
+  app.run(exit_on_input_error(main), flags_parser=common_flags.parse)

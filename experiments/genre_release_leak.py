@@ -24,31 +24,28 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 from typing import Sequence
 
 from absl import app
 from absl import flags
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from genre_jax.data import mind
+from genre_jax.errors import exit_on_input_error
+from genre_jax.logs import json_line
+from genre_jax.genre import parsing
+from genre_jax.genre import prompts
 
-from genre_jax.data import mind  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
-from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
-from genre_jax.genre import parsing  # pylint: disable=g-import-not-at-top
-from genre_jax.genre import prompts  # pylint: disable=g-import-not-at-top
+import common_flags
 
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "../shared/data/goodreads",
-    "A MIND-format dataset folder with genre/generator*.jsonl.")
+# Its genre/generator*.jsonl are the generations counted.
+_DATA_DIR = common_flags.data_dir()
 _SPLIT = flags.DEFINE_string(
     "split", "test", "The split whose rows give each user's sequence: its "
     "history, then its clicked item.")
 _POSITIONS = flags.DEFINE_integer(
     "positions", 5, "Positions from the end of the sequence to report.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the chance pairing.")
+_SEED = common_flags.seed()  # the chance pairing's
 
 
 def _norm(title: str) -> str:
@@ -151,10 +148,11 @@ def main(argv: Sequence[str]) -> None:
       generated_titles(path), sequences, _POSITIONS.value, _SEED.value)
              for path in files}
   print(f"Generated titles equal to the title of the user's k-th last book "
-        f"({_SPLIT.value} rows: history, then the clicked book), {data_dir}")
+        f"({_SPLIT.value} rows: history, then the clicked book), "
+        f"{_DATA_DIR.value}")  # as given: a results folder keeps this table
   print(table(results))
   print(json_line(results))
 
 
 if __name__ == "__main__":
-  app.run(exit_on_input_error(main))
+  app.run(exit_on_input_error(main), flags_parser=common_flags.parse)

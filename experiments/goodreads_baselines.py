@@ -27,7 +27,6 @@ wall time, samples/s) and ends with one line of JSON:
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Sequence
 
@@ -36,32 +35,24 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from genre_jax import train  # pylint: disable=g-import-not-at-top
-from genre_jax import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import (  # pylint: disable=g-import-not-at-top
+from genre_jax import config as config_lib
+from genre_jax import train
+from genre_jax import workdir as workdir_lib
+from genre_jax.errors import (
     ConfigError, DataFormatError, exit_on_input_error)
-from genre_jax.logs import json_line, quiet_library_logging  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import json_line, quiet_library_logging
 
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "../shared/data/goodreads", "The Goodreads release folder.")
-_PRESETS = flags.DEFINE_list("presets", ["nrms", "naml"], "Presets to train.")
-_WORKDIR_ROOT = flags.DEFINE_string(
-    "workdir_root", None, "One workdir per preset is created under it.")
-_DATA_CACHE = flags.DEFINE_string(
-    "data_cache", "", "config.data.data_dir (prepared datasets); default: "
-    "the presets' own.")
-_SEED = flags.DEFINE_integer("seed", 0, "config.train.seed.")
-_SET = flags.DEFINE_multi_string(
-    "set", [], "Config overrides for every preset, e.g. "
-    "--set=train.epochs=2 (values parsed as Python literals).")
+import common_flags
+
+_DATA_DIR = common_flags.data_dir()
+_PRESETS = common_flags.presets(["nrms", "naml"])
+_WORKDIR_ROOT = common_flags.workdir_root()
+_CACHE_DIR = common_flags.cache_dir()
+_SEED = common_flags.seed()
+_SET = common_flags.overrides()
 _PERMUTE_TITLES = flags.DEFINE_bool(
     "permute_titles", False, "Train on a copy of the data whose titles are "
     "permuted among the items (written once under --workdir_root).")
-flags.mark_flag_as_required("workdir_root")
 
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 
@@ -130,17 +121,20 @@ def main(argv: Sequence[str]) -> None:
   data_dir = os.path.abspath(os.path.expanduser(_DATA_DIR.value))
   if not os.path.isfile(os.path.join(data_dir, "news.tsv")):
     raise app.UsageError(f"--data_dir={data_dir} holds no news.tsv")
+  # Paths are printed as given (the table is what a results folder keeps).
+  shown_data = _DATA_DIR.value
   if _PERMUTE_TITLES.value:
+    copy_name = f"permuted_titles_data_s{_SEED.value}"
     data_dir = permuted_titles_copy(
         data_dir, os.path.join(os.path.abspath(_WORKDIR_ROOT.value),
-                               f"permuted_titles_data_s{_SEED.value}"),
-        _SEED.value)
+                               copy_name), _SEED.value)
+    shown_data = os.path.join(_WORKDIR_ROOT.value, copy_name)
   results = {}
   for name in _PRESETS.value:
     config = config_lib.load_preset(name, "goodreads")
     config.data.path = data_dir
-    if _DATA_CACHE.value:
-      config.data.data_dir = _DATA_CACHE.value
+    if _CACHE_DIR.value:
+      config.data.data_dir = _CACHE_DIR.value
     config.train.seed = _SEED.value
     config_lib.apply_overrides(config, _SET.value)
     workdir = os.path.join(_WORKDIR_ROOT.value, name)
@@ -151,7 +145,7 @@ def main(argv: Sequence[str]) -> None:
     except (ConfigError, DataFormatError, FileNotFoundError) as e:
       raise app.UsageError(f"{name}: {e}") from e  # bad input: no traceback
     results[name] = {
-        "workdir": os.path.abspath(workdir),
+        "workdir": workdir,  # as given: no machine's folders in a table
         "test": summary["test"]["all"],
         "test_cold": summary["test"]["cold"],
         "dev": summary["dev"]["all"],
@@ -160,7 +154,7 @@ def main(argv: Sequence[str]) -> None:
         "samples_per_s": round(summary["samples_per_s"], 1),
         "steps": summary["steps"],
     }
-  print(f"Goodreads test split ({data_dir}"
+  print(f"Goodreads test split ({shown_data}"
         + (", titles permuted among the books" if _PERMUTE_TITLES.value
            else "") + ")")
   print(table(results))
@@ -168,4 +162,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(exit_on_input_error(main))
+  app.run(exit_on_input_error(main), flags_parser=common_flags.parse)

@@ -30,7 +30,6 @@ scorer, text and split) and ends with one line of JSON:
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Sequence
 
@@ -43,10 +42,6 @@ import ml_collections
 import numpy as np
 from scipy import sparse
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-# pylint: disable=g-import-not-at-top
 from genre_jax import config as config_lib
 from genre_jax import data as data_lib
 from genre_jax import metrics
@@ -56,21 +51,19 @@ from genre_jax.errors import (
 from genre_jax.lm import bert
 from genre_jax.logs import json_line
 from genre_jax.models import lm_encoder
-# pylint: enable=g-import-not-at-top
+
+import common_flags
 
 SCORERS = ("tfidf", "minilm")
 TEXTS = ("title", "summary")
 
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "../shared/data/goodreads",
-    "A Goodreads-layout dataset folder (MIND files + genre/summarizer.jsonl).")
-_DATA_CACHE = flags.DEFINE_string(
-    "data_cache", "", "config.data.data_dir; default: the presets' own.")
-_SPLITS = flags.DEFINE_list("splits", ["dev", "test"], "Splits to score.")
+# Its genre/summarizer.jsonl gives the summaries.
+_DATA_DIR = common_flags.data_dir()
+_CACHE_DIR = common_flags.cache_dir()
+_SPLITS = common_flags.splits(["dev", "test"])
 _SCORERS = flags.DEFINE_list("scorers", list(SCORERS), "Scorers to run.")
 _TEXTS = flags.DEFINE_list("texts", list(TEXTS), "Item texts to score with.")
-_COLD = flags.DEFINE_integer(
-    "cold_threshold", 5, "Users with at most this many history items are cold.")
+_COLD = common_flags.cold_threshold()
 _SUMMARY_LEN = flags.DEFINE_integer(
     "summary_len", 0, "Word pieces of a summary kept; 0: the presets' (32).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Books per MiniLM batch.")
@@ -81,8 +74,8 @@ def load(data_dir: str) -> tuple[types.Dataset, ml_collections.ConfigDict]:
   presets tokenize them (config.data.max_len word pieces), and its config."""
   config = config_lib.load_preset("nrms", "goodreads")
   config.data.path = data_dir
-  if _DATA_CACHE.value:
-    config.data.data_dir = _DATA_CACHE.value
+  if _CACHE_DIR.value:
+    config.data.data_dir = _CACHE_DIR.value
   config.data.fields = TEXTS
   config.data.genre.summarizer = "release"
   config.data.genre.summary_field = "summary"
@@ -206,7 +199,9 @@ def main(argv: Sequence[str]) -> None:
           for split in _SPLITS.value}
     seconds[scorer] = time.time() - start
   summary = dataset.info.get("genre", {}).get("summarizer", {})
-  print(f"Zero-training content scorers on {data_dir}: {items.num_items} "
+  # The folder as given: a results folder keeps this table.
+  print(f"Zero-training content scorers on {_DATA_DIR.value}: "
+        f"{items.num_items} "
         f"books, {summary.get('items_summarized', 0)} with a summary; "
         + ", ".join(f"{s} {t:.0f} s" for s, t in seconds.items()))
   print(table(results, lengths))
@@ -214,4 +209,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(exit_on_input_error(main))
+  app.run(exit_on_input_error(main), flags_parser=common_flags.parse)

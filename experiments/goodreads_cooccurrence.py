@@ -25,27 +25,22 @@ and ends with one line of JSON: {scorer: {split: {"all": {...}, "cold":
 from __future__ import annotations
 
 import os
-import sys
 from typing import Sequence
 
 from absl import app
-from absl import flags
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from genre_jax import metrics
+from genre_jax.data import mind
+from genre_jax.data import types
+from genre_jax.errors import exit_on_input_error
+from genre_jax.logs import json_line
 
-from genre_jax import metrics  # pylint: disable=g-import-not-at-top
-from genre_jax.data import mind  # pylint: disable=g-import-not-at-top
-from genre_jax.data import types  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
-from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
+import common_flags
 
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", "../shared/data/goodreads", "A MIND-format dataset folder.")
-_SPLITS = flags.DEFINE_list("splits", ["dev", "test"], "Splits to score.")
-_COLD = flags.DEFINE_integer(
-    "cold_threshold", 5, "Users with at most this many history items are cold.")
+_DATA_DIR = common_flags.data_dir()
+_SPLITS = common_flags.splits(["dev", "test"])
+_COLD = common_flags.cold_threshold()
 
 
 def user_item_pairs(train: types.Behaviors) -> tuple[np.ndarray, np.ndarray]:
@@ -133,11 +128,12 @@ def main(argv: Sequence[str]) -> None:
         split, cooc.scores(split), _COLD.value)
     results["popularity"][name] = metrics.behaviors_metrics(
         split, popularity[split.cand_items], _COLD.value)
-  print(f"Content-free scorers on {data_dir} (counts from train: "
+  # The folder as given: a results folder keeps this table.
+  print(f"Content-free scorers on {_DATA_DIR.value} (counts from train: "
         f"{len(train)} impressions, {len(cooc.keys)} co-occurring item pairs)")
   print(table(results))
   print(json_line(results))
 
 
 if __name__ == "__main__":
-  app.run(exit_on_input_error(main))
+  app.run(exit_on_input_error(main), flags_parser=common_flags.parse)

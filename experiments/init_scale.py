@@ -15,7 +15,7 @@ scores start 7 logits apart and its training collapsed to chance.
   # The built-in synthetic demo data (CPU, a minute):
   python experiments/init_scale.py --presets=nrms,fastformer --compare_scaling
   # Goodreads batches:
-  python experiments/init_scale.py --data_path=../shared/data/goodreads \
+  python experiments/init_scale.py --data_dir=../shared/data/goodreads \
       --compare_scaling
 
 Prints a table and ends with one line of JSON: {"dataset", "batches",
@@ -28,7 +28,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import sys
 from typing import Sequence
 
 from absl import app
@@ -38,42 +37,38 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-from genre_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-from genre_jax import train  # pylint: disable=g-import-not-at-top
-from genre_jax.data import batching  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import (  # pylint: disable=g-import-not-at-top
+from genre_jax import config as config_lib
+from genre_jax import data as data_lib
+from genre_jax import train
+from genre_jax.data import batching
+from genre_jax.errors import (
     ConfigError, exit_on_input_error)
-from genre_jax.logs import json_line, quiet_library_logging  # pylint: disable=g-import-not-at-top
+from genre_jax.logs import json_line, quiet_library_logging
 
-_PRESETS = flags.DEFINE_list(
-    "presets", ["nrms", "naml", "fastformer", "lstur", "miner"],
-    "Presets (word-embedding item encoders; files in configs/).")
-_DATA_PATH = flags.DEFINE_string(
-    "data_path", "", "A Goodreads-layout dataset folder; empty: the built-in "
-    "synthetic demo data.")
-_DATA_CACHE = flags.DEFINE_string(
-    "data_cache", "", "config.data.data_dir (prepared datasets); default: "
-    "the presets' own.")
+import common_flags
+
+# Word-embedding item encoders.
+_PRESETS = common_flags.presets(["nrms", "naml", "fastformer", "lstur",
+                                 "miner"])
+_DATA_DIR = common_flags.data_dir(
+    default="", when_empty="the built-in synthetic demo data")
+_CACHE_DIR = common_flags.cache_dir()
 _BATCHES = flags.DEFINE_integer("batches", 4, "Training batches measured.")
 _COMPARE = flags.DEFINE_bool(
     "compare_scaling", False, "Also measure every dot-predictor preset with "
     "model.scaled_dot flipped.")
-_SET = flags.DEFINE_multi_string(
-    "set", [], "Config overrides for every preset, e.g. --set=train.seed=1.")
+_SET = common_flags.overrides()
 
 
 def preset_config(name: str, scaled_dot: bool | None):
   """The preset's config on the chosen data; scaled_dot None keeps the
   preset's own setting."""
-  config = config_lib.load_preset(name, "goodreads" if _DATA_PATH.value
+  config = config_lib.load_preset(name, "goodreads" if _DATA_DIR.value
                                   else None)
-  if _DATA_PATH.value:
-    config.data.path = os.path.abspath(os.path.expanduser(_DATA_PATH.value))
-  if _DATA_CACHE.value:
-    config.data.data_dir = _DATA_CACHE.value
+  if _DATA_DIR.value:
+    config.data.path = os.path.abspath(os.path.expanduser(_DATA_DIR.value))
+  if _CACHE_DIR.value:
+    config.data.data_dir = _CACHE_DIR.value
   config_lib.apply_overrides(config, _SET.value)
   if scaled_dot is not None:
     config.model.scaled_dot = scaled_dot
@@ -159,11 +154,11 @@ def main(argv: Sequence[str]) -> None:
         dataset, dataset_key = data_lib.load_dataset(config.data), key
       rows.append(measure(name, config, dataset))
   print(f"Initial click scores, first {_BATCHES.value} training batches of "
-        f"{_DATA_PATH.value or 'the synthetic demo data'}")
+        f"{_DATA_DIR.value or 'the synthetic demo data'}")
   print(table(rows))
-  print(json_line({"dataset": _DATA_PATH.value or "synthetic",
+  print(json_line({"dataset": _DATA_DIR.value or "synthetic",
                    "batches": _BATCHES.value, "rows": rows}))
 
 
 if __name__ == "__main__":
-  app.run(exit_on_input_error(main))
+  app.run(exit_on_input_error(main), flags_parser=common_flags.parse)

