@@ -193,10 +193,22 @@ def apply_dataset(c: ml_collections.ConfigDict, arg: str | None) -> None:
   """
   arg = (arg or "").strip()
   if arg in ("", "synthetic", "demo"):
+    # The demo is a short run: two epochs of 3,000 items and ~19,000 clicks.
+    # MIND's recipe (lr 1e-3, 100 warm-up steps, batch 128) spends a quarter
+    # of such a run warming up, and a dot-product model starting from small
+    # vectors needs more than that to leave its initial plateau: NRMS ended
+    # at test AUC 0.61 after 3 epochs. A catalogue this small makes large
+    # batches cheap (items are encoded once a batch, data.dedup_items), so
+    # 512 rows at lr 1e-2 train 3x faster per sample and reach 0.71 (NAML)
+    # in two epochs. Synthetic titles hold <= 20 tokens, abstracts ~29.
     c.data.name = "synthetic"
-    c.data.history_len = 30
+    c.data.history_len = 20
     c.data.max_len.title = 20
-    c.train.epochs = 3
+    c.data.max_len.abstract = 24
+    c.train.epochs = 2
+    c.train.batch_size = 512
+    c.train.lr = 1e-2
+    c.train.warmup_steps = 5
   elif arg == "goodreads":
     # Goodreads histories hold at most 8 books (3.2 on average) and 95% of
     # titles fit in 16 MiniLM word pieces (mean 6.2): padding to MIND's
