@@ -77,8 +77,8 @@ def assert_same_metrics(got, want):
   for split in want:
     for users in ("all", "cold"):
       for key, value in want[split][users].items():
-        assert got[split][users][key] == pytest.approx(value, abs=1e-6, nan_ok=True), (
-            split, users, key)
+        assert got[split][users][key] == pytest.approx(
+            value, abs=1e-6, nan_ok=True), (split, users, key)
 
 
 @pytest.fixture(scope="module")

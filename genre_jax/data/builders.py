@@ -256,44 +256,38 @@ def _read_generations(path: str) -> tuple[str, list[tuple[str, str]]]:
   parsing the LLM reply inside it is genre_jax.genre's job.
   """
   id_field, rows = "", []
-  with open(path, "rb") as f:
-    for line_no, raw in enumerate(f, start=1):
-      try:
-        line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-      except UnicodeDecodeError as e:
-        raise DataFormatError(path, line_no, None,
-                              f"not valid UTF-8 ({e.reason})") from None
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataFormatError(path, line_no, None,
-                              f"not a JSON object: {e.msg}") from None
-      except (ValueError, RecursionError) as e:  # too deep, too many digits
-        raise DataFormatError(path, line_no, None,
-                              f"not a usable JSON object: {e}") from None
-      if not isinstance(obj, dict):
-        raise DataFormatError(path, line_no, None, "not a JSON object")
-      keys = [k for k in ("item_id", "user_id") if k in obj]
-      if len(keys) != 1:
-        raise DataFormatError(path, line_no, "item_id",
-                              "expected exactly one of 'item_id', 'user_id'")
-      key = keys[0]
-      if id_field and key != id_field:
-        raise DataFormatError(path, line_no, key,
-                              f"earlier lines use '{id_field}'")
-      id_field = key
-      if not isinstance(obj[key], str) or not obj[key]:
-        raise DataFormatError(path, line_no, key, "must be a non-empty string")
-      if "response" not in obj:
-        raise DataFormatError(path, line_no, "response", "missing")
-      try:
-        response = json.dumps(obj["response"], ensure_ascii=False)
-      except (ValueError, RecursionError) as e:
-        raise DataFormatError(path, line_no, "response",
-                              f"not usable: {e}") from None
-      rows.append((obj[key], response))
+  for line_no, line in mind.text_lines(path):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataFormatError(path, line_no, None,
+                            f"not a JSON object: {e.msg}") from None
+    except (ValueError, RecursionError) as e:  # too deep, too many digits
+      raise DataFormatError(path, line_no, None,
+                            f"not a usable JSON object: {e}") from None
+    if not isinstance(obj, dict):
+      raise DataFormatError(path, line_no, None, "not a JSON object")
+    keys = [k for k in ("item_id", "user_id") if k in obj]
+    if len(keys) != 1:
+      raise DataFormatError(path, line_no, "item_id",
+                            "expected exactly one of 'item_id', 'user_id'")
+    key = keys[0]
+    if id_field and key != id_field:
+      raise DataFormatError(path, line_no, key,
+                            f"earlier lines use '{id_field}'")
+    id_field = key
+    if not isinstance(obj[key], str) or not obj[key]:
+      raise DataFormatError(path, line_no, key, "must be a non-empty string")
+    if "response" not in obj:
+      raise DataFormatError(path, line_no, "response", "missing")
+    try:
+      response = json.dumps(obj["response"], ensure_ascii=False)
+    except (ValueError, RecursionError) as e:
+      raise DataFormatError(path, line_no, "response",
+                            f"not usable: {e}") from None
+    rows.append((obj[key], response))
   return id_field or "item_id", rows
 
 

@@ -59,6 +59,19 @@ class ReadStats:
   new_users: int = 0
 
 
+def text_lines(path: str) -> Iterator[tuple[int, str]]:
+  """(1-based line number, text with its newline) of each line of a UTF-8
+  file; lines are decoded one by one, so a bad byte is a DataFormatError
+  naming its line. A leading byte-order mark is dropped."""
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      try:
+        yield line_no, raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+      except UnicodeDecodeError as e:
+        raise DataFormatError(path, line_no, None,
+                              f"not valid UTF-8 ({e.reason})") from None
+
+
 def _rows(path: str, columns: Sequence[str]) -> Iterator[tuple[int, list[str]]]:
   """Yields (1-based line number, fields) of a tab-separated file.
 
@@ -66,23 +79,17 @@ def _rows(path: str, columns: Sequence[str]) -> Iterator[tuple[int, list[str]]]:
   trailing '\\r' and a leading byte-order mark are stripped, blank lines
   skipped. Lines are decoded one by one so a bad byte names its line.
   """
-  with open(path, "rb") as f:
-    for line_no, raw in enumerate(f, start=1):
-      try:
-        line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-      except UnicodeDecodeError as e:
-        raise DataFormatError(path, line_no, None,
-                              f"not valid UTF-8 ({e.reason})") from None
-      line = line.rstrip("\n").rstrip("\r")
-      if not line:
-        continue
-      fields = line.split("\t")
-      if len(fields) != len(columns):
-        raise DataFormatError(
-            path, line_no, None,
-            f"expected {len(columns)} tab-separated columns "
-            f"({', '.join(columns)}), got {len(fields)}")
-      yield line_no, fields
+  for line_no, line in text_lines(path):
+    line = line.rstrip("\n").rstrip("\r")
+    if not line:
+      continue
+    fields = line.split("\t")
+    if len(fields) != len(columns):
+      raise DataFormatError(
+          path, line_no, None,
+          f"expected {len(columns)} tab-separated columns "
+          f"({', '.join(columns)}), got {len(fields)}")
+    yield line_no, fields
 
 
 def read_news(paths: str | os.PathLike | Sequence[str | os.PathLike]
