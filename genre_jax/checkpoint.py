@@ -16,10 +16,12 @@ checkpoints/damaged/, and the previous intact save is used instead.
 from __future__ import annotations
 
 import contextlib
+import logging as pylogging
 import os
 import shutil
 import sys
 import tempfile
+import threading
 
 from absl import logging
 import jax
@@ -95,22 +97,53 @@ def has_checkpoint(workdir: str) -> bool:
   return False
 
 
+def _is_straggler(error: BaseException | None, traceback) -> bool:
+  """Whether an error reported outside any caller comes from a failed
+  checkpoint operation: a closed event loop, or raised in Orbax's code."""
+  if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+    return True
+  while traceback is not None:
+    if f"{os.sep}orbax{os.sep}" in traceback.tb_frame.f_code.co_filename:
+      return True
+    traceback = traceback.tb_next
+  return False
+
+
 def _silence_closed_loop_callbacks() -> None:
   """After a failed read or write, TensorStore's threads still complete the
   failed operation's futures, whose callbacks find Orbax's event loop closed
-  and print a traceback each ("Event loop is closed"), which says nothing the
-  one-line report does not. Those alone are dropped, from then on."""
-  hook = sys.excepthook
-  if getattr(hook, "drops_closed_loop", False):
+  and print a traceback each ("Event loop is closed"), and its abandoned
+  coroutines and tasks report their errors when collected; none says
+  anything the one-line report does not. Those alone are dropped, from then
+  on, whichever way Python reports them (excepthook, unraisablehook,
+  threading, asyncio's log)."""
+  if getattr(sys.unraisablehook, "drops_closed_loop", False):
     return
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+  thread_hook = threading.excepthook
 
-  def drop_closed_loop(kind, value, traceback):
-    if not (isinstance(value, RuntimeError) and
-            str(value) == "Event loop is closed"):
-      hook(kind, value, traceback)
+  def on_exception(kind, value, traceback):
+    if not _is_straggler(value, traceback):
+      excepthook(kind, value, traceback)
 
-  drop_closed_loop.drops_closed_loop = True
-  sys.excepthook = drop_closed_loop
+  def on_unraisable(unraisable):
+    if not _is_straggler(unraisable.exc_value, unraisable.exc_traceback):
+      unraisablehook(unraisable)
+
+  def on_thread_exception(args):
+    if not _is_straggler(args.exc_value, args.exc_traceback):
+      thread_hook(args)
+
+  on_unraisable.drops_closed_loop = True
+  sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
+  threading.excepthook = on_thread_exception
+  # The failed operation's other tasks are abandoned; when collected,
+  # asyncio logs each one's error with its traceback.
+  pylogging.getLogger("asyncio").addFilter(_drop_abandoned_task_errors)
+
+
+def _drop_abandoned_task_errors(record: pylogging.LogRecord) -> bool:
+  return "exception was never retrieved" not in str(record.msg)
 
 
 @contextlib.contextmanager
