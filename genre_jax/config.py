@@ -578,12 +578,12 @@ GENERATE_RULES: dict[str, Rule] = {
 }
 
 
-def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{"a.b": value} of every leaf of a nested config."""
+def leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"a.b": value} of every leaf of a nested config or dict."""
   out = {}
   for key, value in tree.items():
     if isinstance(value, (Mapping, ml_collections.ConfigDict)):
-      out.update(_leaves(value, f"{prefix}{key}."))
+      out.update(leaves(value, f"{prefix}{key}."))
     else:
       out[prefix + key] = value
   return out
@@ -606,7 +606,7 @@ def validate(config: ml_collections.ConfigDict, *,
   """
   tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) \
       else config
-  for key, value in _leaves(tree).items():
+  for key, value in leaves(tree).items():
     if sections and key.split(".", 1)[0] not in sections:
       continue
     rule = _rule_for(rules, key)

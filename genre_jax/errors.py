@@ -77,9 +77,9 @@ def storage_error_message(error: BaseException) -> str | None:
   other error. Every output is written under a temporary name and renamed,
   and checkpoints are complete or absent, so running the same command again
   once there is room resumes where it stopped."""
-  seen, todo = set(), [error]
-  while todo:
-    e = todo.pop()
+  seen, pending = set(), [error]
+  while pending:
+    e = pending.pop()
     if e is None or id(e) in seen:
       continue
     seen.add(id(e))
@@ -109,5 +109,5 @@ def storage_error_message(error: BaseException) -> str | None:
                 "lift the limit) and run the same command again; it resumes "
                 "from the last complete checkpoint, and no finished output "
                 "was damaged")
-    todo.extend([e.__cause__, e.__context__])
+    pending.extend([e.__cause__, e.__context__])
   return None

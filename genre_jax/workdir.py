@@ -143,17 +143,6 @@ RESUMABLE_KEYS = ("data.data_dir", "model.lm.cache_dir", "train.epochs",
                   "train.dedup_items", "eval.batch_size")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-  """{"a.b.c": value} of every leaf of a nested dict."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
-
-
 def config_differences(saved: dict[str, Any],
                        config: ml_collections.ConfigDict,
                        ignore: tuple[str, ...] = ()
@@ -167,9 +156,10 @@ def config_differences(saved: dict[str, Any],
   from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
   # Both through JSON, so tuples compare as lists.
-  saved = _flat(json.loads(json.dumps(saved)))
-  wanted = _flat(json.loads(config.to_json_best_effort()))
-  defaults = _flat(json.loads(config_lib.base_config().to_json_best_effort()))
+  saved = config_lib.leaves(json.loads(json.dumps(saved)))
+  wanted = config_lib.leaves(json.loads(config.to_json_best_effort()))
+  defaults = config_lib.leaves(
+      json.loads(config_lib.base_config().to_json_best_effort()))
   return [(k, saved.get(k), wanted.get(k))
           for k in sorted(set(saved) | set(wanted))
           if k not in ignore and saved.get(k) != wanted.get(k)

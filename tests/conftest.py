@@ -26,6 +26,12 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> pathlib.Path:
+  """A config.data.data_dir for one test module's prepared datasets."""
+  return tmp_path_factory.mktemp("data")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:
   """The shared real data folder; skips the test when it is absent."""

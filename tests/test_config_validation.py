@@ -18,7 +18,7 @@ PRESETS = sorted(p.stem for p in (pathlib.Path(config_lib.PRESET_DIR)
 def test_every_preset_is_valid_and_every_field_has_a_rule(preset, dataset):
   config = config_lib.load_preset(preset, dataset)
   train.validate_config(config)  # would name a field without a rule
-  leaves = config_lib._leaves(config.to_dict())  # pylint: disable=protected-access
+  leaves = config_lib.leaves(config.to_dict())
   assert all(config_lib._rule_for(config_lib.CONFIG_RULES, key)  # pylint: disable=protected-access
              for key in leaves)
 

@@ -20,7 +20,6 @@ from hypothesis import event, example, given, HealthCheck, settings
 from hypothesis import strategies as st
 import ml_collections
 import numpy as np
-import pytest
 
 from genre_jax import config as config_lib
 from genre_jax.data import builders
@@ -517,10 +516,7 @@ _override = st.one_of(_typed_override, _typed_override,
 
 def test_the_base_config_is_valid():
   """The fuzzed overrides start from a config that passes validation."""
-  validate = getattr(config_lib, "validate", None)
-  if validate is None:
-    pytest.skip("genre_jax.config.validate does not exist yet")
-  validate(copy.deepcopy(_BASE))
+  config_lib.validate(copy.deepcopy(_BASE))
 
 
 @_settings(1000)
@@ -543,12 +539,8 @@ def test_override_applies_or_is_a_config_error(item):
     event("apply_overrides: ConfigError")
     assert item in str(e), str(e)
     return
-  validate = getattr(config_lib, "validate", None)
-  if validate is None:
-    event("applied")
-    return
   try:
-    validate(config)
+    config_lib.validate(config)
   except ConfigError as e:
     event("validate: ConfigError")
     assert str(e).strip()

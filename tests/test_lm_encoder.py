@@ -32,11 +32,6 @@ def _config(data_dir, tmp_path, **lm):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
 def dataset(data_dir):
   return data_lib.load_dataset(shrink(load_preset("bert_nrms"), data_dir).data)
 

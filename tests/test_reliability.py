@@ -82,11 +82,6 @@ def assert_same_metrics(got, want):
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory):
   """An uninterrupted two-epoch run: (workdir, its metrics)."""
   workdir = tmp_path_factory.mktemp("reference") / "run"

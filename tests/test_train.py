@@ -29,11 +29,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
   """One short NRMS run shared by the eval/recommend/resume tests."""
   workdir = tmp_path_factory.mktemp("run") / "nrms"

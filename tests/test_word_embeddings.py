@@ -32,11 +32,6 @@ VOCAB = 30522  # the MiniLM tokenizer's, which the items are tokenized with
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
 def dataset(data_dir):
   return data_lib.load_dataset(shrink(load_preset("nrms"), data_dir).data)
 
