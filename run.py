@@ -144,8 +144,8 @@ def _train(config, workdir):
 
 def _eval(workdir):
   from genre_jax import train
+  from genre_jax.data import genre_augment as augment
   from genre_jax.data import mind
-  from genre_jax.genre import augment
 
   if _EVAL_FILE.value and not os.path.isfile(_EVAL_FILE.value):
     raise ConfigError(f"--eval_file={_EVAL_FILE.value}: no such file")
@@ -217,12 +217,12 @@ def _recommend(workdir):
 
 
 def _pretrain(config, workdir):
-  from genre_jax.lm import mlm
+  from genre_jax.train import pretrain as pretrain_lib
 
   if "pretrain" not in config:
     raise app.UsageError("--mode=pretrain needs a pretraining preset, e.g. "
                          "--config=configs/mlm_minilm.py")
-  summary = mlm.pretrain(config, workdir)
+  summary = pretrain_lib.pretrain(config, workdir)
   # A finished run's summary comes back as recorded; it may list no losses.
   losses = summary.get("losses") or []
   print(f"{'step':>8}{'MLM loss':>10}")
@@ -254,7 +254,7 @@ def _generate(config, workdir):
 def _generate_into(config, g, out):
   """_generate once its settings are checked and its folder held."""
   from genre_jax import data as data_lib
-  from genre_jax.genre import augment
+  from genre_jax.data import genre_augment as augment
 
   # Prompts are built from the original data, whatever augmentation the
   # config switches on for training.

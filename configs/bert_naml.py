@@ -21,15 +21,11 @@ def get_config(arg=None):
   c = base_config()
   c.model.item_encoder = "lm"
   c.model.user_encoder = "additive"
-  c.model.predictor = "dot"
   c.model.lm.kind = "bert"
   c.model.lm.template = "Title: {title} Category: {category}"
-  c.model.lm.pooling = "mean"
   c.model.lm.max_len = 40
   c.model.lm.tune_from = 6
   c.model.lm.lr = 1e-5
-  c.model.hidden_dim = 256
-  c.train.lr = 1e-3
   apply_dataset(c, arg)
   if (arg or "").strip() == "goodreads":
     c.model.lm.template = "Title: {title}"

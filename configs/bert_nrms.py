@@ -22,17 +22,8 @@ from genre_jax.config import apply_dataset, base_config
 def get_config(arg=None):
   c = base_config()
   c.model.item_encoder = "lm"
-  c.model.user_encoder = "self_attention"
-  c.model.predictor = "dot"
   c.model.lm.kind = "bert"
-  c.model.lm.pooling = "mean"
-  c.model.lm.max_len = 32
   c.model.lm.tune_from = 6
-  c.model.lm.cache = True
   c.model.lm.lr = 1e-5
-  c.model.hidden_dim = 256
-  c.model.num_heads = 16
-  c.model.dropout = 0.2
-  c.train.lr = 1e-3
   apply_dataset(c, arg)
   return c

@@ -21,19 +21,12 @@ from genre_jax.config import apply_dataset, base_config
 def get_config(arg=None):
   c = base_config()
   c.model.item_encoder = "lm"
-  c.model.user_encoder = "self_attention"
-  c.model.predictor = "dot"
   c.model.lm.kind = "llama"
   c.model.lm.pooling = "last"
-  c.model.lm.max_len = 32
   c.model.lm.tune_from = 30
-  c.model.lm.cache = True
   c.model.lm.cache_dtype = "bfloat16"
   c.model.lm.lora.targets = ("q_proj", "v_proj")
   c.model.lm.lr = 1e-4
   c.model.dtype = "bfloat16"
-  c.model.hidden_dim = 256
-  c.model.num_heads = 16
-  c.train.lr = 1e-3
   apply_dataset(c, arg)
   return c

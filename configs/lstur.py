@@ -13,8 +13,6 @@ def get_config(arg=None):
   c = base_config()
   c.model.item_encoder = "cnn"
   c.model.user_encoder = "gru"
-  c.model.predictor = "dot"
-  c.model.gru.use_user_id = True
   c.data.fields = ("title", "category", "subcategory")
   apply_dataset(c, arg)
   if arg == "goodreads":

@@ -12,10 +12,6 @@ from genre_jax.config import apply_dataset, base_config
 
 def get_config(arg=None):
   c = base_config()
-  c.model.item_encoder = "self_attention"
   c.model.user_encoder = "poly"
-  c.model.predictor = "dot"
-  c.model.poly.num_interests = 32
-  c.model.poly.code_dim = 200
   apply_dataset(c, arg)
   return c

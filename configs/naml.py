@@ -18,12 +18,6 @@ def get_config(arg=None):
   c = base_config()
   c.model.item_encoder = "cnn"
   c.model.user_encoder = "additive"
-  c.model.predictor = "dot"
-  c.model.embed_dim = 256
-  c.model.hidden_dim = 256
-  c.model.cnn.num_filters = 256
-  c.model.cnn.kernel_size = 3
-  c.model.dropout = 0.2
   c.data.fields = ("title", "abstract", "category", "subcategory")
   apply_dataset(c, arg)
   if arg == "goodreads":

@@ -17,14 +17,6 @@ from genre_jax.config import apply_dataset, base_config
 
 
 def get_config(arg=None):
-  c = base_config()
-  c.model.item_encoder = "self_attention"
-  c.model.user_encoder = "self_attention"
-  c.model.predictor = "dot"
-  c.model.embed_dim = 256
-  c.model.hidden_dim = 256
-  c.model.num_heads = 16
-  c.model.dropout = 0.2
-  c.train.lr = 1e-3
+  c = base_config()  # base_config's model is NRMS: nothing to change.
   apply_dataset(c, arg)
   return c

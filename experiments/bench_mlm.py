@@ -21,6 +21,7 @@ Inputs are random token ids over the model's vocabulary, every text
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -38,6 +39,8 @@ from genre_jax.errors import exit_on_input_error
 from genre_jax.lm import mlm
 from genre_jax.logs import json_line
 from genre_jax.models import lm_encoder
+from genre_jax.train import pretrain as pretrain_lib
+from genre_jax.train import step as step_lib
 
 import common_flags
 
@@ -67,7 +70,7 @@ def _batches(config, vocab_size: int, count: int) -> list[dict]:
   """Masked batches of random texts: [CLS] w1 .. w(L-2) [SEP]."""
   rng = np.random.default_rng(0)
   size, length = int(config.pretrain.batch_size), int(config.model.lm.max_len)
-  specials, mask_id = mlm.special_token_ids(config)
+  specials, mask_id = pretrain_lib.special_token_ids(config)
   cls_id, sep_id = specials[:2]
   words = np.setdiff1d(np.arange(vocab_size), [*specials, mask_id])
   out = []
@@ -87,12 +90,12 @@ def _batches(config, vocab_size: int, count: int) -> list[dict]:
 
 def _run(config, batches, loss) -> dict:
   model = mlm.build_mlm(config, rngs=nnx.Rngs(0))
-  model.train()
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  tx = mlm.optimizer(config.pretrain)
-  state = {"params": params, "opt": tx.init(params),
-           "step": jnp.zeros((), jnp.int32)}
-  step_fn = mlm.make_train_step(graphdef, rest, tx, seed=0, loss=loss)
+  parts, state = step_lib.split_model(
+      model, lambda _: pretrain_lib.optimizer(config.pretrain))
+  # Pretraining's own step, with `loss` in place of mlm_loss.
+  step_fn = functools.partial(
+      step_lib.train_step, items={}, parts=parts, seed=0,
+      loss_fn=functools.partial(pretrain_lib.mlm_objective, loss=loss))
   tick = time.perf_counter()
   compiled = jax.jit(step_fn, donate_argnums=(0,)).lower(
       state, batches[0]).compile()
@@ -103,8 +106,8 @@ def _run(config, batches, loss) -> dict:
   losses, times = [], []
   for i, batch in enumerate(batches):
     tick = time.perf_counter()
-    state, value = compiled(state, batch)
-    losses.append(float(value))  # synchronises the step
+    state, metrics = compiled(state, batch)
+    losses.append(float(metrics["loss"]))  # synchronises the step
     if i:  # the first call is warm-up
       times.append(time.perf_counter() - tick)
   return {"step_seconds": statistics.median(times),
@@ -124,7 +127,7 @@ def main(argv):
   if _MAX_LEN.value:
     config.model.lm.max_len = _MAX_LEN.value
   config_lib.apply_overrides(config, _SET.value)
-  mlm.check_config(config)  # a bad shape or rate fails before compiling
+  pretrain_lib.check_config(config)  # a bad shape or rate fails before compiling
   vocab_size = nnx.eval_shape(
       lambda: mlm.build_mlm(config, rngs=nnx.Rngs(0))).encoder.config.vocab_size
   batches = _batches(config, vocab_size, _STEPS.value + 1)

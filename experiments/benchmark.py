@@ -87,6 +87,8 @@ from genre_jax.config import load_preset
 from genre_jax.errors import exit_on_input_error
 from genre_jax.logs import json_line
 from genre_jax.data.types import Behaviors, ItemInputSpec
+from genre_jax.models import lm_encoder
+from genre_jax.registry import ITEM_ENCODERS
 
 import common_flags
 
@@ -181,43 +183,11 @@ class Shape:
 
 
 def random_items(config, shape: Shape, rng) -> tuple[dict, ItemInputSpec]:
-  """A random item table of every title `shape.title` tokens long, [N+1, L].
-
-  The LM encoder reads one token field, or (cached frozen layers) the hidden
-  states entering its first tuned layer.
-  """
-  if config.model.item_encoder == "lm":
-    from genre_jax.lm import hf  # pylint: disable=g-import-not-at-top
-    from genre_jax.models import lm_encoder  # pylint: disable=g-import-not-at-top
-
-    lm_config = hf.read_bert_config(lm_encoder.lm_path(config))
-    if lm_encoder.uses_cache(config):
-      field = lm_encoder.HIDDEN_FIELD
-      dtype = (jnp.bfloat16 if config.model.lm.cache_dtype == "bfloat16"
-               else np.float32)
-      table = rng.standard_normal(
-          (shape.num_items + 1, shape.title, lm_config.hidden_size),
-          dtype=np.float32).astype(dtype)
-    else:
-      field = lm_encoder.TEXT_FIELD
-      table = rng.integers(1, lm_config.vocab_size,
-                           (shape.num_items + 1, shape.title), dtype=np.int32)
-    mask = np.ones((shape.num_items + 1, shape.title), bool)
-    mask[0] = False
-    spec = ItemInputSpec(vocab_size=0, fields=(field,),
-                         lengths=(shape.title,), num_users=100)
-    return {"tokens": {field: table}, "masks": {field: mask}}, spec
-  fields = tuple(config.data.fields)
-  tokens, masks = {}, {}
-  for f in fields:
-    t = rng.integers(1, shape.vocab, (shape.num_items + 1, shape.title),
-                     dtype=np.int32)
-    m = np.ones_like(t, dtype=bool)
-    t[0], m[0] = 0, False
-    tokens[f], masks[f] = t, m
-  spec = ItemInputSpec(vocab_size=shape.vocab, fields=fields,
-                       lengths=(shape.title,) * len(fields), num_users=100)
-  return {"tokens": tokens, "masks": masks}, spec
+  """A random item table of every title `shape.title` tokens long, [N+1, L],
+  in the form the configured item encoder reads (its random_inputs hook)."""
+  encoder = ITEM_ENCODERS.get(config.model.item_encoder)
+  return encoder.random_inputs(config, shape.num_items, shape.title,
+                               shape.vocab, rng)
 
 
 def random_batch(shape: Shape, rng) -> dict[str, np.ndarray]:
@@ -325,44 +295,61 @@ def _user_and_scores(fl: Flops, m, shape: Shape, d: int) -> None:
   fl.pooling(b, shape.candidates, d)  # dot-product scores
 
 
+def _self_attention_item_flops(fl: "Flops", config, titles: int,
+                               length: int) -> int:
+  """NRMS's word self-attention item encoder; returns its output width."""
+  m = config.model
+  tokens, d = titles * length, m.hidden_dim
+  fl.matmul(tokens, m.embed_dim, 3 * d)
+  fl.attention(titles, length, d)
+  fl.matmul(tokens, d, m.attention_dim)
+  fl.matmul(tokens, m.attention_dim, 1)
+  fl.pooling(titles, length, d)
+  return d
+
+
+def _lm_item_flops(fl: "Flops", config, titles: int, length: int) -> int:
+  """A BERT-family LM item encoder (layers below tune_from frozen, skipped
+  when cached) and its projection; returns its output width."""
+  m = config.model
+  c = lm_encoder.read_lm_config(config)
+  tokens, h, inter = titles * length, c.hidden_size, c.intermediate_size
+  frozen = int(m.lm.tune_from)
+  skipped = frozen if lm_encoder.uses_cache(config) else 0
+  for layer in range(skipped, c.num_layers):
+    trained = layer >= frozen
+    input_grad = trained and (frozen == 0 or layer > frozen)
+    fl.matmul(tokens, h, 3 * h, trained, input_grad)
+    fl.attention(titles, length, h, trained)
+    fl.matmul(tokens, h, h, trained, trained)
+    fl.matmul(tokens, h, inter, trained, trained)
+    fl.matmul(tokens, inter, h, trained, trained)
+  fl.pooling(titles, length, h)
+  fl.matmul(titles, h, m.hidden_dim)
+  return m.hidden_dim
+
+
+# Matmul FLOP formulas of the item encoders that have one, by registered
+# name; the others are measured by XLA's count only.
+ITEM_ENCODER_FLOPS = {"self_attention": _self_attention_item_flops,
+                      "lm": _lm_item_flops}
+
+
 def analytic_flops(config, shape: Shape, titles: int) -> float | None:
-  """Matmul FLOPs of one training step of NRMS or BERT-NRMS, else None.
+  """Matmul FLOPs of one training step with a self-attention user encoder
+  and dot predictor (NRMS, BERT-NRMS) and an item encoder of
+  ITEM_ENCODER_FLOPS, else None.
 
   `titles` is the number of item encodings per step: B * (H + C) for the
   anchor's protocol, the deduplicated count for real batches.
   """
   m = config.model
-  if m.user_encoder != "self_attention" or m.predictor != "dot":
+  item_flops = ITEM_ENCODER_FLOPS.get(m.item_encoder)
+  if (item_flops is None or m.user_encoder != "self_attention" or
+      m.predictor != "dot"):
     return None
-  fl, length = Flops(), shape.title
-  tokens = titles * length
-  if m.item_encoder == "self_attention":
-    d = m.hidden_dim
-    fl.matmul(tokens, m.embed_dim, 3 * d)
-    fl.attention(titles, length, d)
-    fl.matmul(tokens, d, m.attention_dim)
-    fl.matmul(tokens, m.attention_dim, 1)
-    fl.pooling(titles, length, d)
-  elif m.item_encoder == "lm":
-    from genre_jax.lm import hf  # pylint: disable=g-import-not-at-top
-    from genre_jax.models import lm_encoder  # pylint: disable=g-import-not-at-top
-
-    c = hf.read_bert_config(lm_encoder.lm_path(config))
-    h, inter = c.hidden_size, c.intermediate_size
-    frozen = int(m.lm.tune_from)
-    skipped = frozen if lm_encoder.uses_cache(config) else 0
-    for layer in range(skipped, c.num_layers):
-      trained = layer >= frozen
-      input_grad = trained and (frozen == 0 or layer > frozen)
-      fl.matmul(tokens, h, 3 * h, trained, input_grad)
-      fl.attention(titles, length, h, trained)
-      fl.matmul(tokens, h, h, trained, trained)
-      fl.matmul(tokens, h, inter, trained, trained)
-      fl.matmul(tokens, inter, h, trained, trained)
-    fl.pooling(titles, length, h)
-    fl.matmul(titles, h, m.hidden_dim)
-  else:
-    return None
+  fl = Flops()
+  item_flops(fl, config, titles, shape.title)
   _user_and_scores(fl, m, shape, m.hidden_dim)
   return fl.total
 

@@ -30,10 +30,10 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from genre_jax.data import genre_parsing as parsing
 from genre_jax.data import mind
 from genre_jax.errors import exit_on_input_error
 from genre_jax.logs import json_line
-from genre_jax.genre import parsing
 from genre_jax.genre import prompts
 
 import common_flags

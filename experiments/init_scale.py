@@ -41,8 +41,7 @@ from genre_jax import config as config_lib
 from genre_jax import data as data_lib
 from genre_jax import train
 from genre_jax.data import batching
-from genre_jax.errors import (
-    ConfigError, exit_on_input_error)
+from genre_jax.errors import exit_on_input_error
 from genre_jax.logs import json_line, quiet_library_logging
 
 import common_flags
@@ -77,9 +76,6 @@ def preset_config(name: str, scaled_dot: bool | None):
 
 def measure(name: str, config, dataset) -> dict:
   """Scale figures of the initial model over the first training batches."""
-  if config.model.item_encoder == "lm":
-    raise ConfigError(f"preset '{name}': this script measures "
-                      "word-embedding item encoders, not pretrained LMs")
   host_items, spec = train.model_inputs(config, dataset)
   parts, state = train.init_model(config, spec, total_steps=1)
   items = jax.device_put(host_items)

@@ -22,6 +22,7 @@ from flax import nnx
 import jax.numpy as jnp
 import numpy as np
 
+from genre_jax.data import tokenize as tokenize_lib
 from genre_jax.lm import bert
 from genre_jax.lm import hf
 from genre_jax.lm import llama
@@ -113,10 +114,10 @@ def main(argv):
   del argv
   if _NUM_TITLES.value < 1:  # 0 used to read every title of news.tsv
     raise app.UsageError(f"--num_titles={_NUM_TITLES.value}: must be >= 1")
-  path = _LM_PATH.value or hf.default_lm_path()
+  path = _LM_PATH.value or hf.model_dir()
   kind = hf.model_kind(path) if _KIND.value == "auto" else _KIND.value
   titles, source = read_titles(_DATA_DIR.value, _NUM_TITLES.value)
-  tokenizer = hf.load_tokenizer(path)
+  tokenizer = tokenize_lib.load_tokenizer(path)
   ids, mask = hf.tokenize(tokenizer, titles, max_len=_MAX_LEN.value)
 
   ours, num_layers, ours_s = _ours(kind, path, ids, mask)

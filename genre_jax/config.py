@@ -52,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_negatives = 4
   # Users with a history of at most this many items are "cold" (-1: none).
   c.data.cold_threshold = 5
-  # GENRE augmentation with LLM generations (genre_jax/genre/augment.py).
+  # GENRE augmentation with LLM generations (genre_jax/data/genre_augment.py).
   # Each source: "" (off), "release" / "release:<table>" (the dataset's own
   # GENRE tables, e.g. Goodreads) or a generations file.
   c.data.genre = ml_collections.ConfigDict(dict(
@@ -292,7 +292,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
       value = text
     try:
       node[names[-1]] = value
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # ValueError: a dict with dotted keys
       raise ConfigError(f"config override '{item}': {e}") from None
 
 
@@ -446,6 +446,10 @@ _DTYPES = choice("float32", "bfloat16")
 # Every field a config may hold, by dotted name ("*": any one name). A field
 # without a rule is an error, so a new field cannot go unchecked
 # (tests/test_config_validation.py checks every preset against this table).
+# Where data and caches live, not what a run computes: a run may move
+# between machines or caches and still resume (workdir.RESUMABLE_KEYS).
+CACHE_KEYS = ("data.data_dir", "model.lm.cache_dir")
+
 CONFIG_RULES: dict[str, Rule] = {
     "data.name": registered(registry.DATASETS),
     "data.data_dir": text(nonempty=True),

@@ -131,7 +131,7 @@ def recommend(workdir: str, out_path: str, *, user_ids: Sequence[str] = (),
   and leaves out_path as it was.
   """
   from genre_jax.data import mind  # reader for --behaviors_file
-  from genre_jax.genre import augment
+  from genre_jax.data import genre_augment as augment
 
   if top_k < 1:
     raise ConfigError(f"top_k must be >= 1, got {top_k}")

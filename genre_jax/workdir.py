@@ -29,6 +29,7 @@ from typing import Any, Iterator
 from absl import logging
 import ml_collections
 
+from genre_jax import config as config_lib
 from genre_jax import logs
 from genre_jax.errors import ConfigError
 
@@ -137,10 +138,10 @@ LOCATION_KEYS = ("data.path", "data.data_dir")
 # trains (to extend it), how often it logs, saves and stops early, where
 # caches live and how (not what) it computes. Any other change would make
 # the checkpoint another run's.
-RESUMABLE_KEYS = ("data.data_dir", "model.lm.cache_dir", "train.epochs",
-                  "train.max_steps", "train.patience", "train.log_every",
-                  "train.checkpoint_every", "train.prefetch",
-                  "train.dedup_items", "eval.batch_size")
+RESUMABLE_KEYS = config_lib.CACHE_KEYS + (
+    "train.epochs", "train.max_steps", "train.patience", "train.log_every",
+    "train.checkpoint_every", "train.prefetch", "train.dedup_items",
+    "eval.batch_size")
 
 
 def config_differences(saved: dict[str, Any],
@@ -153,8 +154,6 @@ def config_differences(saved: dict[str, Any],
   A field the saved config lacks (added to genre_jax since) and `config`
   holds at its default is no difference: it describes what the run did.
   """
-  from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-
   # Both through JSON, so tuples compare as lists.
   saved = config_lib.leaves(json.loads(json.dumps(saved)))
   wanted = config_lib.leaves(json.loads(config.to_json_best_effort()))
@@ -236,8 +235,6 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   Fields added to the base config after the run was trained take their
   defaults, so older workdirs stay usable by eval and recommend.
   """
-  from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ConfigError(f"{path}: no config.json; is '{workdir}' a genre_jax "

@@ -121,7 +121,7 @@ def test_bench_mlm_logits_at_masked_slots_change_no_loss(tmp_path):
       vocab_size=30522, hidden_size=32, num_hidden_layers=2,
       num_attention_heads=4, intermediate_size=64,
       max_position_embeddings=64)).save_pretrained(tmp_path)
-  os.symlink(os.path.join(hf.default_lm_path(), hf.TOKENIZER_FILE),
+  os.symlink(os.path.join(hf.model_dir(), hf.TOKENIZER_FILE),
              tmp_path / hf.TOKENIZER_FILE)
   figures, table = _run("bench_mlm.py", "--steps=2", "--batch_size=4",
                         "--max_len=20", f"--set=model.lm.path={tmp_path}")
@@ -624,6 +624,7 @@ def test_content_similarity_matches_sklearn_and_transformers(tmp_path):
   import transformers  # pylint: disable=g-import-not-at-top
   from sklearn.feature_extraction.text import TfidfVectorizer  # pylint: disable=g-import-not-at-top
   from sklearn.metrics import roc_auc_score  # pylint: disable=g-import-not-at-top
+  from genre_jax.data import tokenize as tokenize_lib  # pylint: disable=g-import-not-at-top
   from genre_jax.lm import hf  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
@@ -665,8 +666,8 @@ def test_content_similarity_matches_sklearn_and_transformers(tmp_path):
   news = [line.split("\t") for line in
           (tmp_path / "news.tsv").read_text().splitlines()]
   titles = {r[0]: r[3] for r in news}
-  path = hf.default_lm_path()
-  tokenizer = hf.load_tokenizer(path)
+  path = hf.model_dir()
+  tokenizer = tokenize_lib.load_tokenizer(path)
   tokenizer.no_padding()
   tokenizer.no_truncation()
   model = transformers.BertModel.from_pretrained(path).eval()

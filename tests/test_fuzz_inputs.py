@@ -23,9 +23,9 @@ import numpy as np
 
 from genre_jax import config as config_lib
 from genre_jax.data import builders
+from genre_jax.data import genre_parsing as parsing
 from genre_jax.data import mind
 from genre_jax.errors import ConfigError, DataFormatError
-from genre_jax.genre import parsing
 
 
 def _settings(max_examples: int, **kwargs) -> settings:

@@ -14,7 +14,7 @@ import pytest
 from genre_jax import data as data_lib
 from genre_jax import train
 from genre_jax.data import batching
-from genre_jax.genre import augment
+from genre_jax.data import genre_augment as augment
 from genre_jax.config import load_preset
 from tests.helpers import shrink
 

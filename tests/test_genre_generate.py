@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from genre_jax.data import mind
+from genre_jax.data.genre_parsing import Status
 from genre_jax.data.types import Behaviors, Dataset, ItemTable
 from genre_jax.errors import ConfigError
 from genre_jax.genre import generate
 from genre_jax.genre import providers
-from genre_jax.genre.parsing import Status
 
 from tests.helpers import build_tiny_llama
 

@@ -11,9 +11,9 @@ import pathlib
 import pytest
 
 from genre_jax.errors import ConfigError, DataFormatError
-from genre_jax.genre import parsing
+from genre_jax.data import genre_parsing as parsing
+from genre_jax.data.genre_parsing import Status
 from genre_jax.genre import prompts
-from genre_jax.genre.parsing import Status
 
 DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 GENRE = DATA / "goodreads" / "genre"

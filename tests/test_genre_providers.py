@@ -14,9 +14,10 @@ import pytest
 
 from genre_jax.errors import ConfigError, DataFormatError
 from genre_jax.genre import generate
-from genre_jax.genre import local_provider
 from genre_jax.genre import providers
 from genre_jax.genre.providers import Prompt
+from genre_jax.genre.providers import local as local_provider
+from genre_jax.genre.providers import openai as openai_provider
 from tests.helpers import FakeServer, build_tiny_llama
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -96,8 +97,8 @@ def test_openai_retries_timeouts_and_bounded_concurrency(server, monkeypatch):
   monkeypatch.setenv("GENRE_TEST_KEY", "sk-test-secret")
   texts = ([f"ok:{i}" for i in range(8)] +
            ["500-once:a", "429-once:b", "sleep-once:c", "trickle-once:d"])
-  urlopen = _CountedUrlopen(providers.urllib.request.urlopen)
-  monkeypatch.setattr(providers.urllib.request, "urlopen", urlopen)
+  urlopen = _CountedUrlopen(openai_provider.urllib.request.urlopen)
+  monkeypatch.setattr(openai_provider.urllib.request, "urlopen", urlopen)
   provider = _openai(server)
   replies = provider.generate(_prompts(texts))
   assert replies == [f"echo: {t}" for t in texts]
@@ -252,8 +253,8 @@ def test_openai_odd_replies_are_retried_refused_or_joined(server, tmp_path):
   assert again.generate(_prompts(texts)) == replies
   again.close()
   assert sorted(server.log) == ["filtered:d", "null-message:b"]
-  with pytest.raises(providers._Retryable, match="content is int"):  # pylint: disable=protected-access
-    providers._message_text({"message": {"content": 42}})  # pylint: disable=protected-access
+  with pytest.raises(openai_provider._Retryable, match="content is int"):  # pylint: disable=protected-access
+    openai_provider._message_text({"message": {"content": 42}})  # pylint: disable=protected-access
 
 
 def test_openai_reply_with_a_lone_surrogate_is_valid_utf8(server, tmp_path):
@@ -276,7 +277,7 @@ def test_openai_interrupt_cancels_the_prompts_not_yet_asked(
       yield future
       raise KeyboardInterrupt
 
-  monkeypatch.setattr(providers.concurrent.futures, "as_completed",
+  monkeypatch.setattr(openai_provider.concurrent.futures, "as_completed",
                       interrupted)
   cache = tmp_path / "cache.jsonl"
   texts = [f"slow:{i}" for i in range(20)]
@@ -363,7 +364,7 @@ def test_openai_backoff_does_not_overflow_with_many_retries(monkeypatch):
       raise_on_failure=False)
 
   def unavailable(prompt):
-    raise providers._Retryable(f"'{prompt.key}': HTTP 503")  # pylint: disable=protected-access
+    raise openai_provider._Retryable(f"'{prompt.key}': HTTP 503")  # pylint: disable=protected-access
 
   monkeypatch.setattr(provider, "_request", unavailable)
   assert provider.generate(_prompts(["x"])) == [""]

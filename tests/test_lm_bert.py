@@ -14,6 +14,7 @@ from safetensors import numpy as safetensors_np
 import torch
 import transformers
 
+from genre_jax.data import tokenize as tokenize_lib
 from genre_jax.errors import DataFormatError
 from genre_jax.lm import bert
 from genre_jax.lm import hf
@@ -50,9 +51,9 @@ def _titles(count: int = 8) -> list[str]:
 
 @pytest.fixture(scope="module")
 def minilm():
-  path = hf.default_lm_path()
+  path = hf.model_dir()
   model, cfg = bert.load_bert(path, rngs=nnx.Rngs(0))
-  ids, mask = hf.tokenize(hf.load_tokenizer(path), _titles())
+  ids, mask = hf.tokenize(tokenize_lib.load_tokenizer(path), _titles())
   return path, model, cfg, ids, mask
 
 
@@ -74,7 +75,7 @@ def test_tokenize_matches_transformers_tokenizer(minilm):
   ref = tokenizer(_titles(), padding=True, return_tensors="np")
   np.testing.assert_array_equal(ids, ref["input_ids"])
   np.testing.assert_array_equal(mask, ref["attention_mask"].astype(bool))
-  left_ids, left_mask = hf.tokenize(hf.load_tokenizer(path), _titles(),
+  left_ids, left_mask = hf.tokenize(tokenize_lib.load_tokenizer(path), _titles(),
                                     pad_left=True)
   for row in range(len(ids)):
     np.testing.assert_array_equal(left_ids[row][left_mask[row]],

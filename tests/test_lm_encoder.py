@@ -14,7 +14,9 @@ from flax import nnx
 
 from genre_jax import data as data_lib
 from genre_jax import train
+from genre_jax import variables
 from genre_jax.lm import mlm
+from genre_jax.train import pretrain as pretrain_lib
 from genre_jax.models import lm_encoder
 from genre_jax.config import load_preset
 from tests.helpers import changed_leaves, first_losses, leave_temporary
@@ -150,7 +152,7 @@ def test_mlm_loss_falls_and_the_checkpoint_loads_into_the_recommender(
   config.pretrain.log_every = 1
   config.pretrain.checkpoint_every = 5
   workdir = str(tmp_path / "mlm")
-  summary = mlm.pretrain(config, workdir, dataset=dataset)
+  summary = pretrain_lib.pretrain(config, workdir, dataset=dataset)
   losses = [r["loss"] for r in summary["losses"]]
   assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
 
@@ -197,7 +199,7 @@ def _model_dir_with(tmp_path, name, **changes):
 
   from genre_jax.lm import hf
 
-  src = hf.default_lm_path()
+  src = hf.model_dir()
   out = tmp_path / name
   out.mkdir()
   for f in (hf.TOKENIZER_FILE, hf.WEIGHTS_FILE):
@@ -246,11 +248,11 @@ def test_mlm_rerun_returns_its_summary_and_resumes_only_the_same_config(
   config.pretrain.log_every = 1
   config.pretrain.checkpoint_every = 2
   workdir = tmp_path / "mlm"
-  first = mlm.pretrain(config, str(workdir), dataset=dataset)
+  first = pretrain_lib.pretrain(config, str(workdir), dataset=dataset)
   files = {f: (workdir / f).read_text()
            for f in ("config.json", "final_metrics.json", "metrics.json")}
   # The same command again: the recorded summary, nothing rewritten.
-  assert mlm.pretrain(config, str(workdir), dataset=dataset) == first
+  assert pretrain_lib.pretrain(config, str(workdir), dataset=dataset) == first
   run._pretrain(config, str(workdir))
   printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert printed["first_loss"] == first["losses"][0]["loss"]
@@ -259,62 +261,74 @@ def test_mlm_rerun_returns_its_summary_and_resumes_only_the_same_config(
   other = config.copy_and_resolve_references()
   other.pretrain.mask_rate = 0.3
   with pytest.raises(ConfigError, match="pretrain.mask_rate"):
-    mlm.pretrain(other, str(workdir), dataset=dataset)
+    pretrain_lib.pretrain(other, str(workdir), dataset=dataset)
   assert (workdir / "config.json").read_text() == files["config.json"]
   # More steps continue the run.
   config.pretrain.steps = 3
-  more = mlm.pretrain(config, str(workdir), dataset=dataset)
+  more = pretrain_lib.pretrain(config, str(workdir), dataset=dataset)
   assert [r["step"] for r in more["losses"]] == [1, 2, 3]
 
 
 def _optimizer_updates(config, grads):
   params = jax.tree.map(jnp.ones_like, grads)
-  tx = train.make_optimizer(config, 10)
+  tx = train.make_optimizer(config, 10, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   return updates
 
 
-def _lm_params():
+def _lm_params(kernel_type=variables.Frozen):
+  """A LoRA-adapted LM projection (kernel of `kernel_type`, adapters) and a
+  recommender weight, typed as the encoders type them."""
   rng = np.random.default_rng(0)
   leaf = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
   return {"item_encoder": {"lm": {"layers": {0: {"query": {
-      "kernel": leaf(4, 4), "lora_a": leaf(4, 2), "lora_b": leaf(2, 4)}}}}},
-          "user_encoder": {"w": leaf(3, 3)}}
+      "kernel": kernel_type(leaf(4, 4)),
+      "lora_a": variables.LoRAParam(leaf(4, 2)),
+      "lora_b": variables.LoRAParam(leaf(2, 4))}}}}},
+          "user_encoder": {"w": nnx.Param(leaf(3, 3))}}
 
 
 def test_grad_clip_ignores_frozen_gradients():
   from genre_jax.config import base_config
 
   config = base_config()
-  config.model.item_encoder = "lm"
-  config.model.lm.lora.rank = 2  # "kernel" frozen, adapters trained
-  grads = _lm_params()
+  grads = _lm_params()  # "kernel" frozen, adapters trained
   huge = jax.tree.map(lambda g: g, grads)
-  huge["item_encoder"]["lm"]["layers"][0]["query"]["kernel"] = (
-      grads["item_encoder"]["lm"]["layers"][0]["query"]["kernel"] * 1e4)
+  kernel = huge["item_encoder"]["lm"]["layers"][0]["query"]["kernel"]
+  kernel.set_value(kernel.get_value() * 1e4)
   a, b = _optimizer_updates(config, grads), _optimizer_updates(config, huge)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  frozen = a["item_encoder"]["lm"]["layers"][0]["query"]["kernel"]
+  np.testing.assert_array_equal(np.asarray(frozen.get_value()), 0.0)
+
+
+def test_optimizer_groups_come_from_variable_types():
+  grads = _lm_params(kernel_type=variables.Pretrained)
+  labels = train.param_labels(grads)
+  query = labels["item_encoder"]["lm"]["layers"][0]["query"]
+  assert [query[k].get_value() for k in ("kernel", "lora_a", "lora_b")] == [
+      "lm", "lm", "lm"]
+  assert labels["user_encoder"]["w"].get_value() == "rec"
+  assert train.param_labels(_lm_params())["item_encoder"]["lm"]["layers"][0][
+      "query"]["kernel"].get_value() == "frozen"
 
 
 def test_grad_clip_unchanged_when_nothing_is_frozen():
-  import functools
-
   import optax
   from genre_jax.config import base_config
 
   config = base_config()
-  config.model.item_encoder = "lm"  # tune_from=0, no LoRA: all trainable
   config.train.grad_clip = 0.5
-  grads = _lm_params()
+  grads = _lm_params(kernel_type=variables.Pretrained)  # all trainable
   params = jax.tree.map(jnp.ones_like, grads)
-  assert "frozen" not in jax.tree.leaves(train.param_labels(config, grads))
+  assert "frozen" not in jax.tree.leaves(train.param_labels(grads))
   adamw = lambda: optax.adamw(train.make_schedule(config, 10),
                               weight_decay=config.train.weight_decay)
-  before = optax.chain(  # make_optimizer as it was
+  before = optax.chain(  # no special treatment of frozen gradients
       optax.clip_by_global_norm(0.5), optax.multi_transform(
           {"rec": adamw(), "lm": adamw(), "frozen": optax.set_to_zero()},
-          functools.partial(train.param_labels, config)))
+          train.param_labels(params)))
   want, _ = before.update(grads, before.init(params), params)
   got = _optimizer_updates(config, grads)
   for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
@@ -370,4 +384,4 @@ def test_bad_learning_rates_name_the_field(field, value):
   section, _, key = field.rpartition(".")
   (config.train if section == "train" else config.model.lm)[key] = value
   with pytest.raises(ConfigError, match=f"config.{field}="):
-    train.make_optimizer(config, 10)
+    train.make_optimizer(config, 10, _lm_params())

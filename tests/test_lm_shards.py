@@ -163,7 +163,7 @@ def test_shard_name_with_a_nul_byte_is_refused(tmp_path):
 def test_run_py_refuses_a_shard_outside_the_model_dir(tmp_path):
   """The whole CLI path: a BERT directory whose index names `../x` ends with
   one `error:` line naming the index and the shard, exit status 2."""
-  source = pathlib.Path(hf.default_lm_path())
+  source = pathlib.Path(hf.model_dir())
   model_dir = _sharded_dir(tmp_path)
   config = json.loads((source / hf.CONFIG_FILE).read_text())
   config.update(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -13,6 +13,7 @@ import transformers
 from genre_jax.config import load_preset
 from genre_jax.errors import ConfigError
 from genre_jax.lm import mlm
+from genre_jax.train import pretrain as pretrain_lib
 
 _TINY = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2,
              num_attention_heads=4, intermediate_size=64,
@@ -131,7 +132,7 @@ def test_mask_rate_outside_0_1_is_a_config_error(tmp_path, rate):
   config.pretrain.mask_rate = rate
   with pytest.raises(ConfigError, match=r"pretrain\.mask_rate=.*: must be "
                      r"a finite number > 0 and <= 1"):
-    mlm.pretrain(config, str(tmp_path / "run"), dataset=object())
+    pretrain_lib.pretrain(config, str(tmp_path / "run"), dataset=object())
 
 
 def test_pretraining_checkpoint_from_before_the_head_module_is_named(
@@ -173,7 +174,7 @@ def test_pretraining_continues_from_the_checkpoints_head(tmp_path):
     reference.cls.predictions.bias.normal_()
   model_dir = tmp_path / "model"
   reference.save_pretrained(model_dir)
-  os.symlink(os.path.join(hf.default_lm_path(), hf.TOKENIZER_FILE),
+  os.symlink(os.path.join(hf.model_dir(), hf.TOKENIZER_FILE),
              model_dir / hf.TOKENIZER_FILE)
   config = _config(model_dir)
   config.data = shrink(load_preset("nrms"), str(tmp_path / "data")).data
@@ -181,7 +182,7 @@ def test_pretraining_continues_from_the_checkpoints_head(tmp_path):
   config.model.lm.max_len = 16
   config.pretrain.update(steps=2, batch_size=4, log_every=1,
                          checkpoint_every=2)
-  summary = mlm.pretrain(config, str(tmp_path / "run"))
+  summary = pretrain_lib.pretrain(config, str(tmp_path / "run"))
   assert len(summary["losses"]) == 2
   assert all(np.isfinite(r["loss"]) for r in summary["losses"])
   checkpoints = ckpt_lib.Checkpoints(str(tmp_path / "run"))

@@ -39,7 +39,7 @@ def dataset(data_dir):
 def _minilm_table() -> np.ndarray:
   """The reference: the tensor as the safetensors library reads it."""
   weights = safetensors_numpy.load_file(
-      os.path.join(hf.default_lm_path(), "model.safetensors"))
+      os.path.join(hf.model_dir(), "model.safetensors"))
   return weights["embeddings.word_embeddings.weight"]
 
 
@@ -241,7 +241,7 @@ def test_lm_table_needs_the_lm_tokenizer(data_dir, dataset, tmp_path):
   # The same vocabulary in another file is fine.
   same = tmp_path / "same"
   same.mkdir()
-  data = json.loads(pathlib.Path(hf.default_lm_path(),
+  data = json.loads(pathlib.Path(hf.model_dir(),
                                  "tokenizer.json").read_text())
   (same / "tokenizer.json").write_text(json.dumps(data, indent=1))
   config.data.tokenizer = str(same)

@@ -43,12 +43,12 @@ import tensorflow_datasets as tfds
 
 from genre_jax import registry
 from genre_jax import workdir as workdir_lib
+from genre_jax.data import genre_augment
 from genre_jax.data import mind
 from genre_jax.data import synthetic
 from genre_jax.data import tokenize
 from genre_jax.data import types
 from genre_jax.errors import ConfigError, DataFormatError
-from genre_jax.genre import augment
 
 # Bump when the .npz cache layout or the record -> array conversion changes.
 _CACHE_FORMAT = 1
@@ -807,8 +807,8 @@ def load_dataset(data_config: ml_collections.ConfigDict) -> types.Dataset:
   dataset = types.Dataset(name=name, items=items, user_vocab=user_vocab,
                           splits=splits, side_tables=side_tables, info=info)
   genre_config = data_config.get("genre")
-  if augment.enabled(genre_config):
-    augment.augment(dataset, genre_config,
-                    cold_threshold=int(data_config.cold_threshold))
+  if genre_augment.enabled(genre_config):
+    genre_augment.augment(dataset, genre_config,
+                          cold_threshold=int(data_config.cold_threshold))
   info["vocab_size"] = _tokenize(items, builders["items"], data_config)
   return dataset

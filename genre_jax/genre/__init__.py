@@ -1,1 +1,2 @@
-"""GENRE generation: prompt schemes, reply parsing, LLM providers, driver."""
+"""GENRE generation: prompt schemes, LLM providers, driver (reply parsing and
+augmentation are data-side: genre_jax.data.genre_parsing, genre_augment)."""

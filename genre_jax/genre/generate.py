@@ -21,9 +21,9 @@ import ml_collections
 import numpy as np
 
 from genre_jax import workdir
+from genre_jax.data import genre_parsing as parsing
 from genre_jax.data.types import Dataset
 from genre_jax.errors import ConfigError
-from genre_jax.genre import parsing
 from genre_jax.genre import prompts as prompts_lib
 from genre_jax.genre import providers as providers_lib
 

@@ -9,7 +9,8 @@ abstract, category, subcategory) and books (Goodreads: title, description):
   chain       profiler first, then generator conditioned on that profile.
 
 A scheme holds the system prompt, a builder for the user prompt and the reply
-parser; `steps(name, domain)` lists the prompts a scheme runs, in order.
+parser (genre_jax.data.genre_parsing.reply_parser); `steps(name, domain)`
+lists the prompts a scheme runs, in order.
 Histories are cut to the most recent `max_history` items to bound prompts.
 """
 
@@ -19,14 +20,9 @@ import dataclasses
 import functools
 from typing import Any, Callable, Mapping, Sequence
 
-from genre_jax.errors import ConfigError
-from genre_jax.genre import parsing
-
-SCHEMES = ("summarizer", "profiler", "generator", "chain")
-DOMAINS = ("news", "book")
+from genre_jax.data import genre_parsing as parsing
 
 Item = Mapping[str, Any]
-Profile = list[str] | dict[str, list[str]] | None
 
 # Longest title shown in a history line, in characters.
 _MAX_TITLE_CHARS = 200
@@ -147,22 +143,13 @@ def _history_lines(domain: str, history: Sequence[Item],
   return lines
 
 
-def format_profile(profile: Profile) -> str:
-  """A profile (phrase list, or news dict of lists) as prompt text."""
-  if not profile:
-    return "(none)"
-  if isinstance(profile, dict):
-    return "\n".join(f"{name}: {', '.join(values) or '(none)'}"
-                     for name, values in profile.items())
-  return ", ".join(profile)
-
-
 def _user_prompt(domain: str, max_history: int, with_profile: bool,
-                 history: Sequence[Item], profile: Profile = None) -> str:
+                 history: Sequence[Item],
+                 profile: parsing.Profile = None) -> str:
   heading = "Headlines read" if domain == "news" else "Books liked"
   parts = []
   if with_profile:
-    parts.append("Profile:\n" + format_profile(profile))
+    parts.append("Profile:\n" + parsing.format_profile(profile))
   lines = _history_lines(domain, history, max_history)
   parts.append(f"{heading}:\n" + ("\n".join(lines) if lines else "(none)"))
   return "\n\n".join(parts)
@@ -184,41 +171,22 @@ def get_scheme(name: str, domain: str, *, max_history: int = 20,
   Raises:
     ConfigError: for an unknown name or domain.
   """
-  if name not in SCHEMES:
-    raise ConfigError(f"unknown GENRE scheme '{name}'; choose one of "
-                      f"{list(SCHEMES)}")
-  if domain not in DOMAINS:
-    raise ConfigError(f"unknown GENRE domain '{domain}'; choose one of "
-                      f"{list(DOMAINS)}")
+  parse = parsing.reply_parser(name, domain, max_items=max_items,
+                               max_chars=max_chars)  # Checks both names.
   if name == "summarizer":
-    tags = ("newtitle", "title") if domain == "news" else ("description",)
-    limit = max_chars // 3 if domain == "news" else max_chars
     return Scheme(name, domain, "item", _SUMMARIZER_SYSTEM[domain],
-                  functools.partial(_summarizer_prompt, domain),
-                  functools.partial(parsing.parse_tagged, tags=tags,
-                                    max_len=limit))
+                  functools.partial(_summarizer_prompt, domain), parse)
   if name == "profiler":
     system = _PROFILER_SYSTEM[domain].replace("{max_items}", str(max_items))
-    if domain == "news":
-      parse = functools.partial(parsing.parse_profile,
-                                fields=("topics", "regions"),
-                                max_items=max_items, max_len=80)
-    else:
-      parse = functools.partial(parsing.parse_list, max_items=max_items,
-                                max_len=80)
     return Scheme(name, domain, "user", system,
                   functools.partial(_user_prompt, domain, max_history, False),
                   parse)
   chain = name == "chain"
   system = _GENERATOR_SYSTEM[domain].format(
       profile_note=_PROFILE_NOTE if chain else "")
-  required = (("title", "abstract", "category") if domain == "news"
-              else ("title", "description"))
   return Scheme(name, domain, "user", system,
                 functools.partial(_user_prompt, domain, max_history, chain),
-                functools.partial(parsing.parse_json_object,
-                                  required=required, max_len=max_chars),
-                requires="profiler" if chain else None)
+                parse, requires="profiler" if chain else None)
 
 
 def steps(name: str, domain: str, **kwargs) -> list[Scheme]:

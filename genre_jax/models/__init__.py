@@ -2,6 +2,7 @@
 
 from genre_jax.models import item_encoders
 from genre_jax.models import layers
+from genre_jax.models import lm_encoder
 from genre_jax.models import predictors
 from genre_jax.models import user_encoders
 from genre_jax.models.recommender import build_model
@@ -9,4 +10,4 @@ from genre_jax.models.recommender import Recommender
 from genre_jax.models.recommender import set_training
 
 __all__ = ["Recommender", "build_model", "set_training", "item_encoders",
-           "layers", "predictors", "user_encoders"]
+           "layers", "lm_encoder", "predictors", "user_encoders"]

@@ -1,6 +1,9 @@
-"""Item encoders: token ids of an item's text fields -> one item vector.
+"""Item encoders: what an item's data says -> one item vector.
 
-Every encoder is called as
+Every encoder subclasses ItemEncoder: its `item_inputs` hook takes from the
+dataset the arrays it reads (word encoders: the tokenized fields), and its
+frozen weights are `variables.Frozen`, so the trainer and the optimizer name
+no encoder. Every encoder is called as
 
   encoder(tokens: dict[field, [N, L_f] int32], masks: dict[field, [N, L_f] bool])
     -> [N, D] with D = config.model.hidden_dim
@@ -21,10 +24,57 @@ import ml_collections
 from flax import nnx
 import numpy as np
 
-from genre_jax.data.types import ItemInputSpec
+from genre_jax import variables
+from genre_jax.data import tokenize
+from genre_jax.data.types import Dataset, ItemInputSpec
 from genre_jax.errors import ConfigError
+from genre_jax.lm import hf
 from genre_jax.models import layers
 from genre_jax.registry import ITEM_ENCODERS
+
+
+class ItemEncoder(nnx.Module):
+  """Base of the registered item encoders: the item table they read.
+
+  `item_inputs` is the one hook between data and encoder: it returns
+  ({"tokens": {name: [N+1, ...]}, "masks": {name: [N+1, ...]}}, spec), host
+  arrays whose rows the model gathers for a batch's items and hands to
+  `__call__` as the same two dicts. The default reads config.data.fields'
+  tokenized text; an encoder with other inputs (an LM's own tokenization, a
+  cache, an extra array) overrides it.
+  """
+
+  @classmethod
+  def item_inputs(cls, config: ml_collections.ConfigDict, dataset: Dataset):
+    fields = tuple(config.data.fields)
+    for f in fields:
+      if f not in dataset.items.tokens:
+        raise ConfigError(f"config.data.fields: the dataset has no tokenized "
+                          f"field '{f}' (have {sorted(dataset.items.tokens)})")
+    lengths = tuple(int(dataset.items.tokens[f].shape[1]) for f in fields)
+    vocab = int(dataset.info.get("vocab_size", 0))
+    if not vocab:
+      vocab = int(max(dataset.items.tokens[f].max() for f in fields)) + 1
+    spec = ItemInputSpec(vocab_size=vocab, fields=fields, lengths=lengths,
+                         num_users=len(dataset.user_vocab))
+    return ({"tokens": {f: dataset.items.tokens[f] for f in fields},
+             "masks": {f: dataset.items.masks[f] for f in fields}}, spec)
+
+  @classmethod
+  def random_inputs(cls, config: ml_collections.ConfigDict, num_items: int,
+                    length: int, vocab: int, rng: np.random.Generator):
+    """Random inputs of the item_inputs form for `num_items` items of
+    `length` tokens each (benchmarks, memory plans); row 0 is padding."""
+    tokens, masks = {}, {}
+    for f in tuple(config.data.fields):
+      t = rng.integers(1, vocab, (num_items + 1, length), dtype=np.int32)
+      t[0] = 0
+      m = np.ones_like(t, dtype=bool)
+      m[0] = False
+      tokens[f], masks[f] = t, m
+    spec = ItemInputSpec(vocab_size=vocab, fields=tuple(tokens),
+                         lengths=(length,) * len(tokens), num_users=100)
+    return {"tokens": tokens, "masks": masks}, spec
 
 
 def field_inputs(tokens: dict[str, jax.Array], masks: dict[str, jax.Array],
@@ -43,8 +93,6 @@ def field_inputs(tokens: dict[str, jax.Array], masks: dict[str, jax.Array],
 def _same_vocabulary(lm_dir: str, data_tokenizer: str) -> bool:
   """Whether the LM's tokenizer and config.data.tokenizer map tokens to the
   same ids (the table's rows are the LM's token ids)."""
-  from genre_jax.data import tokenize  # pylint: disable=g-import-not-at-top
-
   return (tokenize.load_tokenizer(lm_dir).get_vocab(with_added_tokens=True) ==
           tokenize.load_tokenizer(data_tokenizer).get_vocab(
               with_added_tokens=True))
@@ -66,18 +114,17 @@ def pretrained_word_table(config: ml_collections.ConfigDict,
   if not source:
     return None
   if source == "lm":
-    from genre_jax.lm import hf  # pylint: disable=g-import-not-at-top
-    from genre_jax.models import lm_encoder  # pylint: disable=g-import-not-at-top
-
-    path = lm_encoder.lm_path(config)
+    path = hf.model_dir(config.model.lm.path)
     if not _same_vocabulary(path, str(config.data.tokenizer)):
       raise ConfigError(
           f"{field}='lm' takes the token embeddings of {path}, but "
           f"config.data.tokenizer ('{config.data.tokenizer}') has another "
           "vocabulary, so its token ids are not the table's rows: set "
           f"--config.data.tokenizer={os.path.join(path, hf.TOKENIZER_FILE)}")
-    anchor = ("embeddings.word_embeddings.weight"
-              if lm_encoder.lm_kind(config) == "bert" else "embed_tokens.weight")
+    kind = config.model.lm.kind
+    kind = hf.model_kind(path) if kind == "auto" else kind
+    anchor = ("embeddings.word_embeddings.weight" if kind == "bert"
+              else "embed_tokens.weight")
     checkpoint = hf.Checkpoint(path)
     key = hf.find_prefix(checkpoint, anchor, ("", "bert.", "model.")) + anchor
     table, origin = checkpoint.get(key), f"{checkpoint.file_of(key)} ({key})"
@@ -132,8 +179,8 @@ class WordEmbedding(nnx.Module):
   word_embeddings.init_std is set. config.model.word_embeddings.init fills the
   table from a pretrained one instead, followed by a trained Linear to
   embed_dim when its width differs (Legommenders' `auto` transformation);
-  word_embeddings.frozen keeps the table (not the Linear) fixed in training,
-  which train.param_labels reads from the `word_table` name.
+  word_embeddings.frozen keeps the table (not the Linear) fixed in training
+  (its weights are variables.Frozen).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
@@ -148,6 +195,8 @@ class WordEmbedding(nnx.Module):
                                 rngs=rngs, **init)
     if table is not None:
       self.word_table.embedding[...] = jnp.asarray(table)
+    if config.model.word_embeddings.frozen:
+      variables.retype(self.word_table, variables.Frozen)
     self.proj = _hidden_projection(width, dim, dtype, rngs)
 
   def __call__(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
@@ -206,7 +255,7 @@ class PositionedEmbedding(nnx.Module):
 
 
 @ITEM_ENCODERS.register("cnn")
-class CNNItemEncoder(nnx.Module):
+class CNNItemEncoder(ItemEncoder):
   """NAML (Wu et al. 2019): a word CNN + additive attention per field, then
   additive attention across the fields.
   """
@@ -245,7 +294,7 @@ class CNNItemEncoder(nnx.Module):
 
 
 @ITEM_ENCODERS.register("self_attention")
-class SelfAttentionItemEncoder(nnx.Module):
+class SelfAttentionItemEncoder(ItemEncoder):
   """NRMS (Wu et al. 2019): word embeddings -> multi-head self-attention ->
   additive attention pooling, with dropout after embedding and attention.
   """
@@ -272,7 +321,7 @@ class SelfAttentionItemEncoder(nnx.Module):
 
 
 @ITEM_ENCODERS.register("fastformer")
-class FastformerItemEncoder(nnx.Module):
+class FastformerItemEncoder(ItemEncoder):
   """Fastformer news encoder: embeddings + positions -> Fastformer layers ->
   additive attention pooling.
   """
@@ -304,7 +353,7 @@ class FastformerItemEncoder(nnx.Module):
 
 
 @ITEM_ENCODERS.register("pooling")
-class PoolingItemEncoder(nnx.Module):
+class PoolingItemEncoder(ItemEncoder):
   """Masked mean of the word embeddings followed by a linear layer."""
 
   def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
@@ -324,7 +373,7 @@ class PoolingItemEncoder(nnx.Module):
 
 
 @ITEM_ENCODERS.register("transformer")
-class TransformerItemEncoder(nnx.Module):
+class TransformerItemEncoder(ItemEncoder):
   """A small Transformer trained from scratch: embeddings + learned positions
   -> pre-LN encoder layers -> final norm -> masked mean or first-token pooling
   (config.model.transformer.pooling: "mean" | "first").

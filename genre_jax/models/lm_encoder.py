@@ -31,9 +31,18 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from genre_jax import variables
 from genre_jax import workdir as workdir_lib
+from genre_jax.data import tokenize as tokenize_lib
 from genre_jax.data.types import Dataset, ItemInputSpec
 from genre_jax.errors import ConfigError, DataFormatError
+from genre_jax.lm import bert
+from genre_jax.lm import hf
+from genre_jax.lm import llama
+from genre_jax.lm import lora
+from genre_jax.lm import mlm
+from genre_jax.models.item_encoders import ItemEncoder
+from genre_jax.models.layers import compute_dtype
 from genre_jax.registry import ITEM_ENCODERS
 
 TEXT_FIELD = "lm_text"  # token ids [N+1, L] of the joined item text
@@ -44,14 +53,10 @@ HIDDEN_FIELD = "lm_hidden"  # cached hidden states [N+1, L, D_lm]
 
 
 def lm_path(config: ml_collections.ConfigDict) -> str:
-  from genre_jax.lm import hf
-
-  return config.model.lm.path or hf.default_lm_path()
+  return hf.model_dir(config.model.lm.path)
 
 
 def lm_kind(config: ml_collections.ConfigDict) -> str:
-  from genre_jax.lm import hf
-
   kind = config.model.lm.kind
   if kind == "auto":
     kind = hf.model_kind(lm_path(config))
@@ -67,25 +72,21 @@ def load_lm(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
   With `lm.init` set, the weights of a masked-LM pretraining run replace the
   directory's (the directory still gives the architecture and tokenizer).
   """
-  from genre_jax.models.layers import compute_dtype
-
   kind = lm_kind(config)
   dtype = compute_dtype(config)
-  if kind == "bert":
-    from genre_jax.lm import bert
-
-    lm, _ = bert.load_bert(lm_path(config), dtype=dtype,
-                           param_dtype=jnp.float32, rngs=rngs)
-  else:
-    from genre_jax.lm import llama
-
-    lm, _ = llama.load_llama(lm_path(config), dtype=dtype,
-                             param_dtype=jnp.float32, rngs=rngs)
+  load = bert.load_bert if kind == "bert" else llama.load_llama
+  lm, _ = load(lm_path(config), dtype=dtype, param_dtype=jnp.float32,
+               rngs=rngs)
   if config.model.lm.init:
-    from genre_jax.lm import mlm
-
     mlm.load_encoder_weights(config.model.lm.init, lm)
   return lm, kind
+
+
+def read_lm_config(config: ml_collections.ConfigDict):
+  """The architecture (hf.BertConfig | hf.LlamaConfig) of model.lm.path."""
+  read = (hf.read_bert_config if lm_kind(config) == "bert"
+          else hf.read_llama_config)
+  return read(lm_path(config))
 
 
 def tune_from(config: ml_collections.ConfigDict, num_layers: int) -> int:
@@ -103,18 +104,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   (max_len past the position table), or trains silently wrong (negative
   LoRA scale, dropout 1).
   """
-  from genre_jax.lm import hf
-
   lc = config.model.lm
-  lora = lc.lora
-  if int(lora.rank) != lora.rank or int(lora.rank) < 0:
-    raise ConfigError(f"config.model.lm.lora.rank={lora.rank}: must be an "
-                      "integer >= 0 (0 = no LoRA)")
-  if int(lora.rank) > 0 and not float(lora.alpha) > 0:
-    raise ConfigError(f"config.model.lm.lora.alpha={lora.alpha}: must be > 0")
-  if not 0 <= float(lora.dropout) < 1:
-    raise ConfigError(f"config.model.lm.lora.dropout={lora.dropout}: must be "
-                      "in [0, 1)")
+  lora_config = lc.lora
+  if int(lora_config.rank) != lora_config.rank or int(lora_config.rank) < 0:
+    raise ConfigError(f"config.model.lm.lora.rank={lora_config.rank}: must be "
+                      "an integer >= 0 (0 = no LoRA)")
+  if int(lora_config.rank) > 0 and not float(lora_config.alpha) > 0:
+    raise ConfigError(f"config.model.lm.lora.alpha={lora_config.alpha}: "
+                      "must be > 0")
+  if not 0 <= float(lora_config.dropout) < 1:
+    raise ConfigError(f"config.model.lm.lora.dropout={lora_config.dropout}: "
+                      "must be in [0, 1)")
   max_len = int(lc.max_len)
   if max_len < 1:
     raise ConfigError(f"config.model.lm.max_len={lc.max_len}: must be >= 1")
@@ -180,14 +180,42 @@ def pool(hidden: jax.Array, mask: jax.Array, how: str) -> jax.Array:
 
 
 @ITEM_ENCODERS.register("lm")
-class LMItemEncoder(nnx.Module):
-  """Pretrained LM -> pooled item vector -> projection to hidden_dim."""
+class LMItemEncoder(ItemEncoder):
+  """Pretrained LM -> pooled item vector -> projection to hidden_dim.
+
+  The LM's weights are variables.Pretrained (tuned at model.lm.lr); its
+  embeddings and layers below tune_from, or all of them under LoRA, are
+  variables.Frozen; the projection trains at train.lr.
+  """
+
+  @classmethod
+  def item_inputs(cls, config: ml_collections.ConfigDict, dataset: Dataset):
+    return item_inputs(config, dataset)
+
+  @classmethod
+  def random_inputs(cls, config: ml_collections.ConfigDict, num_items: int,
+                    length: int, vocab: int, rng: np.random.Generator):
+    """Random token ids of the LM's vocabulary, or random cached hidden
+    states when the frozen layers are cached; `vocab` is not used."""
+    del vocab
+    lm_config = read_lm_config(config)
+    if uses_cache(config):
+      field = HIDDEN_FIELD
+      table = rng.standard_normal(
+          (num_items + 1, length, lm_config.hidden_size),
+          dtype=np.float32).astype(_CACHE_DTYPES[config.model.lm.cache_dtype])
+    else:
+      field = TEXT_FIELD
+      table = rng.integers(1, lm_config.vocab_size, (num_items + 1, length),
+                           dtype=np.int32)
+    mask = np.ones((num_items + 1, length), bool)
+    mask[0] = False
+    spec = ItemInputSpec(vocab_size=0, fields=(field,), lengths=(length,),
+                         num_users=100)
+    return {"tokens": {field: table}, "masks": {field: mask}}, spec
 
   def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
                *, rngs: nnx.Rngs):
-    from genre_jax.lm import lora
-    from genre_jax.models.layers import compute_dtype
-
     lc = config.model.lm
     check_config(config)
     self.lm, self.kind = load_lm(config, rngs=rngs)
@@ -200,9 +228,12 @@ class LMItemEncoder(nnx.Module):
           f"item_encoder=lm reads '{TEXT_FIELD}' or '{HIDDEN_FIELD}' inputs, "
           f"got fields {spec.fields}; build them with "
           "genre_jax.models.lm_encoder.item_inputs")
+    variables.retype(self.lm, variables.Pretrained)
     for part in _frozen_parts(self.lm, self.tune_from) if self.tune_from else ():
       _freeze_dropout(part)
+      variables.retype(part, variables.Frozen)
     if int(lc.lora.rank) > 0:
+      variables.retype(self.lm, variables.Frozen)  # adapters only
       _check_lora_targets(self.lm, tuple(lc.lora.targets))
       for layer in list(self.lm.layers)[self.tune_from:]:
         lora.apply_lora(layer, tuple(lc.lora.targets), rank=int(lc.lora.rank),
@@ -234,32 +265,6 @@ class LMItemEncoder(nnx.Module):
     hidden = _final_norm(self.lm, hidden)
     pooled = pool(hidden, mask, self.pooling)  # [N, D_lm]
     return self.projection(pooled.astype(self.dtype))  # [N, hidden_dim]
-
-
-# --- Optimizer labels ---------------------------------------------------------
-
-
-def param_labels(config: ml_collections.ConfigDict, params):
-  """"rec" | "lm" | "frozen" for every parameter leaf (optax multi_transform)."""
-  n = int(config.model.lm.tune_from)
-  use_lora = int(config.model.lm.lora.rank) > 0
-
-  def label(path, _):
-    # Dict keys and list indices only: a Variable's own ".value" is dropped.
-    names = [str(k.key) if hasattr(k, "key") else str(k.idx)
-             for k in path if hasattr(k, "key") or hasattr(k, "idx")]
-    if len(names) < 2 or names[:2] != ["item_encoder", "lm"]:
-      return "rec"
-    if use_lora:
-      return "lm" if names[-1] in ("lora_a", "lora_b") else "frozen"
-    if "layers" in names:
-      layer = int(names[names.index("layers") + 1])
-      return "lm" if layer >= n else "frozen"
-    if names[2] in ("norm", "lm_head"):  # Llama's final norm / head
-      return "lm"
-    return "lm" if n == 0 else "frozen"  # embeddings
-
-  return jax.tree_util.tree_map_with_path(label, params)
 
 
 # --- Item inputs and the cache ----------------------------------------------
@@ -298,9 +303,8 @@ def tokenize_text(config: ml_collections.ConfigDict,
   Row 0 (the padding item) is all padding. Long texts are truncated keeping
   the closing special token, so BERT still sees [CLS] ... [SEP].
   """
-  from genre_jax.lm import hf
-
-  tokenizer = hf.load_tokenizer(lm_path(config))
+  tokenizer = tokenize_lib.load_tokenizer(lm_path(config),
+                                         field="config.model.lm.path")
   tokenizer.no_padding()
   tokenizer.no_truncation()
   max_len = int(config.model.lm.max_len)
@@ -322,12 +326,8 @@ def tokenize_text(config: ml_collections.ConfigDict,
 
 def _check_vocab(config: ml_collections.ConfigDict, ids: np.ndarray) -> None:
   """Token ids past the model's vocab_size would embed as NaN: refused."""
-  from genre_jax.lm import hf
-
   path = lm_path(config)
-  read = (hf.read_bert_config if lm_kind(config) == "bert"
-          else hf.read_llama_config)
-  vocab_size = int(read(path).vocab_size)
+  vocab_size = int(read_lm_config(config).vocab_size)
   top = int(ids.max()) if ids.size else 0
   if top >= vocab_size:
     raise DataFormatError(

@@ -1,4 +1,5 @@
-"""Parsing of LLM replies and loading of released GENRE generation files.
+"""Parsing of GENRE LLM replies (and each scheme's parser), and loading of
+released GENRE generation files.
 
 Every parser returns a `Parsed(value, status)`: `value` is None unless the
 reply was usable, and `status` says what happened, so a run can report how
@@ -14,15 +15,20 @@ import codecs
 import collections
 import dataclasses
 import enum
+import functools
 import json
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 
-from genre_jax.errors import DataFormatError
+from genre_jax.errors import ConfigError, DataFormatError
+
+SCHEMES = ("summarizer", "profiler", "generator", "chain")
+DOMAINS = ("news", "book")
 
 Reply = str | list | dict | None
+Profile = list[str] | dict[str, list[str]] | None
 
 
 class Status(str, enum.Enum):
@@ -414,6 +420,51 @@ def parse_profile(reply: Reply, fields: Sequence[str], *, max_items: int = 0,
   if not any(out.values()):
     return Parsed(None, Status.EMPTY)
   return Parsed(out, status)
+
+
+def reply_parser(name: str, domain: str, *, max_items: int = 10,
+                 max_chars: int = 1000) -> Callable[[Reply], Parsed]:
+  """The parser of scheme `name`'s replies ("summarizer" | "profiler" |
+  "generator" | "chain", the last two alike) in `domain` ("news" | "book").
+
+  Args:
+    name: scheme name.
+    domain: "news" (MIND fields) or "book" (Goodreads fields).
+    max_items: most phrases kept per profile list.
+    max_chars: longest kept text value (news titles: a third of it).
+
+  Raises:
+    ConfigError: for an unknown name or domain.
+  """
+  if name not in SCHEMES:
+    raise ConfigError(f"unknown GENRE scheme '{name}'; choose one of "
+                      f"{list(SCHEMES)}")
+  if domain not in DOMAINS:
+    raise ConfigError(f"unknown GENRE domain '{domain}'; choose one of "
+                      f"{list(DOMAINS)}")
+  if name == "summarizer":
+    tags = ("newtitle", "title") if domain == "news" else ("description",)
+    limit = max_chars // 3 if domain == "news" else max_chars
+    return functools.partial(parse_tagged, tags=tags, max_len=limit)
+  if name == "profiler":
+    if domain == "news":
+      return functools.partial(parse_profile, fields=("topics", "regions"),
+                               max_items=max_items, max_len=80)
+    return functools.partial(parse_list, max_items=max_items, max_len=80)
+  required = (("title", "abstract", "category") if domain == "news"
+              else ("title", "description"))
+  return functools.partial(parse_json_object, required=required,
+                           max_len=max_chars)
+
+
+def format_profile(profile: Profile) -> str:
+  """A profile (phrase list, or news dict of lists) as prompt text."""
+  if not profile:
+    return "(none)"
+  if isinstance(profile, dict):
+    return "\n".join(f"{name}: {', '.join(values) or '(none)'}"
+                     for name, values in profile.items())
+  return ", ".join(profile)
 
 
 class ParseSummary:

@@ -34,10 +34,9 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from genre_jax.data import genre_parsing as parsing
 from genre_jax.data import types
 from genre_jax.errors import ConfigError
-from genre_jax.genre import parsing
-from genre_jax.genre import prompts
 
 # Default side tables of the "release" source, by scheme.
 _RELEASE_TABLES = {"summarizer": "summarizer", "profiler": "profiler",
@@ -58,9 +57,9 @@ def domain_of(dataset: types.Dataset, genre_config) -> str:
   domain = str(genre_config.get("domain", "auto"))
   if domain == "auto":
     return "book" if "goodreads" in dataset.name else "news"
-  if domain not in prompts.DOMAINS:
+  if domain not in parsing.DOMAINS:
     raise ConfigError(f"config.data.genre.domain: '{domain}' is not auto, "
-                      f"{' or '.join(prompts.DOMAINS)}")
+                      f"{' or '.join(parsing.DOMAINS)}")
   return domain
 
 
@@ -87,13 +86,14 @@ def load_responses(dataset: types.Dataset, source: str, scheme: str
   return path, dict(parsing.load_generations(path, key))
 
 
-def _parse_all(responses: dict[str, Any], scheme: prompts.Scheme,
+def _parse_all(responses: dict[str, Any], scheme: str, domain: str,
                where: str) -> tuple[dict[str, Any], dict[str, int]]:
   """Usable parsed values by id, and the parse statuses counted."""
-  summary = parsing.ParseSummary(f"{scheme.name} ({where})")
+  parse = parsing.reply_parser(scheme, domain)
+  summary = parsing.ParseSummary(f"{scheme} ({where})")
   values = {}
   for subject, reply in responses.items():
-    parsed = summary.add(scheme.parse(reply))
+    parsed = summary.add(parse(reply))
     if parsed.status.usable:
       values[subject] = parsed.value
   summary.log()
@@ -223,9 +223,7 @@ def augment(dataset: types.Dataset,
                         "summary (a new field) or title (replace the title)")
     where, responses = load_responses(dataset, str(genre_config.summarizer),
                                       "summarizer")
-    values, statuses = _parse_all(responses,
-                                  prompts.get_scheme("summarizer", domain),
-                                  where)
+    values, statuses = _parse_all(responses, "summarizer", domain, where)
     titles = items.text["title"]
     summary = np.array([values.get(str(i), titles[k]) if k else ""
                         for k, i in enumerate(items.ids)], dtype=object)
@@ -241,10 +239,9 @@ def augment(dataset: types.Dataset,
   if genre_config.profiler:
     where, responses = load_responses(dataset, str(genre_config.profiler),
                                       "profiler")
-    values, statuses = _parse_all(responses,
-                                  prompts.get_scheme("profiler", domain), where)
+    values, statuses = _parse_all(responses, "profiler", domain, where)
     users = sorted(values)
-    texts = [prompts.format_profile(values[u]).replace("\n", "; ")
+    texts = [parsing.format_profile(values[u]).replace("\n", "; ")
              for u in users]
     rows = _append_items(items, [PROFILE_PREFIX + u for u in users],
                          {"title": texts, "summary": texts})
@@ -257,9 +254,7 @@ def augment(dataset: types.Dataset,
     report["generator"] = []
   for n, source in enumerate(generator_sources):
     where, responses = load_responses(dataset, str(source), "generator")
-    values, statuses = _parse_all(responses,
-                                  prompts.get_scheme("generator", domain),
-                                  where)
+    values, statuses = _parse_all(responses, "generator", domain, where)
     users = sorted(values)
     titles = [str(values[u].get("title", "")) for u in users]
     bodies = [str(values[u].get("description", values[u].get("abstract", "")))

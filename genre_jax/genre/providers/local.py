@@ -1,9 +1,5 @@
-"""The `local` GENRE provider: generation with the Flax Llama decoder.
-
-From any local Hugging Face Llama-family directory: batched greedy or top-p
-sampling with the KV cache, EOS ids and stop strings, one jitted decode
-step. Registered in providers.PROVIDERS, which imports this module (and so
-JAX) only when a local provider is built.
+"""The `local` GENRE provider: batched generation with the Flax Llama decoder
+from a local Hugging Face model dir (imported, with JAX, only when built).
 """
 
 from __future__ import annotations
@@ -19,10 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genre_jax.data import tokenize as tokenize_lib
 from genre_jax.errors import ConfigError
-from genre_jax.genre.providers import (Prompt, Provider, ReplyCache,
-                                       request_fingerprint)
-from genre_jax.lm import hf
+from genre_jax.genre.providers.base import (Prompt, Provider, ReplyCache,
+                                            request_fingerprint)
 from genre_jax.lm import llama
 
 
@@ -157,7 +153,10 @@ class LocalProvider(Provider):
     self.dtype = jnp.dtype(dtype)
     self.model, self.config = llama.load_llama(
         str(self.model_dir), dtype=self.dtype, rngs=nnx.Rngs(seed))
-    self.tokenizer = hf.load_tokenizer(self.model_dir)
+    self.tokenizer = tokenize_lib.load_tokenizer(str(self.model_dir),
+                                                 field="local provider")
+    self.tokenizer.no_padding()
+    self.tokenizer.no_truncation()
     self.render = (chat_renderer(self.model_dir) if chat_template else None)
     self.add_special_tokens = self.render is None
     self.render = self.render or render_plain

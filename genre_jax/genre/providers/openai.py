@@ -1,32 +1,12 @@
-"""LLM providers for GENRE: one `generate(prompts) -> replies` interface.
-
-Three providers, registered by name in `PROVIDERS`:
-
-  replay  serves released generations (the Goodreads GENRE files, the MIND
-          `id<TAB>response` layout, or files written by generate.py) by key.
-  openai  any OpenAI-compatible /v1/chat/completions endpoint, standard
-          library only: bounded thread concurrency, a token-bucket rate limit,
-          retries with exponential backoff and jitter, and a resumable
-          append-only JSONL cache so no answered prompt is ever asked again.
-  local   batched generation with the Flax Llama decoder (local_provider.py,
-          imported only when used): greedy or top-p sampling, EOS and stop
-          strings, a jitted decode step.
-
-A prompt key is "scheme:domain:id" (e.g. "summarizer:book:B123"); providers
-return replies in the order of the prompts given.
-"""
+"""The `openai` provider: any OpenAI-compatible /v1/chat/completions endpoint,
+standard library only (threads, rate limit, retries, resumable reply cache)."""
 
 from __future__ import annotations
 
-import abc
-import collections
 import concurrent.futures
-import dataclasses
-import hashlib
 import http.client
 import json
 import os
-import pathlib
 import random
 import socket
 import threading
@@ -37,161 +17,10 @@ from typing import Any, Sequence
 
 from absl import logging
 
-from genre_jax.errors import ConfigError, DataFormatError
-from genre_jax.genre import parsing
-from genre_jax.registry import Registry
-
-PROVIDERS = Registry("GENRE provider")
-
-
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-  """One request: a stable key, the system prompt and the user prompt."""
-
-  key: str
-  system: str
-  user: str
-
-
-class ProviderError(RuntimeError):
-  """Some prompts got no answer (the answers that did arrive are kept)."""
-
-  def __init__(self, message: str, failed: Sequence[str]):
-    super().__init__(message)
-    self.failed = list(failed)
-
-
-class Provider(abc.ABC):
-  """Turns prompts into raw reply strings, one per prompt, in order."""
-
-  def __init__(self):
-    self.stats: collections.Counter[str] = collections.Counter()
-
-  @abc.abstractmethod
-  def generate(self, prompts: Sequence[Prompt]) -> list[str]:
-    """The raw replies to `prompts`, aligned with them."""
-
-
-def get_provider(name: str, **kwargs) -> Provider:
-  """Builds the provider registered as `name` with its keyword arguments."""
-  return PROVIDERS.get(name)(**kwargs)
-
-
-def split_key(key: str) -> tuple[str, str, str]:
-  """(scheme, domain, id) of a prompt key; a bare id gives ("", "", id)."""
-  parts = key.split(":", 2)
-  if len(parts) != 3:
-    return "", "", key
-  return parts[0], parts[1], parts[2]
-
-
-# --- replay -------------------------------------------------------------------
-
-# Id field of JSONL generation rows, by scheme (the rest are per user).
-_ID_FIELD = {"summarizer": "item_id"}
-
-
-def id_field(scheme: str) -> str:
-  """The JSONL id field of a scheme's generation file."""
-  return _ID_FIELD.get(scheme, "user_id")
-
-
-def valid_utf8(text: str) -> str:
-  """`text` with unencodable code points (lone surrogates) as "?".
-
-  JSON may escape half a surrogate pair ("\\ud83d"); such a string cannot be
-  written as UTF-8, so every reply is made writable before anyone stores it.
-  """
-  return text.encode("utf-8", "replace").decode("utf-8")
-
-
-def request_fingerprint(settings: dict[str, Any], prompt: Prompt) -> str:
-  """A short hash of everything that shapes the answer to `prompt`: the
-  provider's model and sampling `settings`, and the prompt's texts."""
-  request = {**settings, "system": prompt.system, "user": prompt.user}
-  text = json.dumps(request, sort_keys=True, ensure_ascii=True)
-  return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:16]
-
-
-def _as_text(response: Any) -> str:
-  """A released response as reply text (lists and objects as JSON)."""
-  if not isinstance(response, str):
-    response = json.dumps(response, ensure_ascii=False)
-  return valid_utf8(response)
-
-
-@PROVIDERS.register("replay")
-class ReplayProvider(Provider):
-  """Serves released generations by key instead of asking an LLM.
-
-  `path` is one generation file (its replies serve every scheme) or a folder
-  holding one file per scheme: `files[scheme]` if given, else the first of
-  `{scheme}.jsonl`, `{scheme}.tsv`, `{scheme}_*.jsonl` (sorted; so
-  "generator" finds the Goodreads `generator_v1.jsonl`), `*.{scheme}.jsonl`
-  (a chain run's profiler step, `chain.profiler.jsonl`, so a chain run's
-  folder replays as it is). A key whose id has
-  no reply is counted (`stats["missing"]`) and answered with "" (parsed as
-  empty), or, when `strict`, raises ProviderError (which run.py reports in
-  one line) naming the keys and files.
-  """
-
-  def __init__(self, path: str, *, files: dict[str, str] | None = None,
-               strict: bool = False):
-    super().__init__()
-    self.path = pathlib.Path(path).expanduser()
-    if not self.path.exists():
-      raise ConfigError(f"replay path {self.path} does not exist")
-    self.files = dict(files or {})
-    self.strict = strict
-    self._tables: dict[str, parsing.Generations] = {}
-
-  def _file_for(self, scheme: str) -> pathlib.Path:
-    if self.path.is_file():
-      return self.path
-    if scheme in self.files:
-      candidates = [self.path / self.files[scheme]]
-    else:
-      candidates = [self.path / f"{scheme}.jsonl", self.path / f"{scheme}.tsv"]
-      candidates += sorted(self.path.glob(f"{scheme}_*.jsonl"))
-      # A chain run's profiler step: <out>.profiler.jsonl.
-      candidates += sorted(self.path.glob(f"*.{scheme}.jsonl"))
-    for candidate in candidates:
-      if candidate.is_file():
-        return candidate
-    raise ConfigError(f"replay: no generation file for scheme '{scheme}' in "
-                      f"{self.path} (tried {[c.name for c in candidates]})")
-
-  def _table(self, scheme: str) -> parsing.Generations:
-    if scheme not in self._tables:
-      path = self._file_for(scheme)
-      self._tables[scheme] = parsing.load_generations(str(path),
-                                                      id_field(scheme))
-      logging.info("replay: %d replies for '%s' from %s",
-                    len(self._tables[scheme]), scheme, path)
-    return self._tables[scheme]
-
-  def generate(self, prompts: Sequence[Prompt]) -> list[str]:
-    replies, missing = [], {}
-    for prompt in prompts:
-      scheme, _, subject = split_key(prompt.key)
-      table = self._table(scheme)
-      if subject in table:
-        self.stats["served"] += 1
-        replies.append(_as_text(table[subject]))
-        continue
-      self.stats["missing"] += 1
-      missing.setdefault(prompt.key, table.path)
-      replies.append("")
-    if missing and self.strict:
-      key, path = next(iter(missing.items()))
-      raise ProviderError(
-          f"replay: no reply for '{key}' in {path} ({len(missing)} of "
-          f"{len(prompts)} prompts have none; strict=False answers them with "
-          f"\"\", parsed as empty)", list(missing))
-    return replies
-
-
-# --- openai -------------------------------------------------------------------
+from genre_jax.errors import ConfigError
+from genre_jax.genre.providers.base import (PROVIDERS, Prompt, Provider,
+                                            ProviderError, ReplyCache,
+                                            request_fingerprint, valid_utf8)
 
 
 class TokenBucket:
@@ -219,93 +48,6 @@ class TokenBucket:
           return
         wait = (1.0 - self._tokens) / self.rate
       time.sleep(wait)
-
-
-class ReplyCache:
-  """Append-only JSONL of answered prompts.
-
-  Rows are {"key", "fingerprint", "response", "model"}. An answer is served
-  only for the same key and request fingerprint (model, prompt texts and
-  sampling settings: see `request_fingerprint`), so re-running with
-  another model or prompt wording asks again, and one file can hold the
-  answers of several. Rows without a fingerprint (written by older versions)
-  or with an empty response are never served; they are counted in
-  `ignored`.
-
-  Every answer is written as one line, flushed and fsync'd at once, so a
-  crash loses at most the line being written. On open, a line that is not
-  valid JSON (a torn write) is skipped and counted in `torn`; later answers
-  start on a fresh line. Duplicate (key, fingerprint) rows keep the last.
-  """
-
-  def __init__(self, path: str):
-    self.path = pathlib.Path(path).expanduser()
-    self.answers: dict[tuple[str, str], str] = {}
-    self.torn = 0
-    self.ignored = 0
-    self._lock = threading.Lock()
-    if self.path.exists():
-      self._read()
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    self._file = open(self.path, "a+b")
-    self._file.seek(0, os.SEEK_END)
-    if self._file.tell():
-      self._file.seek(-1, os.SEEK_END)
-      if self._file.read(1) != b"\n":
-        self._file.write(b"\n")
-        self._file.flush()
-
-  def _read(self) -> None:
-    with open(self.path, encoding="utf-8", errors="replace") as f:
-      for lineno, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError:
-          self.torn += 1
-          logging.warning("%s:%d: unreadable cache line (torn write?), "
-                          "skipped", self.path, lineno)
-          continue
-        for field in ("key", "response"):
-          if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise DataFormatError(self.path, lineno, field,
-                                  "a cache row needs a string here")
-        fingerprint = row.get("fingerprint")
-        if fingerprint is not None and not isinstance(fingerprint, str):
-          raise DataFormatError(self.path, lineno, "fingerprint",
-                                "a cache row needs a string here")
-        if not fingerprint or not row["response"]:
-          self.ignored += 1
-          continue
-        self.answers[row["key"], fingerprint] = row["response"]
-    if self.ignored:
-      logging.warning("%s: %d cache rows have no request fingerprint (an "
-                      "older format) or no answer; they are not served, "
-                      "their prompts are asked again", self.path,
-                      self.ignored)
-
-  def get(self, key: str, fingerprint: str) -> str | None:
-    """The cached answer to `key` asked as `fingerprint`, else None."""
-    return self.answers.get((key, fingerprint))
-
-  def add(self, key: str, fingerprint: str, response: str,
-          model: str) -> None:
-    """Appends one answer (made valid UTF-8) and syncs it to disk."""
-    if not response:
-      raise ValueError(f"'{key}': an empty answer is never cached")
-    response = valid_utf8(response)
-    line = json.dumps({"key": key, "fingerprint": fingerprint,
-                       "response": response, "model": model},
-                      ensure_ascii=False) + "\n"
-    with self._lock:
-      self._file.write(line.encode("utf-8", "replace"))
-      self._file.flush()
-      os.fsync(self._file.fileno())
-      self.answers[key, fingerprint] = response
-
-  def close(self) -> None:
-    self._file.close()
 
 
 class _NotAsked(RuntimeError):
@@ -611,13 +353,3 @@ class OpenAIProvider(Provider):
   def close(self) -> None:
     if self.cache is not None:
       self.cache.close()
-
-
-# --- local --------------------------------------------------------------------
-
-
-@PROVIDERS.register("local")
-def _local_provider(**kwargs) -> Provider:
-  """local_provider.LocalProvider, imported on use: it loads JAX and Flax."""
-  from genre_jax.genre import local_provider  # pylint: disable=g-import-not-at-top
-  return local_provider.LocalProvider(**kwargs)
