@@ -24,6 +24,7 @@ import numpy as np
 
 from genre_jax.data import tokenize as tokenize_lib
 from genre_jax.lm import bert
+from genre_jax.lm import families
 from genre_jax.lm import hf
 from genre_jax.lm import llama
 from genre_jax.errors import exit_on_input_error
@@ -115,7 +116,7 @@ def main(argv):
   if _NUM_TITLES.value < 1:  # 0 used to read every title of news.tsv
     raise app.UsageError(f"--num_titles={_NUM_TITLES.value}: must be >= 1")
   path = _LM_PATH.value or hf.model_dir()
-  kind = hf.model_kind(path) if _KIND.value == "auto" else _KIND.value
+  kind = families.family_of(path).name if _KIND.value == "auto" else _KIND.value
   titles, source = read_titles(_DATA_DIR.value, _NUM_TITLES.value)
   tokenizer = tokenize_lib.load_tokenizer(path)
   ids, mask = hf.tokenize(tokenizer, titles, max_len=_MAX_LEN.value)

@@ -116,6 +116,14 @@ class BertEncoder(nnx.Module):
   def num_layers(self) -> int:
     return len(self.layers)
 
+  def embedding_modules(self) -> list[nnx.Module]:
+    """What runs below layer 0 (frozen with the lower layers)."""
+    return [self.embeddings]
+
+  def final_norm(self, hidden: jax.Array) -> jax.Array:
+    """BERT's layers end post-norm: the last hidden state is final."""
+    return hidden
+
   def embed(self, input_ids: jax.Array,
             token_type_ids: jax.Array | None = None) -> jax.Array:
     """Embeds [B, L] token ids (segment 0 by default) to [B, L, D]."""

@@ -120,6 +120,7 @@ class LlamaConfig:
   hidden_act: str
 
 
+# model_type values each config reader accepts (lm/families.py maps them).
 BERT_MODEL_TYPES = ("bert",)
 LLAMA_MODEL_TYPES = ("llama",)
 # `hidden_act` names of Hugging Face configs -> the JAX function each means.
@@ -145,20 +146,6 @@ def read_config_json(model_dir: str | pathlib.Path) -> dict[str, Any]:
   if not isinstance(config, dict):
     raise DataFormatError(path, None, None, "expected a JSON object")
   return config
-
-
-def model_kind(model_dir: str | pathlib.Path) -> str:
-  """'bert' or 'llama', from the `model_type` of the directory's config."""
-  config = read_config_json(model_dir)
-  model_type = config.get("model_type")
-  if model_type in BERT_MODEL_TYPES:
-    return "bert"
-  if model_type in LLAMA_MODEL_TYPES:
-    return "llama"
-  raise DataFormatError(
-      pathlib.Path(model_dir) / CONFIG_FILE, None, "model_type",
-      f"unsupported model type {model_type!r}; supported: "
-      f"{BERT_MODEL_TYPES + LLAMA_MODEL_TYPES}")
 
 
 class _Fields:

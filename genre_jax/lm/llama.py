@@ -233,6 +233,14 @@ class LlamaDecoder(nnx.Module):
                                                           jax.Array]:
     return _rotary(rope_inverse_frequencies(self.config), positions, dtype)
 
+  def embedding_modules(self) -> list[nnx.Module]:
+    """What runs below layer 0 (frozen with the lower layers)."""
+    return [self.embed_tokens]
+
+  def final_norm(self, hidden: jax.Array) -> jax.Array:
+    """The decoder's last hidden state is RMS-normed."""
+    return self.norm(hidden)
+
   def embed(self, input_ids: jax.Array) -> jax.Array:
     """Token ids [B, L] -> embeddings [B, L, D]."""
     return self.embed_tokens(input_ids)

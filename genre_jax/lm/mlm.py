@@ -27,6 +27,7 @@ from genre_jax import checkpoint as ckpt_lib
 from genre_jax import workdir as workdir_lib
 from genre_jax.errors import ConfigError
 from genre_jax.lm import bert
+from genre_jax.lm import families
 from genre_jax.lm import hf
 
 IGNORE = -1  # target of positions that are not predicted
@@ -101,9 +102,10 @@ def build_mlm(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs
   head.
   """
   path = hf.model_dir(config.model.lm.path)
-  if hf.model_kind(path) != "bert":
+  family = families.family_of(path).name
+  if family != "bert":
     raise ConfigError(f"masked-LM pretraining needs a BERT-family model; "
-                      f"{path} is '{hf.model_kind(path)}'")
+                      f"{path} is '{family}'")
   if config.pretrain.from_scratch:
     cfg = hf.read_bert_config(path)
     return BertForMaskedLM(bert.BertEncoder(cfg, rngs=rngs),

@@ -28,6 +28,7 @@ from genre_jax import variables
 from genre_jax.data import tokenize
 from genre_jax.data.types import Dataset, ItemInputSpec
 from genre_jax.errors import ConfigError
+from genre_jax.lm import families
 from genre_jax.lm import hf
 from genre_jax.models import layers
 from genre_jax.registry import ITEM_ENCODERS
@@ -122,11 +123,11 @@ def pretrained_word_table(config: ml_collections.ConfigDict,
           "vocabulary, so its token ids are not the table's rows: set "
           f"--config.data.tokenizer={os.path.join(path, hf.TOKENIZER_FILE)}")
     kind = config.model.lm.kind
-    kind = hf.model_kind(path) if kind == "auto" else kind
-    anchor = ("embeddings.word_embeddings.weight" if kind == "bert"
-              else "embed_tokens.weight")
+    family = (families.family_of(path) if kind == "auto"
+              else families.get(kind))
+    anchor = family.embeddings_key
     checkpoint = hf.Checkpoint(path)
-    key = hf.find_prefix(checkpoint, anchor, ("", "bert.", "model.")) + anchor
+    key = hf.find_prefix(checkpoint, anchor, family.prefixes) + anchor
     table, origin = checkpoint.get(key), f"{checkpoint.file_of(key)} ({key})"
   elif source.endswith(".npy"):
     try:

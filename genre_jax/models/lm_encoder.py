@@ -36,9 +36,8 @@ from genre_jax import workdir as workdir_lib
 from genre_jax.data import tokenize as tokenize_lib
 from genre_jax.data.types import Dataset, ItemInputSpec
 from genre_jax.errors import ConfigError, DataFormatError
-from genre_jax.lm import bert
+from genre_jax.lm import families
 from genre_jax.lm import hf
-from genre_jax.lm import llama
 from genre_jax.lm import lora
 from genre_jax.lm import mlm
 from genre_jax.models.item_encoders import ItemEncoder
@@ -56,14 +55,19 @@ def lm_path(config: ml_collections.ConfigDict) -> str:
   return hf.model_dir(config.model.lm.path)
 
 
-def lm_kind(config: ml_collections.ConfigDict) -> str:
+def lm_family(config: ml_collections.ConfigDict) -> families.Family:
+  """The family of model.lm.path: model.lm.kind, or (auto) its model_type."""
   kind = config.model.lm.kind
   if kind == "auto":
-    kind = hf.model_kind(lm_path(config))
-  if kind not in ("bert", "llama"):
-    raise ConfigError(f"config.model.lm.kind: '{kind}' is not bert, llama "
-                      "or auto")
-  return kind
+    return families.family_of(lm_path(config))
+  if kind not in families.FAMILIES:
+    raise ConfigError(f"config.model.lm.kind: '{kind}' is not auto or one of "
+                      f"{sorted(families.FAMILIES)}")
+  return families.get(kind)
+
+
+def lm_kind(config: ml_collections.ConfigDict) -> str:
+  return lm_family(config).name
 
 
 def load_lm(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
@@ -72,21 +76,18 @@ def load_lm(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
   With `lm.init` set, the weights of a masked-LM pretraining run replace the
   directory's (the directory still gives the architecture and tokenizer).
   """
-  kind = lm_kind(config)
-  dtype = compute_dtype(config)
-  load = bert.load_bert if kind == "bert" else llama.load_llama
-  lm, _ = load(lm_path(config), dtype=dtype, param_dtype=jnp.float32,
-               rngs=rngs)
+  family = lm_family(config)
+  kind = family.name
+  lm, _ = family.load(lm_path(config), dtype=compute_dtype(config),
+                      param_dtype=jnp.float32, rngs=rngs)
   if config.model.lm.init:
     mlm.load_encoder_weights(config.model.lm.init, lm)
   return lm, kind
 
 
 def read_lm_config(config: ml_collections.ConfigDict):
-  """The architecture (hf.BertConfig | hf.LlamaConfig) of model.lm.path."""
-  read = (hf.read_bert_config if lm_kind(config) == "bert"
-          else hf.read_llama_config)
-  return read(lm_path(config))
+  """The architecture config (hf.BertConfig, ...) of model.lm.path."""
+  return lm_family(config).read_config(lm_path(config))
 
 
 def tune_from(config: ml_collections.ConfigDict, num_layers: int) -> int:
@@ -118,8 +119,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   max_len = int(lc.max_len)
   if max_len < 1:
     raise ConfigError(f"config.model.lm.max_len={lc.max_len}: must be >= 1")
-  if lm_kind(config) == "bert":
-    limit = hf.read_bert_config(lm_path(config)).max_position_embeddings
+  if not lm_family(config).causal:  # absolute positions: a hard limit
+    limit = read_lm_config(config).max_position_embeddings
     if max_len > limit:
       raise ConfigError(
           f"config.model.lm.max_len={max_len}: must be <= {limit}, the "
@@ -138,8 +139,7 @@ def _freeze_dropout(module: nnx.Module) -> None:
 
 
 def _frozen_parts(lm, n: int):
-  return [lm.embeddings if hasattr(lm, "embeddings") else lm.embed_tokens,
-          *list(lm.layers)[:n]]
+  return [*lm.embedding_modules(), *list(lm.layers)[:n]]
 
 
 def _check_lora_targets(lm, targets: tuple[str, ...]) -> None:
@@ -152,12 +152,6 @@ def _check_lora_targets(lm, targets: tuple[str, ...]) -> None:
   if unknown or not targets:
     raise ConfigError(f"config.model.lm.lora.targets: {unknown or '()'} "
                       f"name no Linear layer of the LM; choose from {valid}")
-
-
-def _final_norm(lm, hidden):
-  """Llama's last hidden state is RMS-normed; BERT's is already post-norm."""
-  norm = getattr(lm, "norm", None)
-  return norm(hidden) if norm is not None else hidden
 
 
 # --- The encoder ------------------------------------------------------------
@@ -262,7 +256,7 @@ class LMItemEncoder(ItemEncoder):
       if self.tune_from > 0:
         hidden = jax.lax.stop_gradient(hidden)
     hidden = self.lm.run_layers(hidden, mask, self.tune_from, self.num_layers)
-    hidden = _final_norm(self.lm, hidden)
+    hidden = self.lm.final_norm(hidden)
     pooled = pool(hidden, mask, self.pooling)  # [N, D_lm]
     return self.projection(pooled.astype(self.dtype))  # [N, hidden_dim]
 
