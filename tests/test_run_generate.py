@@ -138,3 +138,103 @@ def test_openai_endpoint_down_is_a_clear_error_and_writes_nothing(
   assert "Connection refused" in result.stderr
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "w" / "summarizer.jsonl").exists()
+
+
+# Chat templates as Qwen2-Instruct and Mistral-7B-Instruct-v0.1 ship them;
+# Mistral's refuses a system message (the provider folds it into the user's).
+_QWEN2_CHAT = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] "
+    "!= 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant."
+    "<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' "
+    "+ message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if "
+    "add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+_MISTRAL_CHAT = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == "
+    "'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation "
+    "roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + "
+    "' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ "
+    "message['content'] + eos_token}}{% else %}{{ raise_exception('Only user "
+    "and assistant roles are supported!') }}{% endif %}{% endfor %}")
+
+
+def _hf_chat_greedy(model_dir, root, data_dir, limit, max_new_tokens,
+                    fold_system):
+  """transformers' greedy replies to the first `limit` summarizer prompts
+  of the dataset, rendered by transformers' apply_chat_template."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from genre_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from genre_jax.config import load_preset  # pylint: disable=g-import-not-at-top
+  from genre_jax.genre import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  from genre_jax.genre import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+  from genre_jax.genre.providers import local  # pylint: disable=g-import-not-at-top
+  config = load_preset("nrms")
+  config.data.name = "goodreads_genre"
+  config.data.path = str(root)
+  config.data.data_dir = str(data_dir)
+  dataset = data_lib.load_dataset(config.data)
+  scheme = prompts_lib.steps("summarizer", "book")[-1]
+  item_ids = [str(i) for i in dataset.items.ids[1:limit + 1]]
+  items = generate_lib.item_dicts(dataset)[1:limit + 1]
+  chat = transformers.AutoTokenizer.from_pretrained(model_dir)
+  tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+  render = local.chat_renderer(model_dir)
+  encodings = []
+  for item in items:
+    system, user = scheme.system, scheme.build(item)
+    messages = ([{"role": "user", "content": f"{system}\n\n{user}"}]
+                if fold_system else [{"role": "system", "content": system},
+                                     {"role": "user", "content": user}])
+    text = chat.apply_chat_template(messages, tokenize=False,
+                                    add_generation_prompt=True)
+    assert render(system, user) == text
+    encodings.append(tokenizer.encode(text, add_special_tokens=False).ids)
+  model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+  eos = model.generation_config.eos_token_id
+  length = max(map(len, encodings))
+  ids = torch.zeros((len(encodings), length), dtype=torch.long)
+  mask = torch.zeros((len(encodings), length), dtype=torch.long)
+  for row, tokens in enumerate(encodings):
+    ids[row, length - len(tokens):] = torch.tensor(tokens)
+    mask[row, length - len(tokens):] = 1
+  with torch.no_grad():
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                         max_new_tokens=max_new_tokens, pad_token_id=0)
+  replies = {}
+  for item_id, row in zip(item_ids, out[:, length:].tolist()):
+    row = row[:row.index(eos)] if eos in row else row
+    replies[item_id] = tokenizer.decode(row, skip_special_tokens=True).strip()
+  return replies, min(map(len, encodings))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+def test_local_qwen2_and_mistral_match_transformers(tmp_path, make_tiny_mind,
+                                                    model_type):
+  from tests.helpers import build_tiny_causal_lm  # pylint: disable=g-import-not-at-top
+  root = make_tiny_mind(tmp_path / "tiny")
+  if model_type == "qwen2":
+    model_dir = build_tiny_causal_lm(
+        tmp_path / model_type, "qwen2", vocab_size=160,
+        special_tokens=("<|im_start|>", "<|im_end|>"),
+        eos_token="<|im_end|>", chat_template=_QWEN2_CHAT)
+  else:  # A window shorter than every prompt.
+    model_dir = build_tiny_causal_lm(
+        tmp_path / model_type, "mistral", vocab_size=160,
+        special_tokens=("[INST]", "[/INST]"), chat_template=_MISTRAL_CHAT,
+        sliding_window=8)
+  summary, rows, _ = _generate(
+      root, tmp_path / "w", "--generate.provider=local",
+      f"--generate.local.model_dir={model_dir}", "--generate.limit=3",
+      "--generate.local.max_new_tokens=5", "--generate.local.batch_size=2",
+      scheme="summarizer")
+  expected, shortest = _hf_chat_greedy(
+      model_dir, root, tmp_path / "w" / "data", limit=3, max_new_tokens=5,
+      fold_system=model_type == "mistral")
+  assert {r["item_id"]: r["response"] for r in rows} == expected
+  assert all(expected.values())
+  assert summary["count"] == 3
+  if model_type == "mistral":
+    assert shortest > 8  # The sliding window is in play.

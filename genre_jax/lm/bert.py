@@ -1,4 +1,6 @@
-"""A BERT encoder in Flax NNX that computes exactly what HF `BertModel` does.
+"""A BERT encoder in Flax NNX that computes exactly what HF `BertModel` does
+(and `RobertaModel` / `XLMRobertaModel`: the same network, with position ids
+that count the non-padding tokens from `pad_token_id + 1`).
 
 The forward pass is split as `embed` then `run_layers(start, stop)`, so lower
 layers can be run once and their outputs cached while upper layers train.
@@ -28,10 +30,21 @@ def _layer_norm(cfg: BertConfig, dtype, param_dtype, rngs) -> nnx.LayerNorm:
                        param_dtype=param_dtype, rngs=rngs)
 
 
+def position_ids(cfg: BertConfig, input_ids: jax.Array) -> jax.Array:
+  """Position ids of token ids [B, L]: [1, L] 0, 1, ... for BERT; [B, L] for
+  RoBERTa, pad_token_id + 1, + 2, ... over the non-padding ids and
+  pad_token_id on padding (HF `create_position_ids_from_input_ids`)."""
+  if not cfg.roberta_positions:
+    return jnp.arange(input_ids.shape[1])[None]
+  real = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+  return jnp.cumsum(real, axis=1) * real + cfg.pad_token_id
+
+
 class BertEmbeddings(nnx.Module):
   """Word + position + token-type embeddings, then LayerNorm and dropout."""
 
   def __init__(self, cfg: BertConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.config = cfg
     init = nnx.initializers.normal(0.02)
     embed = functools.partial(nnx.Embed, features=cfg.hidden_size, dtype=dtype,
                               param_dtype=param_dtype, embedding_init=init,
@@ -45,9 +58,9 @@ class BertEmbeddings(nnx.Module):
 
   def __call__(self, input_ids: jax.Array,
                token_type_ids: jax.Array) -> jax.Array:
-    positions = jnp.arange(input_ids.shape[1])  # [L]
+    positions = position_ids(self.config, input_ids)  # [B or 1, L]
     x = (self.word_embeddings(input_ids)
-         + self.position_embeddings(positions)[None]
+         + self.position_embeddings(positions)
          + self.token_type_embeddings(token_type_ids))  # [B, L, D]
     return self.dropout(self.layer_norm(x))
 
@@ -100,7 +113,8 @@ class BertLayer(nnx.Module):
 
 
 class BertEncoder(nnx.Module):
-  """HF `BertModel` without the pooler: token ids -> last hidden state."""
+  """HF `BertModel` (or `RobertaModel`) without the pooler: token ids -> last
+  hidden state."""
 
   def __init__(self, cfg: BertConfig, *, dtype=jnp.float32, param_dtype=None,
                rngs: nnx.Rngs):
@@ -128,8 +142,9 @@ class BertEncoder(nnx.Module):
             token_type_ids: jax.Array | None = None) -> jax.Array:
     """Embeds [B, L] token ids (segment 0 by default) to [B, L, D]."""
     length = input_ids.shape[1]
-    if length > self.config.max_position_embeddings:
-      raise ValueError(f"sequence length {length} exceeds "
+    if length > self.config.max_length:
+      raise ValueError(f"sequence length {length} exceeds the "
+                       f"{self.config.max_length} positions of "
                        f"max_position_embeddings "
                        f"{self.config.max_position_embeddings}")
     if token_type_ids is None:
@@ -202,8 +217,9 @@ def load_bert(path: str | pathlib.Path, *, dtype=jnp.float32,
                                                          BertConfig]:
   """Loads a BERT model directory (config.json + safetensors).
 
-  Accepts `BertModel` checkpoints and head models that prefix the backbone
-  with `bert.`; pooler and head weights are ignored.
+  Accepts `BertModel` / `RobertaModel` checkpoints and head models that
+  prefix the backbone with `bert.` or `roberta.`; pooler and head weights are
+  ignored.
 
   Args:
     path: the Hugging Face model directory.
@@ -217,7 +233,7 @@ def load_bert(path: str | pathlib.Path, *, dtype=jnp.float32,
   cfg = hf.read_bert_config(path)
   checkpoint = hf.Checkpoint(path)
   prefix = hf.find_prefix(checkpoint, "embeddings.word_embeddings.weight",
-                          ("", "bert."))
+                          ("", "bert.", "roberta."))
   hf.check_layer_count(checkpoint, f"{prefix}encoder.layer.", cfg.num_layers,
                        pathlib.Path(path) / hf.CONFIG_FILE)
   model = hf.build_from_checkpoint(

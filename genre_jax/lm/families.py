@@ -17,6 +17,7 @@ from genre_jax.errors import DataFormatError
 from genre_jax.lm import bert
 from genre_jax.lm import hf
 from genre_jax.lm import llama
+from genre_jax.lm import opt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +42,16 @@ def register(family: Family) -> Family:
   return family
 
 
-register(Family("bert", ("bert",), hf.read_bert_config, bert.load_bert,
-                causal=False, embeddings_key="embeddings.word_embeddings.weight",
-                prefixes=("", "bert.")))
-register(Family("llama", ("llama",), hf.read_llama_config, llama.load_llama,
-                causal=True, embeddings_key="embed_tokens.weight",
-                prefixes=("", "model.")))
+register(Family("bert", hf.BERT_MODEL_TYPES, hf.read_bert_config,
+                bert.load_bert, causal=False,
+                embeddings_key="embeddings.word_embeddings.weight",
+                prefixes=("", "bert.", "roberta.")))
+register(Family("llama", hf.LLAMA_MODEL_TYPES, hf.read_llama_config,
+                llama.load_llama, causal=True,
+                embeddings_key="embed_tokens.weight", prefixes=("", "model.")))
+register(Family("opt", opt.MODEL_TYPES, opt.read_opt_config, opt.load_opt,
+                causal=True, embeddings_key=opt.EMBEDDINGS_KEY,
+                prefixes=opt.PREFIXES))
 
 
 def supported_model_types() -> list[str]:

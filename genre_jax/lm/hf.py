@@ -82,10 +82,20 @@ class BertConfig:
   hidden_dropout: float
   attention_dropout: float
   pad_token_id: int
+  # RoBERTa: position ids count the non-padding token ids from
+  # pad_token_id + 1 (HF `create_position_ids_from_input_ids`); BERT: 0, 1, ...
+  roberta_positions: bool = False
 
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @property
+  def max_length(self) -> int:
+    """The longest token sequence the position table covers."""
+    if self.roberta_positions:
+      return self.max_position_embeddings - self.pad_token_id - 1
+    return self.max_position_embeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +111,9 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """The fields of a Llama `config.json` that define the decoder."""
+  """The fields of a Llama-architecture `config.json` that define the
+  decoder: Llama 1/2/3, Mistral, Qwen2/2.5 and Qwen3 differ only in the
+  fields from `model_type` on."""
 
   vocab_size: int
   hidden_size: int
@@ -115,14 +127,48 @@ class LlamaConfig:
   rope_theta: float
   rope_scaling: RopeScaling | None
   tie_word_embeddings: bool
-  attention_bias: bool
+  attention_bias: bool  # On q/k/v_proj, and on o_proj unless o_proj_bias.
   mlp_bias: bool
   hidden_act: str
+  model_type: str = "llama"
+  # Bias on o_proj; None: as attention_bias (Qwen2: q/k/v only, so False).
+  o_proj_bias: bool | None = None
+  # Qwen3: an RMSNorm over head_dim on each query and key head before RoPE.
+  qk_norm: bool = False
+  # Per layer, the most recent positions a token attends to (itself
+  # included; Mistral's and Qwen's `sliding_window`), or None for all of
+  # them. Empty: every layer attends to every earlier position.
+  sliding_windows: tuple[int | None, ...] = ()
+
+  @property
+  def out_bias(self) -> bool:
+    """Whether o_proj has a bias."""
+    return self.attention_bias if self.o_proj_bias is None else (
+        self.o_proj_bias)
+
+  def sliding_window(self, layer: int) -> int | None:
+    """The attention window of layer `layer` (None: unbounded)."""
+    return self.sliding_windows[layer] if self.sliding_windows else None
 
 
 # model_type values each config reader accepts (lm/families.py maps them).
-BERT_MODEL_TYPES = ("bert",)
-LLAMA_MODEL_TYPES = ("llama",)
+BERT_MODEL_TYPES = ("bert", "roberta", "xlm-roberta")
+# BERT-family types with RoBERTa's position ids (see BertConfig).
+ROBERTA_MODEL_TYPES = ("roberta", "xlm-roberta")
+LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# Defaults of transformers' LlamaConfig, MistralConfig, Qwen2Config and
+# Qwen3Config where they differ (used for fields config.json leaves out).
+_LLAMA_DEFAULTS = {
+    "llama": dict(vocab_size=32000, intermediate_size=11008,
+                  max_position_embeddings=2048, num_key_value_heads=None),
+    "mistral": dict(vocab_size=32000, intermediate_size=14336,
+                    max_position_embeddings=4096 * 32, num_key_value_heads=8),
+    "qwen2": dict(vocab_size=151936, intermediate_size=22016,
+                  max_position_embeddings=32768, num_key_value_heads=32),
+    "qwen3": dict(vocab_size=151936, intermediate_size=22016,
+                  max_position_embeddings=32768, num_key_value_heads=32,
+                  head_dim=128),
+}
 # `hidden_act` names of Hugging Face configs -> the JAX function each means.
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -201,17 +247,25 @@ class _Fields:
 
 
 def read_bert_config(model_dir: str | pathlib.Path) -> BertConfig:
-  """Parses a BERT `config.json` (defaults as in transformers.BertConfig)."""
+  """Parses a BERT or RoBERTa `config.json` (defaults as in transformers'
+  BertConfig, RobertaConfig and XLMRobertaConfig)."""
   fields = _Fields(pathlib.Path(model_dir) / CONFIG_FILE,
                    read_config_json(model_dir))
   fields.check_type(BERT_MODEL_TYPES)
+  model_type = fields.config.get("model_type")
+  roberta = model_type in ROBERTA_MODEL_TYPES
+  if fields.bool("is_decoder", False):
+    raise DataFormatError(fields.path, None, "is_decoder",
+                          "a causal (decoder) BERT is not supported; only "
+                          "bidirectional encoders are")
   position_type = fields.config.get("position_embedding_type", "absolute")
   if position_type not in ("absolute", None):
     raise DataFormatError(fields.path, None, "position_embedding_type",
                           "only 'absolute' is supported, got "
                           f"{position_type!r}")
   cfg = BertConfig(
-      vocab_size=fields.int("vocab_size", 30522),
+      vocab_size=fields.int("vocab_size",
+                            50265 if model_type == "roberta" else 30522),
       hidden_size=fields.int("hidden_size", 768),
       num_layers=fields.int("num_hidden_layers", 12),
       num_heads=fields.int("num_attention_heads", 12),
@@ -222,8 +276,14 @@ def read_bert_config(model_dir: str | pathlib.Path) -> BertConfig:
       hidden_act=fields.activation("hidden_act", "gelu"),
       hidden_dropout=fields.float("hidden_dropout_prob", 0.1),
       attention_dropout=fields.float("attention_probs_dropout_prob", 0.1),
-      pad_token_id=fields.int("pad_token_id", 0, minimum=0),
+      pad_token_id=fields.int("pad_token_id", 1 if roberta else 0,
+                              minimum=0),
+      roberta_positions=roberta,
   )
+  if roberta and cfg.max_length < 1:
+    raise DataFormatError(fields.path, None, "max_position_embeddings",
+                          f"{cfg.max_position_embeddings} leaves no position "
+                          f"after the padding id {cfg.pad_token_id}")
   if cfg.hidden_size % cfg.num_heads:
     raise DataFormatError(fields.path, None, "num_attention_heads",
                           f"{cfg.num_heads} does not divide hidden_size "
@@ -271,40 +331,91 @@ def _rope_settings(fields: _Fields) -> tuple[float, RopeScaling | None]:
       "llama3")
 
 
+def _sliding_windows(fields: _Fields, model_type: str,
+                     num_layers: int) -> tuple[int | None, ...]:
+  """Each layer's attention window, as transformers builds its masks: every
+  layer of a Mistral with a `sliding_window`; for Qwen2/3 only with
+  `use_sliding_window`, on the layers `layer_types` marks
+  "sliding_attention" (by default those from `max_window_layers` on)."""
+  if model_type == "llama":
+    return ()
+  if model_type != "mistral" and not fields.bool("use_sliding_window", False):
+    return ()
+  if "sliding_window" in fields.config and (
+      fields.config["sliding_window"] is None):
+    return ()
+  window = fields.int("sliding_window", 4096)
+  if model_type == "mistral":
+    return (window,) * num_layers
+  layer_types = fields.config.get("layer_types")
+  if layer_types is None:
+    first = fields.int("max_window_layers", 28, minimum=0)
+    return tuple(window if i >= first else None for i in range(num_layers))
+  kinds = ("full_attention", "sliding_attention")
+  if not isinstance(layer_types, list) or len(layer_types) != num_layers or (
+      any(t not in kinds for t in layer_types)):
+    raise DataFormatError(fields.path, None, "layer_types",
+                          f"expected a list of {num_layers} entries, each one "
+                          f"of {kinds}, got {layer_types!r}")
+  return tuple(window if t == "sliding_attention" else None
+               for t in layer_types)
+
+
 def read_llama_config(model_dir: str | pathlib.Path) -> LlamaConfig:
-  """Parses a Llama `config.json` (defaults as in transformers.LlamaConfig)."""
+  """Parses a Llama, Mistral, Qwen2 or Qwen3 `config.json` (defaults as in
+  transformers' LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)."""
   fields = _Fields(pathlib.Path(model_dir) / CONFIG_FILE,
                    read_config_json(model_dir))
   fields.check_type(LLAMA_MODEL_TYPES)
+  model_type = fields.config["model_type"]
+  defaults = _LLAMA_DEFAULTS[model_type]
   hidden = fields.int("hidden_size", 4096)
   heads = fields.int("num_attention_heads", 32)
-  kv_heads = fields.int("num_key_value_heads", heads)
+  kv_heads = fields.int("num_key_value_heads",
+                        defaults["num_key_value_heads"] or heads)
+  if "num_key_value_heads" in fields.config and (
+      fields.config["num_key_value_heads"] is None):
+    kv_heads = heads  # An explicit null means one key/value head per query.
   if heads % kv_heads:
     raise DataFormatError(fields.path, None, "num_key_value_heads",
                           f"{kv_heads} does not divide num_attention_heads "
                           f"{heads}")
-  head_dim = fields.int("head_dim", hidden // heads)
+  head_dim = fields.int("head_dim", defaults.get("head_dim", hidden // heads))
   if head_dim % 2:
     raise DataFormatError(fields.path, None, "head_dim",
                           f"rotary embeddings need an even head_dim, got "
                           f"{head_dim}")
   theta, scaling = _rope_settings(fields)
+  num_layers = fields.int("num_hidden_layers", 32)
+  # Which projections have a bias: a Llama says so in its config; Mistral
+  # has none, Qwen2 always q/k/v (not o_proj), Qwen3 as attention_bias.
+  if model_type in ("mistral", "qwen2"):
+    attention_bias = model_type == "qwen2"
+  else:
+    attention_bias = fields.bool("attention_bias", False)
   return LlamaConfig(
-      vocab_size=fields.int("vocab_size", 32000),
+      vocab_size=fields.int("vocab_size", defaults["vocab_size"]),
       hidden_size=hidden,
-      num_layers=fields.int("num_hidden_layers", 32),
+      num_layers=num_layers,
       num_heads=heads,
       num_kv_heads=kv_heads,
       head_dim=head_dim,
-      intermediate_size=fields.int("intermediate_size", 11008),
-      max_position_embeddings=fields.int("max_position_embeddings", 2048),
+      intermediate_size=fields.int("intermediate_size",
+                                   defaults["intermediate_size"]),
+      max_position_embeddings=fields.int("max_position_embeddings",
+                                         defaults["max_position_embeddings"]),
       rms_norm_eps=fields.float("rms_norm_eps", 1e-6),
       rope_theta=theta,
       rope_scaling=scaling,
       tie_word_embeddings=fields.bool("tie_word_embeddings", False),
-      attention_bias=fields.bool("attention_bias", False),
-      mlp_bias=fields.bool("mlp_bias", False),
+      attention_bias=attention_bias,
+      mlp_bias=(fields.bool("mlp_bias", False) if model_type == "llama"
+                else False),
       hidden_act=fields.activation("hidden_act", "silu"),
+      model_type=model_type,
+      o_proj_bias=False if model_type == "qwen2" else None,
+      qk_norm=model_type == "qwen3",
+      sliding_windows=_sliding_windows(fields, model_type, num_layers),
   )
 
 

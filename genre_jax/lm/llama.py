@@ -2,6 +2,9 @@
 
 Pre-norm decoder layers (RMSNorm, rotary attention with grouped key/value
 heads, SwiGLU MLP), a final RMSNorm and a tied or separate LM head. The
+same module, driven by config fields, is also HF's Mistral (a sliding
+attention window), Qwen2/2.5 (q/k/v biases) and Qwen3 (RMSNorm of each
+query and key head before RoPE, `q_norm`/`k_norm`). The
 forward pass is split as `embed` then `run_layers(start, stop)` for layer
 caching, and `step` runs the model against a fixed-size KV cache for prefill
 and token-by-token generation under `jit`.
@@ -12,7 +15,9 @@ prompt gets the positions it would have unpadded. With the cache, every row
 writes the same cache slots, and padded slots are masked out of attention, so
 left- and right-padded prompts both work; left padding is the usual choice for
 batched generation because every row's next-token logits are then in the last
-column.
+column. A sliding window counts slots (columns), as transformers' masks count
+cache positions: it is the number of most recent tokens only while a row's
+real tokens are contiguous, as they are with one-sided padding.
 
 Projections are `nnx.Linear` layers named `q_proj`, `k_proj`, `v_proj`,
 `o_proj`, `gate_proj`, `up_proj` and `down_proj`, the names that
@@ -113,7 +118,15 @@ class LlamaAttention(nnx.Module):
     self.q_proj = linear(d, q)
     self.k_proj = linear(d, kv)
     self.v_proj = linear(d, kv)
-    self.o_proj = linear(q, d)
+    self.o_proj = linear(q, d, use_bias=cfg.out_bias)
+    # Qwen3: each query and key head RMS-normed over head_dim before RoPE.
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps,
+                            param_dtype=param_dtype)
+      self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps,
+                            param_dtype=param_dtype)
+    else:
+      self.q_norm = self.k_norm = None
 
   def __call__(
       self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
@@ -135,6 +148,8 @@ class LlamaAttention(nnx.Module):
     q = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
     k = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
     v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
     q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
     updated = None
     if cache is not None:
@@ -233,6 +248,25 @@ class LlamaDecoder(nnx.Module):
                                                           jax.Array]:
     return _rotary(rope_inverse_frequencies(self.config), positions, dtype)
 
+  def _masks(self, query_slots: jax.Array, key_slots: jax.Array,
+             key_mask: jax.Array, layers: range) -> dict[int | None,
+                                                        jax.Array]:
+    """Attention masks [B, 1, T, S] of `layers`, by attention window.
+
+    Query t (at slot query_slots[t]) may attend to key s when s is a real
+    token (key_mask [B, S]) at a slot no later than its own and, in a layer
+    with a window w, later than query slot - w (transformers' sliding mask).
+    """
+    causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
+    masks = {}
+    for i in layers:
+      window = self.config.sliding_window(i)
+      if window not in masks:
+        allowed = causal if window is None else causal & (
+            key_slots[None, :] > query_slots[:, None] - window)
+        masks[window] = allowed[None, None] & key_mask[:, None, None, :]
+    return masks
+
   def embedding_modules(self) -> list[nnx.Module]:
     """What runs below layer 0 (frozen with the lower layers)."""
     return [self.embed_tokens]
@@ -258,12 +292,12 @@ class LlamaDecoder(nnx.Module):
     mask = jnp.asarray(mask).astype(bool)
     if positions is None:
       positions = positions_from_mask(mask)
-    length = hidden.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), bool))  # [L, L]
-    attend = causal[None, None] & mask[:, None, None, :]  # [B, 1, L, L]
+    slots = jnp.arange(hidden.shape[1])  # [L]
+    masks = self._masks(slots, slots, mask, range(start, stop))
     cos, sin = self._rotary(positions, hidden.dtype)
-    for layer in self.layers[start:stop]:
-      hidden, _ = layer(hidden, cos, sin, attend)
+    for i in range(start, stop):
+      hidden, _ = self.layers[i](hidden, cos, sin,
+                                 masks[self.config.sliding_window(i)])
     return hidden
 
   def __call__(self, input_ids: jax.Array, mask: jax.Array,
@@ -322,17 +356,17 @@ class LlamaDecoder(nnx.Module):
     if index is not None and index + length > cache.max_len:
       raise ValueError(f"cache overflow: {index} tokens cached + {length} new "
                        f"> max_len {cache.max_len}")
-    slots = jnp.arange(cache.max_len)  # [S]
     cache_mask = jax.lax.dynamic_update_slice(cache.mask, mask,
                                               (0, cache.index))  # [B, S]
     query_slots = cache.index + jnp.arange(length)  # [T]
-    causal = slots[None, :] <= query_slots[:, None]  # [T, S]
-    attend = causal[None, None] & cache_mask[:, None, None, :]  # [B, 1, T, S]
+    masks = self._masks(query_slots, jnp.arange(cache.max_len), cache_mask,
+                        range(self.num_layers))  # Each [B, 1, T, S].
     hidden = self.embed(input_ids)  # [B, T, D]
     cos, sin = self._rotary(positions, hidden.dtype)
     keys, values = [], []
     for i, layer in enumerate(self.layers):
-      hidden, (k, v) = layer(hidden, cos, sin, attend,
+      hidden, (k, v) = layer(hidden, cos, sin,
+                             masks[self.config.sliding_window(i)],
                              (cache.keys[i], cache.values[i], cache.index))
       keys.append(k)
       values.append(v)
@@ -352,18 +386,23 @@ def _hf_sources(cfg: LlamaConfig, prefix: str) -> dict[tuple[Any, ...],
   if not cfg.tie_word_embeddings:
     sources[("lm_head", "kernel")] = hf.Source(("lm_head.weight",),
                                                transpose=True)
-  linears = {
-      "self_attn": (("q_proj", "k_proj", "v_proj", "o_proj"),
-                    cfg.attention_bias),
-      "mlp": (("gate_proj", "up_proj", "down_proj"), cfg.mlp_bias),
+  linears = {  # block -> (projection, has a bias) pairs.
+      "self_attn": [(name, cfg.attention_bias)
+                    for name in ("q_proj", "k_proj", "v_proj")] + [
+                        ("o_proj", cfg.out_bias)],
+      "mlp": [(name, cfg.mlp_bias)
+              for name in ("gate_proj", "up_proj", "down_proj")],
   }
+  norms = ["input_layernorm", "post_attention_layernorm"]
+  if cfg.qk_norm:
+    norms += ["self_attn.q_norm", "self_attn.k_norm"]
   for i in range(cfg.num_layers):
     layer = f"{prefix}layers.{i}."
-    for norm in ("input_layernorm", "post_attention_layernorm"):
-      sources[("layers", i, norm, "weight")] = hf.Source(
+    for norm in norms:
+      sources[("layers", i, *norm.split("."), "weight")] = hf.Source(
           (f"{layer}{norm}.weight",))
-    for block, (names, bias) in linears.items():
-      for name in names:
+    for block, projections in linears.items():
+      for name, bias in projections:
         sources[("layers", i, block, name, "kernel")] = hf.Source(
             (f"{layer}{block}.{name}.weight",), transpose=True)
         if bias:
@@ -375,10 +414,11 @@ def _hf_sources(cfg: LlamaConfig, prefix: str) -> dict[tuple[Any, ...],
 def load_llama(path: str | pathlib.Path, *, dtype=jnp.float32,
                param_dtype=None, rngs: nnx.Rngs) -> tuple[LlamaDecoder,
                                                           LlamaConfig]:
-  """Loads a Llama model directory (config.json + safetensors).
+  """Loads a Llama, Mistral, Qwen2 or Qwen3 model directory (config.json +
+  safetensors, single or sharded).
 
-  Accepts `LlamaForCausalLM` checkpoints (backbone under `model.`) and bare
-  `LlamaModel` ones; an untied config needs `lm_head.weight`.
+  Accepts `*ForCausalLM` checkpoints (backbone under `model.`) and bare
+  `*Model` ones; an untied config needs `lm_head.weight`.
 
   Args:
     path: the Hugging Face model directory.

@@ -1,9 +1,11 @@
-"""The `local` GENRE provider: batched generation with the Flax Llama decoder
-from a local Hugging Face model dir (imported, with JAX, only when built).
+"""The `local` GENRE provider: batched generation with a Flax causal LM (any
+causal family of lm/families.py: Llama, OPT, ...) from a local Hugging Face
+model dir (imported, with JAX, only when built).
 """
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import pathlib
@@ -19,7 +21,7 @@ from genre_jax.data import tokenize as tokenize_lib
 from genre_jax.errors import ConfigError
 from genre_jax.genre.providers.base import (Prompt, Provider, ReplyCache,
                                             request_fingerprint)
-from genre_jax.lm import llama
+from genre_jax.lm import families
 
 
 def render_plain(system: str, user: str) -> str:
@@ -27,26 +29,60 @@ def render_plain(system: str, user: str) -> str:
   return f"{system}\n\n{user}\n\nassistant:"
 
 
-def chat_renderer(model_dir: pathlib.Path):
-  """A function (system, user) -> text from tokenizer_config.json's Jinja
-  chat template, or None when there is none or it cannot render."""
+def _template_source(model_dir: pathlib.Path,
+                     config: dict) -> tuple[str | None, pathlib.Path]:
+  """The chat template's Jinja source and the file it came from, as
+  transformers finds it: chat_template.jinja (where transformers >= 4.47
+  saves it), else tokenizer_config.json's "chat_template", a string or a
+  list of {"name", "template"} (the one named "default")."""
+  jinja_file = model_dir / "chat_template.jinja"
+  if jinja_file.is_file():
+    return jinja_file.read_text(encoding="utf-8"), jinja_file
+  source = config.get("chat_template")
+  if isinstance(source, list):
+    source = next((t.get("template") for t in source if isinstance(t, dict)
+                   and t.get("name") == "default"), None)
   path = model_dir / "tokenizer_config.json"
-  if not path.is_file():
-    return None
+  return (source if isinstance(source, str) else None), path
+
+
+def chat_renderer(model_dir: pathlib.Path):
+  """A function (system, user) -> text from the model's Jinja chat template,
+  or None when there is none or it cannot render.
+
+  The template renders in the environment transformers' apply_chat_template
+  gives it (sandboxed, loop controls, raise_exception, strftime_now, a tojson
+  that does not escape HTML). A template that refuses a system message (as
+  Mistral's [INST] templates do) gets the system text folded into the user
+  message: "system\n\nuser".
+  """
+  path = model_dir / "tokenizer_config.json"
   try:
-    config = json.loads(path.read_text(encoding="utf-8"))
-    source = config.get("chat_template")
-    if not isinstance(source, str):
+    config = (json.loads(path.read_text(encoding="utf-8"))
+              if path.is_file() else {})
+    if not isinstance(config, dict):
+      config = {}
+    source, path = _template_source(model_dir, config)
+    if source is None:
       return None
     # Optional: jinja2 is not a dependency of genre_jax (transformers has it).
     import jinja2.sandbox  # pylint: disable=g-import-not-at-top
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True)
+        trim_blocks=True, lstrip_blocks=True,
+        extensions=["jinja2.ext.loopcontrols"])
 
     def raise_exception(message):
       raise jinja2.exceptions.TemplateError(message)
 
+    def tojson(x, ensure_ascii=False, indent=None, separators=None,
+               sort_keys=False):
+      return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent,
+                        separators=separators, sort_keys=sort_keys)
+
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = (
+        lambda fmt: datetime.datetime.now().strftime(fmt))
     template = env.from_string(source)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("%s: chat template unusable (%s); using plain format",
@@ -57,20 +93,29 @@ def chat_renderer(model_dir: pathlib.Path):
     value = config.get(name) or ""
     return value.get("content", "") if isinstance(value, dict) else value
 
-  def render(system: str, user: str) -> str:
+  def with_system(system: str, user: str) -> str:
     return template.render(
         messages=[{"role": "system", "content": system},
                   {"role": "user", "content": user}],
         add_generation_prompt=True, bos_token=token_text("bos_token"),
         eos_token=token_text("eos_token"))
 
-  try:  # Some templates refuse a system message: probe once.
-    render("system", "user")
-  except Exception as e:  # pylint: disable=broad-except
-    logging.warning("%s: chat template failed (%s); using plain format",
-                    path, e)
-    return None
-  return render
+  def folded(system: str, user: str) -> str:
+    return template.render(
+        messages=[{"role": "user", "content": f"{system}\n\n{user}"}],
+        add_generation_prompt=True, bos_token=token_text("bos_token"),
+        eos_token=token_text("eos_token"))
+
+  errors = []
+  for render in (with_system, folded):  # Probe each once.
+    try:
+      render("system", "user")
+      return render
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(str(e))
+  logging.warning("%s: chat template failed (%s); using plain format",
+                  path, "; ".join(errors))
+  return None
 
 
 def _eos_ids(model_dir: pathlib.Path) -> set[int]:
@@ -120,7 +165,7 @@ def _decode_step(state, ids, cache, positions, mask, rng, temperature, top_p,
 
 
 class LocalProvider(Provider):
-  """Generation with the Flax Llama decoder from a Hugging Face model dir.
+  """Generation with a Flax causal LM from a Hugging Face model dir.
 
   Prompts are rendered with the model's chat template (tokenizer_config.json,
   when present and compilable) or `render_plain`, tokenized with the dir's
@@ -151,7 +196,15 @@ class LocalProvider(Provider):
       raise ConfigError(f"local provider: top_p must be in (0, 1], got {top_p}")
     self.model_dir = pathlib.Path(model_dir).expanduser()
     self.dtype = jnp.dtype(dtype)
-    self.model, self.config = llama.load_llama(
+    family = families.family_of(self.model_dir)
+    if not family.causal:
+      raise ConfigError(f"local provider: {self.model_dir} holds a "
+                        f"'{family.name}' model, which cannot generate; "
+                        "give a causal LM (" + ", ".join(
+                            f.name for f in families.FAMILIES.values()
+                            if f.causal) + ")")
+    # Any causal family decodes through init_cache and step.
+    self.model, self.config = family.load(
         str(self.model_dir), dtype=self.dtype, rngs=nnx.Rngs(seed))
     self.tokenizer = tokenize_lib.load_tokenizer(str(self.model_dir),
                                                  field="local provider")
@@ -203,7 +256,21 @@ class LocalProvider(Provider):
     return ids
 
   def _generate_batch(self, token_lists: list[list[int]]) -> list[str]:
+    return [self._finish(tokens) for tokens in self.generate_tokens(
+        token_lists)]
+
+  def generate_tokens(self, token_lists: Sequence[Sequence[int]]
+                      ) -> list[np.ndarray]:
+    """Decodes one batch of at most `batch_size` prompts given as token ids.
+
+    Returns each row's new token ids: up to `max_new_tokens`, ending at the
+    first end-of-sequence token (included) or once a stop string showed.
+    """
+    token_lists = [list(t) for t in token_lists]
     rows = len(token_lists)
+    if not 1 <= rows <= self.batch_size:
+      raise ValueError(f"generate_tokens: {rows} prompts, expected 1 to "
+                       f"batch_size={self.batch_size}")
     longest = max(max(len(t) for t in token_lists), 1)
     length = min(self.max_prompt_len, 1 << (longest - 1).bit_length())
     length = max(length, min(16, self.max_prompt_len))
@@ -241,7 +308,7 @@ class LocalProvider(Provider):
                                 jnp.asarray(next_pos), ones, rng)
       next_pos = next_pos + 1
     self.stats["generated_tokens"] += int(lengths[:rows].sum())
-    return [self._finish(out[r, :lengths[r]]) for r in range(rows)]
+    return [out[r, :lengths[r]] for r in range(rows)]
 
   def _hit_stop(self, out: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     texts = self.tokenizer.decode_batch(
