@@ -1,9 +1,10 @@
 """A pretrained language model as the item encoder (PLM-NR / ONCE's DIRE).
 
 Item text is the configured fields joined into one sequence (or worded by a
-template), tokenized with the LM's own tokenizer, encoded by a BERT- or
-Llama-family model, pooled (cls | mean | last) and projected to the
-recommender's hidden size.
+template), tokenized with the LM's own tokenizer, encoded by a model of any
+family in lm/families.py, pooled (cls | mean | last) and projected to the
+recommender's hidden size, or (ONCE's head, `pooling=attention`) projected
+token by token and pooled by additive attention.
 
 Fine-tuning modes: full (`lm.tune_from=0`); frozen lower layers
 (`lm.tune_from=N`: embeddings and layers 0..N-1 frozen, run without dropout,
@@ -41,6 +42,7 @@ from genre_jax.lm import hf
 from genre_jax.lm import lora
 from genre_jax.lm import mlm
 from genre_jax.models.item_encoders import ItemEncoder
+from genre_jax.models import layers
 from genre_jax.models.layers import compute_dtype
 from genre_jax.registry import ITEM_ENCODERS
 
@@ -119,8 +121,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   max_len = int(lc.max_len)
   if max_len < 1:
     raise ConfigError(f"config.model.lm.max_len={lc.max_len}: must be >= 1")
-  if not lm_family(config).causal:  # absolute positions: a hard limit
-    limit = read_lm_config(config).max_position_embeddings
+  lm_config = read_lm_config(config)
+  limit = getattr(lm_config, "max_length", None)  # learnt absolute positions
+  if limit is None and not lm_family(config).causal:
+    limit = lm_config.max_position_embeddings
+  if limit is not None:
     if max_len > limit:
       raise ConfigError(
           f"config.model.lm.max_len={max_len}: must be <= {limit}, the "
@@ -239,6 +244,10 @@ class LMItemEncoder(ItemEncoder):
     self.projection = nnx.Linear(width, int(config.model.hidden_dim),
                                  dtype=self.dtype, param_dtype=jnp.float32,
                                  rngs=rngs)
+    # ONCE's item head: every token projected, then additive attention.
+    self.attention = (layers.AdditiveAttention(
+        int(config.model.hidden_dim), int(config.model.attention_dim),
+        dtype=self.dtype, rngs=rngs) if self.pooling == "attention" else None)
 
   def lower(self, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """Hidden states entering layer tune_from (what the cache stores)."""
@@ -256,7 +265,10 @@ class LMItemEncoder(ItemEncoder):
       if self.tune_from > 0:
         hidden = jax.lax.stop_gradient(hidden)
     hidden = self.lm.run_layers(hidden, mask, self.tune_from, self.num_layers)
-    hidden = self.lm.final_norm(hidden)
+    hidden = self.lm.final_norm(hidden)  # [N, L, D_lm]
+    if self.attention is not None:
+      per_token = self.projection(hidden.astype(self.dtype))  # [N, L, D]
+      return self.attention(per_token, mask)  # [N, hidden_dim]
     pooled = pool(hidden, mask, self.pooling)  # [N, D_lm]
     return self.projection(pooled.astype(self.dtype))  # [N, hidden_dim]
 
