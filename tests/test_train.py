@@ -67,14 +67,16 @@ def test_summary_and_metrics_file(trained):
 @pytest.mark.slow
 def test_train_step_compiles_once_with_padded_last_batch(data_dir, tmp_path,
                                                          monkeypatch):
+  from genre_jax.train import step as step_lib
+
   traces = []
-  original = train.compute_loss
+  original = step_lib.compute_loss
 
   def counting(*args, **kwargs):
     traces.append(1)
     return original(*args, **kwargs)
 
-  monkeypatch.setattr(train, "compute_loss", counting)
+  monkeypatch.setattr(step_lib, "compute_loss", counting)
   config = shrink(load_preset("nrms"), data_dir)
   dataset = data_lib.load_dataset(config.data)
   num_samples = int(dataset.splits["train"].cand_labels.sum())
