@@ -921,3 +921,23 @@ def test_permuted_titles_copy_of_another_dataset_is_an_error(
   assert result.returncode == 0, result.stderr[-3000:]
   assert ("holds titles permuted from another dataset (its 'train' is not "
           f"{second}/train); use another --workdir_root") in result.stdout
+
+
+@pytest.mark.slow  # about 30 s: three tiny models, two greedy decodes, MiniLM
+def test_lm_parity_checks_every_family_on_tiny_random_models():
+  # Each family named is written as a tiny random model (every weight, bias
+  # and norm drawn), its every layer compared with transformers on right-
+  # and left-padded batches, and the causal ones' greedy KV-cache decoding
+  # token for token; the real MiniLM comparison is a row of its own.
+  figures, table = _run("lm_parity.py", "--families=bert,qwen3,opt",
+                        "--num_titles=4")
+  diffs = figures["families"]
+  assert {"bert", "qwen3", "opt", "minilm (real)"} <= set(diffs)
+  for name, diff in diffs.items():
+    assert diff <= 1e-4, (name, diff)
+  assert figures["greedy_match"] == {"qwen3": True, "opt": True}
+  assert figures["layers"] == {"bert": 2, "qwen3": 2, "opt": 2}
+  assert all(len(states) == 3 for row in figures["per_layer"].values()
+             for states in row.values())  # embeddings + 2 layers, each pad
+  assert figures["failed"] == []
+  assert "minilm (real)" in table

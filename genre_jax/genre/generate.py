@@ -304,7 +304,9 @@ def generate_config() -> ml_collections.ConfigDict:
       # False: unanswered prompts come back "", parsed as empty; run completes.
       raise_on_failure=True,
       temperature=0.0, max_tokens=256))
-  # local: the Flax Llama decoder on a local Hugging Face Llama directory.
+  # local: our Flax decoder (KV cache) on a local Hugging Face model
+  # directory of any causal family of lm/families.py, read from config.json's
+  # model_type: Llama 1/2/3, Mistral, Qwen2/2.5, Qwen3 or OPT.
   g.local = ml_collections.ConfigDict(dict(
       model_dir="", dtype="float32", batch_size=8, max_new_tokens=128,
       max_prompt_len=1024, temperature=0.0, top_p=1.0, stop=(), seed=0,
@@ -331,8 +333,8 @@ def make_provider(g: ml_collections.ConfigDict,
     options = g.local.to_dict()
     if not options["model_dir"]:
       raise ConfigError("--generate.provider=local needs "
-                        "--generate.local.model_dir (a Hugging Face Llama "
-                        "directory)")
+                        "--generate.local.model_dir (a Hugging Face causal "
+                        "LM directory: Llama, Mistral, Qwen2/3 or OPT)")
     options["stop"] = tuple(options["stop"])
     options["cache_path"] = options.pop("cache") or f"{out_path}.cache.jsonl"
     return providers_lib.get_provider("local", **options)
