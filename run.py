@@ -8,6 +8,10 @@ r"""genre_jax entry point: train, eval, recommend (and the LLM data tools).
   python run.py --mode=eval --workdir=/tmp/nrms --split=test
   python run.py --mode=eval --workdir=/tmp/nrms --eval_file=path/behaviors.tsv
 
+  # The MIND leaderboard's prediction.txt and prediction.zip for a split
+  # (MIND-large's unlabelled test), under --out (default WORKDIR/prediction):
+  python run.py --mode=predict --workdir=/tmp/nrms --split=test
+
   # Top-K items of the whole catalogue for some users, as JSONL:
   python run.py --mode=recommend --workdir=/tmp/nrms --user_ids=U1,U2 \
       --out=/tmp/recs.jsonl
@@ -52,7 +56,9 @@ except (KeyError, AttributeError) as _error:
   print(f"error: {flag_error_message(_error, sys.argv)}", file=sys.stderr)
   sys.exit(2)
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "recommend", "generate", "pretrain"],
+    "mode", "train",
+    ["train", "eval", "recommend", "export", "predict", "generate",
+     "pretrain"],
     "What to do.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: checkpoints, config.json, metrics.json.")
@@ -61,7 +67,10 @@ _INIT_FROM = flags.DEFINE_string(
 _WANDB_MODE = flags.DEFINE_enum(
     "wandb_mode", "disabled", ["disabled", "offline", "online"],
     "Weights & Biases logging (disabled: no network, no files).")
-_SPLIT = flags.DEFINE_string("split", "test", "eval: split to evaluate.")
+_SPLIT = flags.DEFINE_string(
+    "split", "test", "eval: split to evaluate; export: split whose "
+    "impressions' user vectors are written; predict: split whose "
+    "impressions are ranked.")
 _EVAL_FILE = flags.DEFINE_string(
     "eval_file", "", "eval: a MIND-format behaviors.tsv to evaluate instead "
     "of a split (users unseen in training are scored from their history).")
@@ -72,29 +81,55 @@ _BEHAVIORS_FILE = flags.DEFINE_string(
 _TOP_K = flags.DEFINE_integer("top_k", 10, "recommend: items per user.",
                                lower_bound=1)
 _OUT = flags.DEFINE_string(
-    "out", "", "recommend: output JSONL (default WORKDIR/recommendations.jsonl).")
+    "out", "", "recommend: output JSONL (default WORKDIR/"
+    "recommendations.jsonl); export: output folder (default WORKDIR/export);"
+    " predict: output folder (default WORKDIR/prediction).")
 _DEMO_USERS = flags.DEFINE_integer(
     "demo_recommend_users", 100, "train: after training, write top-K "
     "recommendations for this many test users (0 = none).")
 
 
+# Column titles of the metric table; other names: nDCG@K, Hit@K, Recall@K.
+_METRIC_TITLES = {"auc": "AUC", "mrr": "MRR", "ndcg5": "nDCG@5",
+                  "ndcg10": "nDCG@10", "gauc": "GAUC",
+                  "global_auc": "GlobalAUC", "logloss": "LogLoss"}
+
+
+def _metric_names(m: dict) -> list[str]:
+  """The metrics of an evaluation result, in order (config.eval.metrics)."""
+  return [k for k in m if not k.startswith("num_")]
+
+
+def _metric_column(name: str) -> tuple[str, int]:
+  """(title, width) of a metric's column."""
+  if name in _METRIC_TITLES:
+    title = _METRIC_TITLES[name]
+  else:  # ndcg@K, hit@K, recall@K
+    kind, _, k = name.partition("@")
+    title = {"ndcg": "nDCG", "hit": "Hit", "recall": "Recall"}.get(
+        kind, kind) + "@" + k
+  return title, 8 if name in ("auc", "mrr") else max(9, len(title) + 2)
+
+
 def metric_table(rows: list[tuple[str, str, dict]]) -> str:
-  """A readable table of (split, users, metrics) rows."""
+  """A readable table of (split, users, metrics) rows: a column for each
+  metric of the evaluation (config.eval.metrics, and AUC)."""
   # As wide as the longest split name (an --eval_file's name) and a space.
   width = max([len("split")] + [len(split) for split, _, _ in rows]) + 1
-  header = (f"{'split':<{width}}{'users':<7}{'AUC':>8}{'MRR':>8}"
-            f"{'nDCG@5':>9}{'nDCG@10':>9}{'impressions':>13}")
+  columns = [(k, *_metric_column(k)) for k in _metric_names(rows[0][2])]
+  header = (f"{'split':<{width}}{'users':<7}"
+            + "".join(f"{title:>{w}}" for _, title, w in columns)
+            + f"{'impressions':>13}")
   lines = [header, "-" * len(header)]
   for split, users, m in rows:
-    lines.append(f"{split:<{width}}{users:<7}{m['auc']:>8.4f}{m['mrr']:>8.4f}"
-                 f"{m['ndcg5']:>9.4f}{m['ndcg10']:>9.4f}"
-                 f"{m['num_impressions']:>13d}")
+    lines.append(f"{split:<{width}}{users:<7}"
+                 + "".join(f"{m[k]:>{w}.4f}" for k, _, w in columns)
+                 + f"{m['num_impressions']:>13d}")
   return "\n".join(lines)
 
 
 def _metrics_json(m: dict) -> str:
-  return json_line({k: m[k] for k in ("auc", "mrr", "ndcg5", "ndcg10",
-                                      "num_impressions")})
+  return json_line({k: m[k] for k in _metric_names(m) + ["num_impressions"]})
 
 
 def _train(config, workdir):
@@ -105,7 +140,7 @@ def _train(config, workdir):
                                      init_from=_INIT_FROM.value,
                                      wandb_mode=_WANDB_MODE.value)
   rows = [(split, users, summary[split][key])
-          for split in ("dev", "test") if split in summary
+          for split in ("valid", "dev", "test") if split in summary
           for users, key in (("all", "all"), ("cold", "cold"))]
   print(metric_table(rows))
   if "oracle" in summary:
@@ -119,8 +154,10 @@ def _train(config, workdir):
             f"text; the ceiling of a content model): test "
             f"{oracle['test']['topic_auc']:.4f}")
   print(f"Trained {summary['steps']} steps in {summary['train_seconds']:.1f}s "
-        f"({summary['samples_per_s']:.0f} samples/s); best dev at step "
-        f"{summary['best_step']}.")
+        f"({summary['samples_per_s']:.0f} samples/s); best "
+        f"{summary.get('selected_on', 'dev')} at step {summary['best_step']}.")
+  if summary.get("note"):
+    print(f"Note: {summary['note']}.")
   if _DEMO_USERS.value > 0:
     from genre_jax import data as data_lib
 
@@ -165,6 +202,10 @@ def _eval(workdir):
                            f"{sorted(dataset.splits)}")
     behaviors, name = dataset.splits[_SPLIT.value], _SPLIT.value
     source = f"--split={_SPLIT.value}"
+    if not behaviors.is_labelled():
+      raise ConfigError(f"{source}: the {name} split has no labels "
+                        "(MIND-large's test), so it has no metrics; "
+                        "--mode=predict writes its leaderboard file")
   if len(behaviors):
     result = evaluator.evaluate(params, behaviors)
   if not len(behaviors) or not result["all"]["num_impressions"]:
@@ -213,7 +254,40 @@ def _recommend(workdir):
           f"{_TOP_K.value} items (marked fewer_than_k); "
           f"{result['num_empty_history']} had an empty history (marked "
           "empty_history; items in item-row order)", file=sys.stderr)
+  figures = result["beyond_accuracy"]
+  print(f"beyond accuracy of {figures['num_lists']} top-{_TOP_K.value} "
+        f"lists: catalogue coverage {figures['coverage']:.4f}, intra-list "
+        f"diversity {figures['diversity']:.4f}, novelty "
+        f"{figures['novelty']:.2f} bits, long-tail share "
+        f"{figures['long_tail_share']:.4f}", file=sys.stderr)
   print(json_line(result))
+
+
+def _export(workdir):
+  from genre_jax import export
+
+  out = _OUT.value or os.path.join(workdir, "export")
+  summary = export.export(workdir, out, split=_SPLIT.value)
+  print(f"wrote {summary['items'][0]} item vectors and "
+        f"{summary['users'][0]} user vectors ({summary['split']} impressions)"
+        f" to {out}", file=sys.stderr)
+  print(json_line(summary))
+
+
+def _predict(workdir):
+  from genre_jax import predict
+
+  out = _OUT.value or os.path.join(workdir, "prediction")
+  summary = predict.predict(workdir, out, split=_SPLIT.value)
+  print(f"wrote the ranks of {summary['impressions']} {summary['split']} "
+        f"impressions to {os.path.join(out, predict.PREDICTION_FILE)} and "
+        f"{os.path.join(out, predict.PREDICTION_ZIP)}", file=sys.stderr)
+  if not summary["complete"]:
+    print(f"warning: {summary['rows_dropped']} impressions and "
+          f"{summary['candidates_dropped']} candidates of the {summary['split']}"
+          " file are not in the prediction (item ids missing from news.tsv);"
+          " the leaderboard expects every one", file=sys.stderr)
+  print(json_line(summary))
 
 
 def _pretrain(config, workdir):
@@ -306,9 +380,11 @@ def main(argv):
   mode = _MODE.value
   if mode in ("train", "generate", "pretrain") and _CONFIG.value is None:
     raise app.UsageError(f"--mode={mode} needs --config=configs/<preset>.py")
-  if mode in ("train", "eval", "recommend", "pretrain") and not workdir:
+  if mode in ("train", "eval", "recommend", "export", "predict",
+              "pretrain") and not workdir:
     raise app.UsageError(f"--mode={mode} needs --workdir")
-  if mode in ("eval", "recommend") and _CONFIG.value is not None:
+  if mode in ("eval", "recommend", "export", "predict") and (
+      _CONFIG.value is not None):
     # The run's own config.json decides; --config and its overrides would be
     # silently ignored.
     raise app.UsageError(f"--mode={mode} uses the config the run in "
@@ -326,6 +402,10 @@ def main(argv):
     _eval(workdir)
   elif mode == "recommend":
     _recommend(workdir)
+  elif mode == "export":
+    _export(workdir)
+  elif mode == "predict":
+    _predict(workdir)
   else:
     _pretrain(_CONFIG.value, workdir)
 

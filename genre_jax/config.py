@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 
+from genre_jax import metrics as metrics_lib
 from genre_jax import registry
 from genre_jax.errors import ConfigError
 
@@ -69,6 +70,17 @@ def base_config() -> ml_collections.ConfigDict:
   # Sizes of the synthetic demo dataset (see genre_jax/data/synthetic.py).
   c.data.synthetic = ml_collections.ConfigDict(dict(
       num_users=2000, num_items=3000, num_topics=12, seed=0))
+  # How the split that selects the model is made (genre_jax/data/splits.py,
+  # applied to the loaded data; the prepared files are untouched):
+  # "dev": the dataset's own splits, eval.dev_split names the one to select
+  # on. "train_users:<share>": that share of the train users (drawn with
+  # split_seed) is held out of training; their train impressions make the
+  # "valid" split (Legommenders). "dev_half": a seeded half of the dev
+  # impressions makes "valid", the other half "test" (ONCE, for MIND, which
+  # has no labelled test). With the last two the model is selected on
+  # "valid" and the reported test never shares an impression with it.
+  c.data.validation = "dev"
+  c.data.split_seed = 0
 
   # --- Model --------------------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -114,6 +126,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.transformer = ml_collections.ConfigDict(dict(
       num_layers=2, mlp_dim=512, pooling="mean"))
   c.model.fastformer = ml_collections.ConfigDict(dict(num_layers=1))
+  # item_encoder="hybrid": this content encoder's vector plus a learnt
+  # vector per item seen in training (item_encoder="id": the table alone).
+  c.model.hybrid = ml_collections.ConfigDict(dict(content="self_attention"))
   c.model.gru = ml_collections.ConfigDict(dict(use_user_id=True, num_users=0))
   # disagreement_weight: weight of MINER's disagreement regulariser (mean
   # pairwise cosine of the interests) added to the loss (0 = off).
@@ -145,6 +160,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.lm.cache = True
   # float32 | bfloat16 storage of the cache.
   c.model.lm.cache_dtype = "float32"
+  # Storage of the frozen LM weights (embeddings and layers below tune_from,
+  # or all base weights under LoRA): float32 | bfloat16 | int8 (weight-only,
+  # per-output-channel scales, dequantized in the matmul; lm/quantize.py).
+  c.model.lm.frozen_dtype = "float32"
   # Where caches live ("" = DATA_DIR/lm_cache).
   c.model.lm.cache_dir = ""
   # Learning rate of the LM's trainable weights (0 = train.lr).
@@ -158,6 +177,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0
   c.train.batch_size = 128
+  # Gradient accumulation: the mean gradient of this many batches of
+  # batch_size makes one optimizer update (a batch of accumulate_steps *
+  # batch_size); 1 = off. warmup_steps and the schedule count updates;
+  # max_steps, log_every and checkpoint_every count batches.
+  c.train.accumulate_steps = 1
   c.train.epochs = 5
   c.train.lr = 1e-3
   c.train.weight_decay = 0.0
@@ -177,12 +201,21 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.prefetch = 2
   # Save the latest state every N steps for resume (0 = only at epoch ends).
   c.train.checkpoint_every = 500
+  # Recommender loss: softmax (cross-entropy of the click against its
+  # 1+K candidates) | bce (pointwise binary cross-entropy of every real
+  # candidate against its label, averaged within a row).
+  c.train.loss = "softmax"
 
   # --- Evaluation ---------------------------------------------------------
   c.eval = ml_collections.ConfigDict()
   c.eval.batch_size = 256
   # Split used for model selection.
   c.eval.dev_split = "dev"
+  # Metrics of every evaluation (genre_jax/metrics.py): auc, gauc,
+  # global_auc, mrr, ndcg5, ndcg10, ndcg@K, hit@K, recall@K, logloss. Dev
+  # "auc" selects the model and stops early; it is computed whatever this
+  # lists.
+  c.eval.metrics = ("auc", "mrr", "ndcg5", "ndcg10")
   return c
 
 
@@ -474,6 +507,10 @@ CONFIG_RULES: dict[str, Rule] = {
     "data.synthetic.num_items": _POSITIVE,
     "data.synthetic.num_topics": _POSITIVE,
     "data.synthetic.seed": _COUNT,
+    "data.validation": Rule(
+        "dev, dev_half or train_users:<share> with 0 < share < 1",
+        lambda v: parse_validation(v) is not None),
+    "data.split_seed": _COUNT,
     "model.item_encoder": registered(registry.ITEM_ENCODERS),
     "model.user_encoder": registered(registry.USER_ENCODERS),
     "model.predictor": registered(registry.PREDICTORS),
@@ -495,6 +532,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "model.transformer.mlp_dim": _POSITIVE,
     "model.transformer.pooling": choice("mean", "first"),
     "model.fastformer.num_layers": _POSITIVE,
+    "model.hybrid.content": registered(registry.ITEM_ENCODERS),
     "model.gru.use_user_id": flag(),
     "model.gru.num_users": _COUNT,
     "model.poly.num_interests": _POSITIVE,
@@ -512,6 +550,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "model.lm.tune_from": _COUNT,
     "model.lm.cache": flag(),
     "model.lm.cache_dtype": _DTYPES,
+    "model.lm.frozen_dtype": choice("float32", "bfloat16", "int8"),
     "model.lm.cache_dir": text(),
     "model.lm.lr": number(0),
     "model.lm.lora.rank": _COUNT,
@@ -520,6 +559,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "model.lm.lora.targets": sequence(text(nonempty=True), nonempty=True),
     "train.seed": _COUNT,
     "train.batch_size": _POSITIVE,
+    "train.accumulate_steps": _POSITIVE,
     "train.epochs": _POSITIVE,
     "train.lr": number(0, lo_open=True),
     "train.weight_decay": number(0),
@@ -532,9 +572,14 @@ CONFIG_RULES: dict[str, Rule] = {
     "train.dedup_items": flag(),
     "train.prefetch": _COUNT,
     "train.checkpoint_every": _COUNT,
+    "train.loss": choice("softmax", "bce"),
     "eval.batch_size": _POSITIVE,
-    # Never train: selecting on the training data reports nothing.
-    "eval.dev_split": choice("dev", "test"),
+    # Never train: selecting on the training data reports nothing. "valid":
+    # the split data.validation makes (see validate for the combinations).
+    "eval.dev_split": choice("dev", "test", "valid"),
+    "eval.metrics": sequence(
+        Rule(f"a metric name ({metrics_lib.METRIC_FORMS})",
+             metrics_lib.is_metric_name), nonempty=True),
     # Masked-LM pretraining presets (configs/mlm_*.py).
     "pretrain.from_scratch": flag(),
     "pretrain.mask_rate": number(0, 1, lo_open=True),
@@ -628,3 +673,43 @@ def validate(config: ml_collections.ConfigDict, *,
     if missing:
       raise ConfigError(f"{name}.data.fields: no {name}.data.max_len for "
                         f"{missing}")
+  if not sections or {"data", "eval"} <= set(sections):
+    _check_selection(tree, name)
+
+
+def parse_validation(value: Any) -> tuple[str, float] | None:
+  """config.data.validation as (kind, share): ("dev", 0), ("dev_half", 0.5)
+  or ("train_users", share); None for anything else."""
+  if not isinstance(value, str):
+    return None
+  if value in ("dev", "dev_half"):
+    return value, 0.5 if value == "dev_half" else 0.0
+  kind, sep, share = value.partition(":")
+  if kind != "train_users" or not sep:
+    return None
+  try:
+    fraction = float(share)
+  except ValueError:
+    return None
+  if not (math.isfinite(fraction) and 0 < fraction < 1):
+    return None
+  return kind, fraction
+
+
+def _check_selection(tree: Mapping[str, Any], name: str) -> None:
+  """data.validation and eval.dev_split together: "valid" exists only when
+  data.validation makes it, and then the model is selected on it (dev_split
+  "dev", the default, or "valid"), never on the test it holds out."""
+  validation = tree.get("data", {}).get("validation", "dev")
+  dev_split = tree.get("eval", {}).get("dev_split", "dev")
+  if validation == "dev" and dev_split == "valid":
+    raise ConfigError(
+        f"{name}.eval.dev_split='valid' with {name}.data.validation='dev': "
+        "there is no valid split; it is made by data.validation='dev_half' "
+        "or 'train_users:<share>' (or select on dev_split='dev')")
+  if validation != "dev" and dev_split == "test":
+    raise ConfigError(
+        f"{name}.eval.dev_split='test' with {name}.data.validation="
+        f"'{validation}': the model is selected on the 'valid' split that "
+        "data.validation makes, and test is held out from it; set "
+        "eval.dev_split to 'valid' (or leave it at 'dev')")

@@ -20,6 +20,7 @@ from typing import Sequence
 from absl import logging
 import numpy as np
 
+from genre_jax import metrics as metrics_lib
 from genre_jax import train as train_lib
 from genre_jax import workdir as workdir_lib
 from genre_jax.data.types import Behaviors
@@ -127,8 +128,10 @@ def recommend(workdir: str, out_path: str, *, user_ids: Sequence[str] = (),
   Returns a summary: number of users written, the unknown user ids (not in
   the dataset), the unserved user ids (file users whose history ids are all
   unknown items), each also logged, never a crash, and the number of lines
-  flagged fewer_than_k / empty_history. With no user left to score it fails
-  and leaves out_path as it was.
+  flagged fewer_than_k / empty_history, and "beyond_accuracy": the lists'
+  catalogue coverage, intra-list diversity, novelty and long-tail share
+  (see beyond_accuracy below; also logged). With no user left to score it
+  fails and leaves out_path as it was.
   """
   from genre_jax.data import mind  # reader for --behaviors_file
   from genre_jax.data import genre_augment as augment
@@ -178,6 +181,8 @@ def recommend(workdir: str, out_path: str, *, user_ids: Sequence[str] = (),
   if dataset.items.synthetic is not None:
     never |= dataset.items.synthetic
   lines = []
+  # The lists' item rows (0 = an empty place), for beyond_accuracy.
+  lists = np.zeros((len(users), min(top_k, len(never))), np.int64)
   fewer_than_k = empty_history = 0
   batch_size = evaluator.batch_size
   for start in range(0, len(users), batch_size):
@@ -199,6 +204,7 @@ def recommend(workdir: str, out_path: str, *, user_ids: Sequence[str] = (),
       row[hist] = -np.inf
       row[blocked[user_id]] = -np.inf
       top = _top_k(row, top_k)
+      lists[start + i, :len(top)] = top
       line = {"user_id": user_id,
               "items": [{"item_id": str(dataset.items.ids[j]),
                          "score": float(row[j])} for j in top]}
@@ -216,7 +222,31 @@ def recommend(workdir: str, out_path: str, *, user_ids: Sequence[str] = (),
     logging.warning("recommend: %d users got fewer than %d items; %d had an "
                     "empty history (items in item-row order).", fewer_than_k,
                     top_k, empty_history)
+  figures = beyond_accuracy(dataset, lists, np.asarray(item_vecs), ~never)
+  logging.info("recommend: catalogue coverage %.4f, intra-list diversity "
+               "%.4f, novelty %.2f bits, long-tail share %.4f (%d lists)",
+               figures["coverage"], figures["diversity"], figures["novelty"],
+               figures["long_tail_share"], figures["num_lists"])
   return {"num_users": len(lines), "unknown_users": unknown,
           "unserved_users": unserved, "num_fewer_than_k": fewer_than_k,
           "num_empty_history": empty_history,
-          "out_path": os.path.abspath(out_path)}
+          "out_path": os.path.abspath(out_path),
+          "beyond_accuracy": figures}
+
+
+def beyond_accuracy(dataset, lists: np.ndarray, item_vecs: np.ndarray,
+                    catalogue: np.ndarray) -> dict:
+  """metrics.beyond_accuracy of the [U, K] lists (item rows, 0 = none):
+  coverage of the recommendable `catalogue` ([N+1] bool), diversity by the
+  model's item vectors, and novelty and long-tail share by the train
+  interactions (metrics.interaction_counts: distinct train users with the
+  item in a history or a click; items.popularity without a train split).
+  """
+  if "train" in dataset.splits:
+    counts = metrics_lib.interaction_counts(dataset.splits["train"],
+                                            len(dataset.items.ids))
+  else:
+    counts = np.asarray(dataset.items.popularity if dataset.items.popularity
+                        is not None else np.zeros(len(dataset.items.ids)))
+  return metrics_lib.beyond_accuracy(lists, item_vecs, counts,
+                                     catalogue=catalogue)

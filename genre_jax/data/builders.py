@@ -55,8 +55,11 @@ _CACHE_FORMAT = 1
 # Records decoded per data-source call.
 _READ_CHUNK = 8192
 _MIND_URL = "https://msnews.github.io/"
-# MINDlarge_test ships without click labels, so every variant uses train+dev.
+# Every variant needs train and dev (labelled). MINDlarge_test ships without
+# click labels: when its zip or folder is there, it is read as an unlabelled
+# test split (no metrics; run.py --mode=predict writes its leaderboard file).
 _MIND_SPLITS = ("train", "dev")
+_MIND_OPTIONAL_SPLITS = ("test",)
 _MIND_VARIANTS = ("demo", "small", "large")
 
 
@@ -311,7 +314,8 @@ class GenreJaxMind(_TableBuilder):
 
   There is no download: config data.path is the manual_dir holding
   MIND<variant>_train.zip and MIND<variant>_dev.zip, or the folders they
-  unpack to (each with news.tsv and behaviors.tsv). The prefix is
+  unpack to (each with news.tsv and behaviors.tsv), and MINDlarge_test.zip
+  (or its folder) when it is there: an unlabelled test split. The prefix is
   `<variant>_<hash of those files>`.
   """
 
@@ -347,15 +351,16 @@ class GenreJaxMind(_TableBuilder):
 
 def _find_mind_release(manual_dir: str, variant: str
                        ) -> dict[str, tuple[str, str]]:
-  """Split -> ("dir", folder) or ("zip", path) of MIND<variant>_<split>."""
+  """Split -> ("dir", folder) or ("zip", path) of MIND<variant>_<split>;
+  the optional splits (test) only when they are there."""
   found, missing = {}, []
-  for split in _MIND_SPLITS:
+  for split in _MIND_SPLITS + _MIND_OPTIONAL_SPLITS:
     stem = os.path.join(manual_dir, f"MIND{variant}_{split}")
     if os.path.isfile(os.path.join(stem, "behaviors.tsv")):
       found[split] = ("dir", stem)
     elif os.path.isfile(stem + ".zip"):
       found[split] = ("zip", stem + ".zip")
-    else:
+    elif split in _MIND_SPLITS:
       missing.append(split)
   if missing:
     names = [f"MIND{variant}_{s}.zip" for s in _MIND_SPLITS]
@@ -371,9 +376,11 @@ def _find_mind_release(manual_dir: str, variant: str
 
 def _read_mind_release(manual_dir: str, variant: str, data_dir: str,
                        found: dict[str, tuple[str, str]]) -> types.Dataset:
-  """Reads MIND<variant>_{train,dev} from zips or unpacked folders."""
+  """Reads MIND<variant>_{train,dev} (and _test when found) from zips or
+  unpacked folders."""
+  splits = tuple(found)
   if all(kind == "dir" for kind, _ in found.values()):
-    dataset = mind.read_mind_dir(manual_dir, _MIND_SPLITS, variant=variant)
+    dataset = mind.read_mind_dir(manual_dir, splits, variant=variant)
   else:
     os.makedirs(data_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=data_dir,
@@ -384,7 +391,7 @@ def _read_mind_release(manual_dir: str, variant: str, data_dir: str,
           os.symlink(path, target)
         else:
           _extract_tsvs(path, target)
-      dataset = mind.read_mind_dir(staging, _MIND_SPLITS, variant=variant)
+      dataset = mind.read_mind_dir(staging, splits, variant=variant)
   dataset.info["source"] = manual_dir
   return dataset
 

@@ -37,12 +37,18 @@ def split_counts(behaviors: types.Behaviors) -> dict[str, int]:
 
 def check_trainable(dataset: types.Dataset, dev_split: str) -> None:
   """Raises DataFormatError (naming the file, split and counts) unless the
-  train split has clicks and histories, and the dev split (and test, when
-  there is one) has an impression to score; ConfigError for a dev_split
-  the dataset lacks."""
+  train split has clicks and histories, and the dev split (the split that
+  selects the model: dev, test or the "valid" of config.data.validation)
+  and a labelled test split, when there is one, have an impression to
+  score; ConfigError for a dev_split the dataset lacks or that has no
+  labels (an unlabelled test split is only ever ranked, never scored)."""
   if dev_split not in dataset.splits:
     raise ConfigError(f"config.eval.dev_split='{dev_split}': the dataset has "
                       f"the splits {sorted(dataset.splits)}")
+  if not dataset.splits[dev_split].is_labelled():
+    raise ConfigError(
+        f"config.eval.dev_split='{dev_split}': that split has no labels "
+        "(MIND-large's test), so it cannot select a model; select on dev")
   train = split_counts(dataset.splits["train"])
   where = _file_of(dataset, "train")
   if not train["with_click"]:
@@ -60,7 +66,7 @@ def check_trainable(dataset: types.Dataset, dev_split: str) -> None:
         "popularity; check the history column (item ids of news.tsv, "
         "space-separated)")
   for split in dict.fromkeys([dev_split, "test"]):
-    if split not in dataset.splits:
+    if split not in dataset.splits or not dataset.splits[split].is_labelled():
       continue
     counts = split_counts(dataset.splits[split])
     if not counts["scorable"]:

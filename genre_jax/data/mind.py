@@ -5,6 +5,11 @@ Rows are split on tabs only (no csv quoting: MIND titles contain quotes). A
 malformed row raises DataFormatError naming file, line and field; item ids
 that a behaviours row mentions but news.tsv lacks are dropped, counted and
 reported in one warning per file, never turned into silent padding items.
+
+A test split may come without labels (MIND-large's test: candidates are bare
+item ids, `N1 N2`, not `N1-0 N2-1`): its labels read as types.UNLABELLED,
+and Behaviors.is_labelled() is False, so no metric is ever computed on it;
+run.py --mode=predict writes its leaderboard file.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class ReadStats:
     candidate_ids_dropped: of which from candidates.
     distinct_unknown: distinct unknown item ids.
     new_users: users added to the user index by this file.
+    labelled: False for a file whose candidates carry no labels.
   """
 
   path: str
@@ -57,6 +63,7 @@ class ReadStats:
   candidate_ids_dropped: int = 0
   distinct_unknown: int = 0
   new_users: int = 0
+  labelled: bool = True
 
 
 def text_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -162,7 +169,8 @@ def _parse_impressions(path: str, line_no: int, value: str
       raise DataFormatError(
           path, line_no, "impressions",
           f"malformed token '{tok}': expected 'ID-label' with label 0 or 1 "
-          "(unlabelled test impressions are not supported)")
+          "(only a test split may be unlabelled, and then no token has a "
+          "label)")
     if not item_id:
       raise DataFormatError(path, line_no, "impressions",
                             f"malformed token '{tok}': empty item id")
@@ -172,9 +180,32 @@ def _parse_impressions(path: str, line_no: int, value: str
   raise AssertionError(f"{path}:{line_no}: no bad token in {value!r}")
 
 
+def _is_labelled_token(token: str) -> bool:
+  return len(token) > 2 and token[-2:] in ("-0", "-1")
+
+
+def _parse_unlabelled(path: str, line_no: int, value: str
+                      ) -> tuple[list[str], list[int]]:
+  """Splits an unlabelled impressions column ('ID ID ...', MIND-large's
+  test) into ids and UNLABELLED labels."""
+  ids = value.split()
+  if not ids:
+    raise DataFormatError(path, line_no, "impressions",
+                          "no candidates (expected item ids)")
+  labelled = [t for t in ids if _is_labelled_token(t)]
+  if labelled:
+    raise DataFormatError(
+        path, line_no, "impressions",
+        f"token '{labelled[0]}' has a label, but the file's first row has "
+        "none (an unlabelled test file lists bare item ids): a file is "
+        "labelled throughout or not at all")
+  return ids, [types.UNLABELLED] * len(ids)
+
+
 def read_behaviors(path: str | os.PathLike, item_index: dict[str, int],
                    user_index: dict[str, int], *,
-                   candidates_optional: bool = False
+                   candidates_optional: bool = False,
+                   allow_unlabelled: bool = False
                    ) -> tuple[types.Behaviors, ReadStats]:
   """Reads a behaviors.tsv into ragged Behaviors.
 
@@ -188,6 +219,11 @@ def read_behaviors(path: str | os.PathLike, item_index: dict[str, int],
       candidates, and a row none of whose candidates is known is kept (with
       no candidates) instead of dropped, so every row is returned. Malformed
       tokens still raise.
+    allow_unlabelled: the file may be unlabelled (a test split: MIND-large's
+      test lists bare candidate ids): when the first row's first candidate
+      has no -0/-1 label, every candidate of the file reads as
+      types.UNLABELLED (and a labelled token is an error). stats.labelled
+      says which it was.
 
   Returns:
     The behaviours and the counts of what was dropped.
@@ -202,6 +238,7 @@ def read_behaviors(path: str | os.PathLike, item_index: dict[str, int],
   impression_ids, user_ids, users = [], [], []
   hist_items, hist_lens = [], []
   cand_items, cand_labels, cand_lens = [], [], []
+  unlabelled = None  # decided by the first row with candidates
   for line_no, fields in _rows(path, BEHAVIORS_COLUMNS):
     stats.rows_read += 1
     impression_id, user_id = fields[0].strip(), fields[1].strip()
@@ -213,7 +250,14 @@ def read_behaviors(path: str | os.PathLike, item_index: dict[str, int],
     if candidates_optional and not fields[4].strip():
       cand_ids, labels = [], []
     else:
-      cand_ids, labels = _parse_impressions(path, line_no, fields[4])
+      if unlabelled is None:
+        first = fields[4].split()[:1]
+        unlabelled = (allow_unlabelled and bool(first)
+                      and not _is_labelled_token(first[0]))
+      if unlabelled:
+        cand_ids, labels = _parse_unlabelled(path, line_no, fields[4])
+      else:
+        cand_ids, labels = _parse_impressions(path, line_no, fields[4])
     hist_ids = fields[3].split()
     hist = [*map(get, hist_ids)]  # None marks an unknown id
     cands = [*map(get, cand_ids)]
@@ -231,7 +275,7 @@ def read_behaviors(path: str | os.PathLike, item_index: dict[str, int],
       if not cands and not candidates_optional:
         stats.rows_dropped += 1
         continue
-      if cands and True not in labels:
+      if cands and not unlabelled and True not in labels:
         stats.rows_without_click += 1
     user = user_index.get(user_id)
     if user is None:
@@ -247,6 +291,7 @@ def read_behaviors(path: str | os.PathLike, item_index: dict[str, int],
     cand_labels.extend(labels)
     cand_lens.append(len(cands))
   stats.rows_kept = len(impression_ids)
+  stats.labelled = not unlabelled
   stats.ids_dropped = stats.history_ids_dropped + stats.candidate_ids_dropped
   stats.distinct_unknown = len(unknown)
   if stats.ids_dropped:
@@ -349,7 +394,8 @@ def read_mind_dir(root: str | os.PathLike, splits: Sequence[str] = SPLITS, *,
 
   See mind_files for the layouts. Users are indexed in file order, train
   first. items.popularity counts each item's appearances among the train
-  impressions' candidates (every one was shown; the clicked ones too).
+  impressions' candidates (every one was shown; the clicked ones too). The
+  test split alone may be unlabelled (see read_behaviors).
   """
   news, behaviors_paths = mind_files(root, splits, variant=variant)
   items = read_news(news)
@@ -359,8 +405,8 @@ def read_mind_dir(root: str | os.PathLike, splits: Sequence[str] = SPLITS, *,
   splits_out, stats = {}, {}
   for split in order:
     path = behaviors_paths[split]
-    splits_out[split], stats[split] = read_behaviors(path, item_index,
-                                                     user_index)
+    splits_out[split], stats[split] = read_behaviors(
+        path, item_index, user_index, allow_unlabelled=split == "test")
     if not stats[split].rows_read:
       raise DataFormatError(path, None, None,
                             f"no rows: the {split} split's behaviors file is "

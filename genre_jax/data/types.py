@@ -13,6 +13,8 @@ import numpy as np
 
 PAD_ITEM = 0
 UNKNOWN_USER = 0
+# The label of a candidate of an unlabelled split (MIND-large's test).
+UNLABELLED = -1
 
 
 @dataclasses.dataclass
@@ -60,7 +62,8 @@ class Behaviors:
     history_items: [sum_h] int32 item indices (never 0).
     cand_offsets: [M+1] int64.
     cand_items: [sum_c] int32 item indices (never 0).
-    cand_labels: [sum_c] int8, 1 clicked, 0 not.
+    cand_labels: [sum_c] int8, 1 clicked, 0 not; UNLABELLED (-1) throughout
+      in a split read without labels (is_labelled() is False).
     profiles: optional [M] int32 item index of the row user's GENRE profile
       (a synthetic pseudo-item of the item table; 0 = no profile).
   """
@@ -83,6 +86,11 @@ class Behaviors:
 
   def num_candidates(self) -> np.ndarray:
     return np.diff(self.cand_offsets)
+
+  def is_labelled(self) -> bool:
+    """False for a split read without labels (MIND-large's test), whose
+    candidates can be ranked (run.py --mode=predict) but never scored."""
+    return not bool(np.any(self.cand_labels < 0))
 
   def real_history_lengths(self, synthetic: np.ndarray | None) -> np.ndarray:
     """[M] history lengths not counting synthetic (LLM-generated) items.
@@ -127,9 +135,11 @@ class ItemInputSpec:
     fields: item text fields, in the order the item encoder reads them.
     lengths: tokens per field, aligned with `fields`.
     num_users: size of the user vocabulary including index 0 (unknown).
+    num_items: items in the table, row 0 (padding) not counted.
   """
 
   vocab_size: int
   fields: tuple[str, ...]
   lengths: tuple[int, ...]
   num_users: int
+  num_items: int = 0

@@ -57,7 +57,8 @@ class ItemEncoder(nnx.Module):
     if not vocab:
       vocab = int(max(dataset.items.tokens[f].max() for f in fields)) + 1
     spec = ItemInputSpec(vocab_size=vocab, fields=fields, lengths=lengths,
-                         num_users=len(dataset.user_vocab))
+                         num_users=len(dataset.user_vocab),
+                         num_items=dataset.items.num_items)
     return ({"tokens": {f: dataset.items.tokens[f] for f in fields},
              "masks": {f: dataset.items.masks[f] for f in fields}}, spec)
 
@@ -74,7 +75,8 @@ class ItemEncoder(nnx.Module):
       m[0] = False
       tokens[f], masks[f] = t, m
     spec = ItemInputSpec(vocab_size=vocab, fields=tuple(tokens),
-                         lengths=(length,) * len(tokens), num_users=100)
+                         lengths=(length,) * len(tokens), num_users=100,
+                         num_items=num_items)
     return {"tokens": tokens, "masks": masks}, spec
 
 

@@ -145,13 +145,22 @@ class Evaluator:
 
   def evaluate(self, params, behaviors: Behaviors,
                item_vecs: jax.Array | None = None) -> dict[str, dict]:
-    """Metrics on all impressions and on cold users' impressions."""
+    """Metrics on all impressions and on cold users' impressions.
+
+    The metrics are config.eval.metrics, and "auc" (model selection) even
+    if it is not listed (metrics_lib.evaluated_metrics); every one is
+    computed from one scoring pass. A user is a user id of `behaviors`
+    (per-user GAUC pools each id's impressions, new users' too).
+    """
     scores, labels, masks = self.scores(params, behaviors, item_vecs)
-    per = metrics_lib.impression_metrics(scores, labels, masks)
     cold = (behaviors.real_history_lengths(self.synthetic) <=
             int(self.config.data.cold_threshold))
-    return {"all": metrics_lib.summarize(per),
-            "cold": metrics_lib.summarize(per, select=cold)}
+    return metrics_lib.evaluate_scores(
+        scores, labels, masks,
+        metrics=metrics_lib.evaluated_metrics(
+            self.config.eval.get("metrics", metrics_lib.METRIC_KEYS)),
+        users=np.asarray(behaviors.user_ids),
+        selections={"all": None, "cold": cold})
 
 
 def restore_params_from(workdir: str, target_params, *, which: str = "best"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -20,6 +21,7 @@ from typing import Any, Callable, Iterator
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
@@ -30,9 +32,11 @@ from genre_jax import metrics as metrics_lib
 from genre_jax import workdir as workdir_lib
 from genre_jax.data import batching
 from genre_jax.data import checks
+from genre_jax.data import splits as splits_lib
 from genre_jax.data.types import Dataset
 from genre_jax.errors import ConfigError
 from genre_jax.train import mesh as mesh_lib
+from genre_jax.train import optim
 from genre_jax.train import step as step_lib
 from genre_jax.train.evaluation import Evaluator, restore_params_from
 from genre_jax.train.mesh import P
@@ -176,23 +180,30 @@ def evaluate_dev(evaluator: Evaluator, params, dataset: Dataset,
                  progress: Progress) -> dict:
   """The dev metrics record of the current parameters (appended to the
   run's metrics.json by the caller); a model scoring NaN stops the run."""
-  split = config.eval.dev_split
+  split = splits_lib.selection_split(config)
   result = evaluator.evaluate(params, dataset.splits[split])
   record = {"step": progress.step, "epoch": progress.epoch, "split": split,
             **result["all"], "cold": result["cold"]}
+  names = metric_names(config)
   if record["num_impressions"] and not all(
-      math.isfinite(record[k]) for k in metrics_lib.METRIC_KEYS):
+      math.isfinite(record[k]) for k in names):
     # Only non-finite scores make a scored impression's metrics NaN.
     raise step_lib.TrainingDivergedError(
         f"training diverged: the model scores {split} candidates as NaN or "
         f"infinite at step {progress.step} (dev AUC {record['auc']}); lower "
         f"config.train.lr (now {config.train.lr}) or check the data, and "
         "train again in a new --workdir. Nothing of this model was saved.")
-  logging.info("eval %s epoch %d step %d: auc %.4f mrr %.4f ndcg5 %.4f "
-               "ndcg10 %.4f (cold users: auc %.4f)", split, progress.epoch,
-               progress.step, record["auc"], record["mrr"], record["ndcg5"],
-               record["ndcg10"], record["cold"]["auc"])
+  logging.info("eval %s epoch %d step %d: %s (cold users: auc %.4f)", split,
+               progress.epoch, progress.step,
+               " ".join(f"{k} {record[k]:.4f}" for k in names),
+               record["cold"]["auc"])
   return record
+
+
+def metric_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The metrics every evaluation records: config.eval.metrics, and auc."""
+  return metrics_lib.evaluated_metrics(
+      config.eval.get("metrics", metrics_lib.METRIC_KEYS))
 
 
 def end_epoch(session: Session, state, progress: Progress, record: dict,
@@ -228,26 +239,48 @@ def is_done(progress: Progress, tc: ml_collections.ConfigDict) -> bool:
 
 
 def summarize(evaluator: Evaluator, state, progress: Progress,
-              dataset: Dataset, workdir: str) -> dict:
-  """Dev and test metrics of the best checkpoint (the last state when no
-  evaluation improved), with timings; written to final_metrics.json."""
+              dataset: Dataset, workdir: str, accumulate_steps: int = 1,
+              selected: str = "dev") -> dict:
+  """Valid, dev and test metrics (the labelled ones there are) of the best
+  checkpoint (the last state when no evaluation improved), with timings;
+  written to final_metrics.json. `selected`: the split it was chosen on.
+
+  "steps" counts train steps (batches), "updates" optimizer updates: steps
+  // accumulate_steps (config.train.accumulate_steps), the same without
+  accumulation.
+  """
   params = (restore_params_from(workdir, state["params"])
             if progress.best_step >= 0 else state["params"])
   item_vecs = evaluator.item_vectors(params)
   summary = {"best_step": progress.best_step, "steps": progress.step,
+             "updates": progress.step // accumulate_steps,
              "train_seconds": progress.train_seconds,
              "samples_per_s": progress.samples /
                               max(progress.train_seconds, 1e-9)}
-  for split in ("dev", "test"):
-    if split in dataset.splits:
+  # Labelled splits only (MIND-large's test has no labels: --mode=predict).
+  # "selected_on" names the split that chose the checkpoint, "held_out"
+  # the one it was not chosen on (test, else dev), or None with a note.
+  for split in (splits_lib.VALID, "dev", "test"):
+    if split in dataset.splits and dataset.splits[split].is_labelled():
       summary[split] = evaluator.evaluate(params, dataset.splits[split],
                                           item_vecs)
+  summary["selected_on"] = selected
+  summary["held_out"] = splits_lib.held_out_split(dataset, selected)
+  if summary["held_out"] is None:
+    summary["note"] = (
+        f"no held-out metrics: the model was selected on {selected} and the "
+        "dataset has no other labelled split (MIND has no labelled test; "
+        "its dev figures are not a test). Set config.data.validation to "
+        "dev_half or train_users:<share> for a test disjoint from selection")
   if "oracle" in dataset.info:
     summary["oracle"] = dataset.info["oracle"]
   # Strict JSON on disk (an undefined cold-user figure is null); the
-  # summary returned keeps its NaN.
-  workdir_lib.atomic_write_text(os.path.join(workdir, "final_metrics.json"),
-                                logs.strict_json(summary, indent=2))
+  # summary returned keeps its NaN. Process 0 writes the shared workdir's
+  # files (every process saves the checkpoints: Orbax needs them all).
+  if jax.process_index() == 0:
+    workdir_lib.atomic_write_text(
+        os.path.join(workdir, "final_metrics.json"),
+        logs.strict_json(summary, indent=2))
   return summary
 
 
@@ -280,6 +313,8 @@ def dedup_capacity(batcher: batching.TrainBatcher, total_steps: int) -> int:
   """
   epochs = -(-total_steps // max(batcher.steps_per_epoch(), 1))
   most = batcher.max_unique_items(range(epochs))
+  if jax.process_count() > 1:  # one global shape: every process's largest
+    most = int(np.max(multihost_utils.process_allgather(np.int32(most))))
   multiple = math.lcm(64, jax.local_device_count())
   return -(-most // multiple) * multiple
 
@@ -288,7 +323,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        dataset: Dataset | None = None,
                        init_from: str = "",
                        step_callback: Callable[[int], None] | None = None,
-                       wandb_mode: str = "disabled") -> dict[str, Any]:
+                       wandb_mode: str = "disabled",
+                       loss_callback: Callable[[int, float], None] | None = None
+                       ) -> dict[str, Any]:
   """Trains with early stopping on dev AUC, resuming from `workdir` if it can.
 
   Resume order: this workdir's latest checkpoint (the newest intact save);
@@ -304,6 +341,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     step_callback: called with the step number after every step (tests use it
       to simulate a crash).
     wandb_mode: disabled | offline | online.
+    loss_callback: called with (step, training loss) whenever the loss is
+      logged: every config.train.log_every steps and a session's first step
+      (train.log_every=1: every step; experiments/multiprocess_check.py).
 
   Returns:
     {"dev": ..., "test": ...} metrics of the best checkpoint, plus timings.
@@ -319,11 +359,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return _train_and_evaluate(config, workdir, dataset=dataset,
                                init_from=init_from,
                                step_callback=step_callback,
-                               wandb_mode=wandb_mode)
+                               wandb_mode=wandb_mode,
+                               loss_callback=loss_callback)
 
 
 def _train_and_evaluate(config, workdir, *, dataset, init_from,
-                        step_callback, wandb_mode):
+                        step_callback, wandb_mode, loss_callback=None):
   """train_and_evaluate once the config is valid and the workdir held."""
   from genre_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 
@@ -335,10 +376,15 @@ def _train_and_evaluate(config, workdir, *, dataset, init_from,
     workdir_lib.check_resumable(workdir, config)
   workdir_lib.read_metrics(workdir)
   if dataset is None:
-    dataset = data_lib.load_dataset(config.data)
+    # Prepared (a cache on the shared disk) by process 0, then read by all.
+    dataset = mesh_lib.process_0_first(
+        lambda: data_lib.load_dataset(config.data), "load_dataset")
+  # A dataset passed in gets config.data.validation's splits too (once).
+  dataset = splits_lib.apply_validation(dataset, config.data)
+  selected = splits_lib.selection_split(config)
   # A dataset that cannot train or select a model is refused before a
   # minute is spent on it.
-  checks.check_trainable(dataset, str(config.eval.dev_split))
+  checks.check_trainable(dataset, selected)
   tc = config.train
   mesh = mesh_lib.make_mesh()
   replicated = jax.sharding.NamedSharding(mesh, P())
@@ -353,6 +399,14 @@ def _train_and_evaluate(config, workdir, *, dataset, init_from,
   total_steps = steps_per_epoch * int(tc.epochs)
   if tc.max_steps:
     total_steps = min(total_steps, int(tc.max_steps))
+  # Steps, max_steps, log_every and checkpoint_every count batches; with
+  # accumulation, k of them make one update, across epoch ends too.
+  accumulate = optim.accumulate_steps(config)
+  if total_steps % accumulate:
+    logging.warning(
+        "config.train.accumulate_steps=%d: the last %d of the run's %d "
+        "batches make no update (fewer than %d left)", accumulate,
+        total_steps % accumulate, total_steps, accumulate)
   if tc.dedup_items:
     batcher.unique_items = dedup_capacity(batcher, total_steps)
   host_items, spec = step_lib.model_inputs(config, dataset)
@@ -377,15 +431,18 @@ def _train_and_evaluate(config, workdir, *, dataset, init_from,
                  progress.step, progress.epoch, progress.batch)
   # Written once the resume is known to fit: config.json always describes
   # the checkpoints beside it.
-  workdir_lib.save_config(workdir, config)
+  if jax.process_index() == 0:
+    workdir_lib.save_config(workdir, config)
 
   # Global batch shapes: each process holds batch_size / process_count rows.
   local = next(batcher.epoch(0))
   global_shapes = {k: jax.ShapeDtypeStruct(
       (v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype)
                    for k, v in local.items()}
-  step_fn = step_lib.compile_train_step(parts, state, global_shapes, items,
-                                        mesh, int(tc.seed))
+  step_fn = step_lib.compile_train_step(
+      parts, state, global_shapes, items, mesh, int(tc.seed),
+      loss_fn=functools.partial(step_lib.recommender_loss,
+                                loss_type=str(tc.get("loss", "softmax"))))
   evaluator = Evaluator(config, parts, items, mesh, dataset.items.num_items,
                         synthetic=dataset.items.synthetic)
   run = _init_wandb(wandb_mode, config, workdir)
@@ -396,7 +453,8 @@ def _train_and_evaluate(config, workdir, *, dataset, init_from,
       checkpoint_every=int(tc.checkpoint_every), max_steps=int(tc.max_steps),
       divergence_hint=(f"lower config.train.lr (now {tc.lr}), raise "
                        f"config.train.warmup_steps (now {tc.warmup_steps})"),
-      log_loss=_loss_logger(run, progress, total_steps, int(tc.batch_size)),
+      log_loss=_loss_logger(run, progress, total_steps, int(tc.batch_size),
+                            accumulate, loss_callback),
       step_callback=step_callback, samples_at_start=progress.samples)
 
   while not progress.done:
@@ -413,34 +471,47 @@ def _train_and_evaluate(config, workdir, *, dataset, init_from,
     session.check_not_diverged()
     record = evaluate_dev(evaluator, state["params"], dataset, config,
                           progress)
-    workdir_lib.append_metrics(workdir, record)
+    if jax.process_index() == 0:
+      workdir_lib.append_metrics(workdir, record)
     if run is not None:
-      run.log({f"dev/{k}": record[k] for k in metrics_lib.METRIC_KEYS},
+      run.log({f"dev/{k}": record[k] for k in metric_names(config)},
               step=progress.step)
     end_epoch(session, state, progress, record, hit_step_limit, tc)
 
   checkpoints.close()
-  summary = summarize(evaluator, state, progress, dataset, workdir)
+  summary = summarize(evaluator, state, progress, dataset, workdir,
+                      accumulate, selected=selected)
   if run is not None:
     if "test" in summary:
       run.summary.update({f"test/{k}": summary["test"]["all"][k]
-                          for k in metrics_lib.METRIC_KEYS})
+                          for k in metric_names(config)})
     run.finish()
   return summary
 
 
-def _loss_logger(run, progress: Progress, total_steps: int, batch_size: int):
+def _loss_logger(run, progress: Progress, total_steps: int, batch_size: int,
+                 accumulate_steps: int = 1, loss_callback=None):
   """The recommender's training-loss log: a line (unless a progress bar
-  shows it) and wandb."""
+  shows it) and wandb. Steps count batches; with gradient accumulation the
+  line also says how many updates they made ("update 3/12")."""
 
   def log(step: int, loss: float, rate: float, bar_shown: bool) -> None:
+    if loss_callback is not None:
+      loss_callback(step, loss)
+    updates = ""
+    if accumulate_steps > 1:
+      updates = (f" update {step // accumulate_steps}/"
+                 f"{total_steps // accumulate_steps}")
     if not bar_shown:
       eta = (total_steps - step) * batch_size / max(rate, 1e-9)
-      logging.info("epoch %d step %d/%d loss %.4f  %.0f samples/s  ETA %s",
-                   progress.epoch, step, total_steps, loss, rate,
+      logging.info("epoch %d step %d/%d%s loss %.4f  %.0f samples/s  ETA %s",
+                   progress.epoch, step, total_steps, updates, loss, rate,
                    _format_seconds(eta))
     if run is not None:
-      run.log({"train/loss": loss, "train/samples_per_s": rate}, step=step)
+      record = {"train/loss": loss, "train/samples_per_s": rate}
+      if accumulate_steps > 1:
+        record["train/updates"] = step // accumulate_steps
+      run.log(record, step=step)
 
   return log
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
@@ -30,13 +30,43 @@ def make_mesh() -> jax.sharding.Mesh:
 def maybe_initialize_distributed() -> None:
   """Joins a multi-process run when launched as one (env set by the launcher).
 
-  `jax.distributed.initialize()` reads the coordinator address, process count
-  and index from the cluster environment (SLURM, TPU pods, or the
-  JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables).
+  Under SLURM (SLURM_NTASKS > 1) `jax.distributed.initialize()` reads the
+  coordinator address, process count and index from SLURM's variables;
+  elsewhere from JAX_COORDINATOR_ADDRESS (host:port of process 0),
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID. JAX reads only the first of these
+  itself, so the other two are passed here.
   """
   if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get(
       "SLURM_NTASKS", "1") != "1":
-    jax.distributed.initialize()
+    count, index = (os.environ.get("JAX_NUM_PROCESSES"),
+                    os.environ.get("JAX_PROCESS_ID"))
+    jax.distributed.initialize(
+        num_processes=int(count) if count else None,
+        process_id=int(index) if index else None)
+
+
+_barriers = 0  # barriers passed: each one's name is new, in every process
+
+
+def process_0_first(fn: Callable[[], Any], what: str = "process_0_first",
+                    timeout_s: int = 3 * 3600) -> Any:
+  """fn() in process 0, then, once it has returned, in the other processes.
+
+  For work that fills a cache on a shared disk (preparing a dataset): done
+  by one process while the others wait, then only read by them. The wait
+  is on the distributed runtime's barrier, not a device collective (whose
+  set-up times out in 30 s on CPU). One process: just fn().
+  """
+  global _barriers
+  if jax.process_count() == 1:
+    return fn()
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
+  result = fn() if jax.process_index() == 0 else None
+  _barriers += 1
+  distributed.global_state.client.wait_at_barrier(
+      f"genre_jax:{what}:{_barriers}", timeout_in_ms=timeout_s * 1000)
+  return fn() if jax.process_index() != 0 else result
 
 
 def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:

@@ -82,13 +82,30 @@ def merge(graphdef, params, rest):
   return nnx.merge(graphdef, params, rest, copy=True)
 
 
-def recommender_loss(model, batch, items):
-  """Weighted softmax cross-entropy over candidates; padding rows weigh 0."""
+def recommender_loss(model, batch, items, loss_type: str = "softmax"):
+  """Weighted cross-entropy over candidates; padding rows weigh 0.
+
+  loss_type (config.train.loss): "softmax", the cross-entropy of the labels
+  against a softmax over each row's candidates; or "bce", the binary
+  cross-entropy of sigmoid(logit) against the label of every real
+  candidate, averaged over a row's real candidates (padded ones masked).
+  Either way a row's loss is weighted by batch["weights"].
+  """
   logits, aux = model(batch, items["tokens"], items["masks"])  # [B, C]
   logits = logits.astype(jnp.float32)
   labels = batch["labels"]
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  ce = -jnp.sum(jnp.where(batch["candidate_mask"], labels * log_probs, 0.0), -1)
+  if loss_type == "softmax":
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    ce = -jnp.sum(jnp.where(batch["candidate_mask"], labels * log_probs, 0.0),
+                  -1)
+  elif loss_type == "bce":
+    real = batch["candidate_mask"].astype(bool)
+    # -[y log sigmoid(x) + (1 - y) log(1 - sigmoid(x))] = softplus(x) - y x.
+    bce = jnp.where(real, jax.nn.softplus(logits) - labels * logits, 0.0)
+    ce = jnp.sum(bce, -1) / jnp.maximum(jnp.sum(real, -1), 1)
+  else:
+    raise ConfigError(f"config.train.loss='{loss_type}': must be softmax "
+                      "or bce")
   weights = batch["weights"]
   loss = jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
   total = loss + aux.get("aux_loss", 0.0)

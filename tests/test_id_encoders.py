@@ -1,0 +1,94 @@
+"""Item identity encoders: `id` (a learnt table) and `hybrid` (content + id)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from genre_jax import data as data_lib
+from genre_jax import train
+from genre_jax.config import load_preset
+from genre_jax.models import id_encoders
+from tests.helpers import shrink
+
+
+@pytest.fixture(scope="module")
+def dataset(data_dir):
+  return data_lib.load_dataset(shrink(load_preset("nrms_id"), data_dir).data)
+
+
+def _encode(config, dataset, params=None, rows=None):
+  host_items, spec = train.model_inputs(config, dataset)
+  parts, state = train.init_model(config, spec, total_steps=10)
+  model = nnx.merge(parts.eval_graphdef, params or state["params"],
+                    parts.rest)
+  rows = np.arange(1, dataset.items.num_items + 1) if rows is None else rows
+  take = lambda table: {k: jnp.take(jnp.asarray(v), rows, axis=0)
+                        for k, v in table.items()}
+  return np.asarray(model.encode_items(take(host_items["tokens"]),
+                                       take(host_items["masks"])))
+
+
+def test_seen_items_are_those_of_the_train_split(dataset):
+  seen = id_encoders.identity_inputs(dataset)[id_encoders.SEEN_FIELD][:, 0]
+  train_split = dataset.splits["train"]
+  want = np.zeros(dataset.items.num_items + 1, bool)
+  want[train_split.history_items] = True
+  want[train_split.cand_items] = True
+  np.testing.assert_array_equal(seen, want)
+  assert seen.any()
+
+
+def test_hybrid_starts_as_its_content_model(data_dir, dataset):
+  hybrid = shrink(load_preset("nrms_id"), data_dir)
+  content = shrink(load_preset("nrms"), data_dir)
+  content_params = train.init_model(
+      content, train.model_inputs(content, dataset)[1], 10)[1]["params"]
+  hybrid_params = train.init_model(
+      hybrid, train.model_inputs(hybrid, dataset)[1], 10)[1]["params"]
+  # Same seed, content built first: its weights are the plain model's.
+  np.testing.assert_array_equal(
+      np.asarray(content_params["item_encoder"]["pool"]["query"]["kernel"]
+                 [...]),
+      np.asarray(hybrid_params["item_encoder"]["content"]["pool"]["query"]
+                 ["kernel"][...]))
+  np.testing.assert_allclose(_encode(hybrid, dataset),
+                             _encode(content, dataset), atol=1e-6)
+
+
+def test_unseen_items_keep_their_content_vector_after_training(
+    data_dir, dataset, tmp_path):
+  config = shrink(load_preset("nrms_id"), data_dir, max_steps=6)
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"),
+                                     dataset=dataset)
+  assert np.isfinite(summary["test"]["all"]["auc"])
+  host_items, spec = train.model_inputs(config, dataset)
+  _, state = train.init_model(config, spec, total_steps=10)
+  params = train.restore_params_from(str(tmp_path / "run"), state["params"],
+                                     which="latest")
+  table = np.asarray(params["item_encoder"]["identity"]["table"]
+                     ["embedding"][...])
+  seen = host_items["tokens"][id_encoders.SEEN_FIELD][:, 0]
+  assert np.abs(table[seen]).sum() > 0  # seen items learnt a vector
+  # Unseen rows get no gradient (their vector is masked) and stay zero.
+  np.testing.assert_array_equal(table[~seen], 0.0)
+
+
+def test_id_encoder_trains(data_dir, dataset, tmp_path):
+  config = shrink(load_preset("nrms"), data_dir, max_steps=4)
+  config.model.item_encoder = "id"
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"),
+                                     dataset=dataset)
+  assert summary["steps"] == 4
+  assert np.isfinite(summary["test"]["all"]["auc"])
+
+
+def test_hybrid_of_a_hybrid_is_refused(data_dir, dataset):
+  from genre_jax.errors import ConfigError
+
+  config = shrink(load_preset("nrms_id"), data_dir)
+  config.model.hybrid.content = "hybrid"
+  with pytest.raises(ConfigError, match="model.hybrid.content"):
+    train.model_inputs(config, dataset)
