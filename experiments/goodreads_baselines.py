@@ -20,7 +20,8 @@ Reference (the issue's plain PyTorch runs): TF-IDF 0.571, mean-pooled MiniLM
 
 Prints a table (test AUC, MRR, nDCG@5, nDCG@10 on all and on cold users,
 wall time, samples/s) and ends with one line of JSON:
-{preset: {"workdir", "test", "test_cold", "dev", "train_seconds",
+{preset: {"workdir", "test", "test_cold", "test_unseen_items" (impressions
+whose clicked item never appears in training), "dev", "train_seconds",
 "wall_seconds", "samples_per_s", "steps"}}.
 """
 
@@ -103,14 +104,19 @@ def permuted_titles_copy(source: str, target: str, seed: int) -> str:
 def table(results: dict[str, dict]) -> str:
   header = (f"{'preset':<12}{'AUC':>7}{'MRR':>7}{'nDCG5':>7}{'nDCG10':>7}"
             f"{'coldAUC':>8}{'coldMRR':>8}{'coldN5':>7}{'coldN10':>8}"
+            f"{'newAUC':>8}{'newMRR':>8}"
             f"{'train s':>9}{'wall s':>8}{'smp/s':>7}")
   lines = [header, "-" * len(header)]
   for name, r in results.items():
     t, c = r["test"], r["test_cold"]
+    # Impressions whose clicked item is unseen in training (cold items).
+    u = r.get("test_unseen_items") or {"auc": float("nan"),
+                                       "mrr": float("nan")}
     lines.append(
         f"{name:<12}" + "".join(f"{t[k]:>7.4f}" for k in METRICS) +
         f"{c['auc']:>8.4f}{c['mrr']:>8.4f}{c['ndcg5']:>7.4f}"
-        f"{c['ndcg10']:>8.4f}{r['train_seconds']:>9.0f}"
+        f"{c['ndcg10']:>8.4f}{u['auc']:>8.4f}{u['mrr']:>8.4f}"
+        f"{r['train_seconds']:>9.0f}"
         f"{r['wall_seconds']:>8.0f}{r['samples_per_s']:>7.0f}")
   return "\n".join(lines)
 
@@ -148,6 +154,7 @@ def main(argv: Sequence[str]) -> None:
         "workdir": workdir,  # as given: no machine's folders in a table
         "test": summary["test"]["all"],
         "test_cold": summary["test"]["cold"],
+        "test_unseen_items": summary["test"].get("unseen_items"),
         "dev": summary["dev"]["all"],
         "train_seconds": round(summary["train_seconds"], 1),
         "wall_seconds": round(time.time() - start, 1),

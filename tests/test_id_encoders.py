@@ -92,3 +92,24 @@ def test_hybrid_of_a_hybrid_is_refused(data_dir, dataset):
   config.model.hybrid.content = "hybrid"
   with pytest.raises(ConfigError, match="model.hybrid.content"):
     train.model_inputs(config, dataset)
+
+
+def test_metrics_of_impressions_whose_clicked_item_is_unseen(
+    data_dir, dataset, tmp_path):
+  config = shrink(load_preset("nrms"), data_dir, max_steps=2)
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir, dataset=dataset)
+  _, _, evaluator, params = train.load_for_inference(workdir, dataset=dataset)
+  behaviors = dataset.splits["test"]
+  clicked = behaviors.cand_items[behaviors.cand_labels > 0]
+  hidden = np.unique(clicked)[::3]  # pretend training never showed these
+  evaluator.popularity = np.array(dataset.items.popularity)
+  evaluator.popularity[hidden] = 0
+  result = evaluator.evaluate(params, behaviors)
+  starts, counts = behaviors.cand_offsets[:-1], behaviors.num_candidates()
+  want = sum(
+      1 for s, c in zip(starts, counts)
+      if np.isin(behaviors.cand_items[s:s + c][
+          behaviors.cand_labels[s:s + c] > 0], hidden).any()
+      and 0 < behaviors.cand_labels[s:s + c].sum() < c)
+  assert result["unseen_items"]["num_impressions"] == want > 0

@@ -21,6 +21,7 @@ from genre_jax.errors import ConfigError
 from genre_jax.train.mesh import P, abstract, check_batch_size, make_mesh
 from genre_jax.train.mesh import to_global
 from genre_jax.train.step import Parts, init_model, merge, model_inputs
+from genre_jax.train.step import split_item_table
 
 
 def padded_candidates(behaviors: Behaviors, width: int):
@@ -45,12 +46,19 @@ class Evaluator:
   """
 
   def __init__(self, config, parts: Parts, items, mesh, num_items: int,
-               synthetic: np.ndarray | None = None):
+               synthetic: np.ndarray | None = None,
+               popularity: np.ndarray | None = None,
+               host_items: dict | None = None):
     self.config = config
     # [N+1] bool: LLM-generated items, not counted in a cold user's history.
     self.synthetic = synthetic
+    # [N+1] train counts: an item at 0 was never seen in training.
+    self.popularity = popularity
     self.parts = parts
     self.items = items
+    # Host-resident item fields (step.split_item_table), not on the devices:
+    # each chunk's rows are gathered on the host and sent with it.
+    self.host_items = host_items
     self.mesh = mesh
     self.num_rows = num_items + 1  # with the padding item
     check_batch_size(config, "eval")
@@ -58,17 +66,20 @@ class Evaluator:
     self.chunk = self.batch_size * 4
     replicated = jax.sharding.NamedSharding(mesh, P())
     data = jax.sharding.NamedSharding(mesh, P("data"))
+    self._replicated = replicated
     self._encode = jax.jit(self._encode_chunk,
-                           in_shardings=(replicated, replicated, replicated),
+                           in_shardings=(replicated,) * 4,
                            out_shardings=replicated)
     self._score = jax.jit(self._score_batch,
                           in_shardings=(replicated, replicated, data),
                           out_shardings=data)
 
-  def _encode_chunk(self, params, items, ids):
+  def _encode_chunk(self, params, items, ids, host_rows):
     model = merge(self.parts.eval_graphdef, params, self.parts.rest)
     tokens = {f: jnp.take(t, ids, axis=0) for f, t in items["tokens"].items()}
     masks = {f: jnp.take(m, ids, axis=0) for f, m in items["masks"].items()}
+    tokens.update(host_rows["tokens"])  # [n, ...] rows of host fields
+    masks.update(host_rows["masks"])
     return model.encode_items(tokens, masks).astype(jnp.float32)  # [n, D]
 
   @staticmethod
@@ -115,8 +126,17 @@ class Evaluator:
     vecs = []
     for c in range(num_chunks):
       ids = np.arange(c * self.chunk, (c + 1) * self.chunk) % self.num_rows
-      vecs.append(self._encode(params, self.items, jnp.asarray(ids, jnp.int32)))
+      vecs.append(self._encode(params, self.items, jnp.asarray(ids, jnp.int32),
+                               self._host_rows(ids)))
     return jnp.concatenate(vecs)[:self.num_rows]
+
+  def _host_rows(self, ids: np.ndarray) -> dict:
+    """Rows `ids` of the host fields, gathered on the host and put on the
+    devices (replicated, as the chunk's encoding is)."""
+    host = self.host_items or {}
+    rows = {kind: {f: np.asarray(t[ids]) for f, t in host.get(kind, {}).items()}
+            for kind in ("tokens", "masks")}
+    return jax.device_put(rows, self._replicated)
 
   def scores(self, params, behaviors: Behaviors,
              item_vecs: jax.Array | None = None):
@@ -155,12 +175,20 @@ class Evaluator:
     scores, labels, masks = self.scores(params, behaviors, item_vecs)
     cold = (behaviors.real_history_lengths(self.synthetic) <=
             int(self.config.data.cold_threshold))
+    # With train item counts: impressions whose clicked item never appears
+    # in the train split (cold items), reported apart.
+    selections = {"all": None, "cold": cold}
+    if self.popularity is not None and len(behaviors):
+      unseen = np.asarray(self.popularity)[behaviors.cand_items] == 0
+      clicked_unseen = (unseen & (behaviors.cand_labels > 0)).astype(np.int64)
+      selections["unseen_items"] = np.add.reduceat(
+          clicked_unseen, behaviors.cand_offsets[:-1]) > 0  # [M]
     return metrics_lib.evaluate_scores(
         scores, labels, masks,
         metrics=metrics_lib.evaluated_metrics(
             self.config.eval.get("metrics", metrics_lib.METRIC_KEYS)),
         users=np.asarray(behaviors.user_ids),
-        selections={"all": None, "cold": cold})
+        selections=selections)
 
 
 def restore_params_from(workdir: str, target_params, *, which: str = "best"):
@@ -195,9 +223,12 @@ def load_for_inference(workdir: str, *, dataset: Dataset | None = None):
   host_items, spec = model_inputs(config, dataset)
   parts, state = init_model(config, spec, total_steps=1)
   replicated = jax.sharding.NamedSharding(mesh, P())
-  items = jax.device_put(host_items, replicated)
+  device_items, host_fields = split_item_table(host_items)
+  items = jax.device_put(device_items, replicated)
   params = restore_params_from(workdir, jax.device_put(state["params"],
                                                        replicated))
   evaluator = Evaluator(config, parts, items, mesh, dataset.items.num_items,
-                        synthetic=dataset.items.synthetic)
+                        synthetic=dataset.items.synthetic,
+                        popularity=dataset.items.popularity,
+                        host_items=host_fields)
   return config, dataset, evaluator, params

@@ -410,7 +410,19 @@ def _train_and_evaluate(config, workdir, *, dataset, init_from,
   if tc.dedup_items:
     batcher.unique_items = dedup_capacity(batcher, total_steps)
   host_items, spec = step_lib.model_inputs(config, dataset)
-  items = jax.device_put(host_items, replicated)
+  # Host-resident item fields stay in host memory: each batch carries the
+  # rows of its distinct items (sharded over "data" like item_ids, so each
+  # device gets the rows of the items it encodes), evaluation each chunk's.
+  device_items, host_fields = step_lib.split_item_table(host_items)
+  if host_fields is not None:
+    if not tc.dedup_items:
+      raise ConfigError(
+          f"config.train.dedup_items=False: the item encoder keeps fields "
+          f"{sorted(host_fields['tokens'])} in host memory, whose rows reach "
+          "the devices with each batch's distinct items; set "
+          "train.dedup_items=True or keep them on the devices")
+    batcher.host_items = host_fields
+  items = jax.device_put(device_items, replicated)
 
   parts, state = step_lib.init_model(config, spec, total_steps)
   state = jax.device_put(state, replicated)
@@ -444,7 +456,9 @@ def _train_and_evaluate(config, workdir, *, dataset, init_from,
       loss_fn=functools.partial(step_lib.recommender_loss,
                                 loss_type=str(tc.get("loss", "softmax"))))
   evaluator = Evaluator(config, parts, items, mesh, dataset.items.num_items,
-                        synthetic=dataset.items.synthetic)
+                        synthetic=dataset.items.synthetic,
+                        popularity=dataset.items.popularity,
+                        host_items=host_fields)
   run = _init_wandb(wandb_mode, config, workdir)
   session = Session(
       step_fn=step_fn, items=items, checkpoints=checkpoints, mesh=mesh,
