@@ -333,3 +333,16 @@ def run_lm_item_encoder(tmp_path: pathlib.Path, data_dir, preset: str,
   assert [i["item_id"] for i in recs["items"]] == [
       i["item_id"] for i in demo["items"]]
   return metrics
+
+
+def small_lm_config(preset: str, data_dir, tmp_path, **lm):
+  """A shrunk LM preset: its cache under tmp_path, 16 tokens per item, and
+  the given config.model.lm fields."""
+  from genre_jax.config import load_preset  # pylint: disable=g-import-not-at-top
+
+  config = shrink(load_preset(preset), data_dir)
+  config.model.lm.cache_dir = str(tmp_path / "lm_cache")
+  config.model.lm.max_len = 16
+  for key, value in lm.items():
+    config.model.lm[key] = value
+  return config

@@ -20,17 +20,13 @@ from genre_jax.train import pretrain as pretrain_lib
 from genre_jax.models import lm_encoder
 from genre_jax.config import load_preset
 from tests.helpers import changed_leaves, first_losses, leave_temporary
+from tests.helpers import small_lm_config
 from tests.helpers import shrink
 
 
 
 def _config(data_dir, tmp_path, **lm):
-  config = shrink(load_preset("bert_nrms"), data_dir)
-  config.model.lm.cache_dir = str(tmp_path / "lm_cache")
-  config.model.lm.max_len = 16
-  for key, value in lm.items():
-    config.model.lm[key] = value
-  return config
+  return small_lm_config("bert_nrms", data_dir, tmp_path, **lm)
 
 
 @pytest.fixture(scope="module")

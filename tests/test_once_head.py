@@ -19,15 +19,11 @@ from genre_jax import train
 from genre_jax.config import load_preset
 from genre_jax.models import lm_encoder
 from tests.helpers import changed_leaves, first_losses, shrink
+from tests.helpers import small_lm_config
 
 
 def _config(data_dir, tmp_path, **lm):
-  config = shrink(load_preset("once_nrms"), data_dir)
-  config.model.lm.cache_dir = str(tmp_path / "lm_cache")
-  config.model.lm.max_len = 16
-  for key, value in lm.items():
-    config.model.lm[key] = value
-  return config
+  return small_lm_config("once_nrms", data_dir, tmp_path, **lm)
 
 
 @pytest.fixture(scope="module")

@@ -218,6 +218,19 @@ class KVCache:
   def max_len(self) -> int:
     return self.mask.shape[1]
 
+  def check_room(self, length: int) -> None:
+    """Raises ValueError when `length` more tokens would overflow the cache
+    (checked when the index is concrete; under jit it is the caller's duty,
+    since an overflowing write would be clamped)."""
+    try:
+      index = int(self.index)
+    except (jax.errors.ConcretizationTypeError,
+            jax.errors.TracerIntegerConversionError):  # Traced under jit.
+      return
+    if index + length > self.max_len:
+      raise ValueError(f"cache overflow: {index} tokens cached + {length} new "
+                       f"> max_len {self.max_len}")
+
 
 class LlamaDecoder(nnx.Module):
   """HF `LlamaForCausalLM`: token ids -> final-normed hidden -> logits."""
@@ -348,14 +361,7 @@ class LlamaDecoder(nnx.Module):
     if mask is None:
       mask = jnp.ones((batch, length), bool)
     mask = jnp.asarray(mask).astype(bool)
-    try:
-      index = int(cache.index)
-    except (jax.errors.ConcretizationTypeError,
-            jax.errors.TracerIntegerConversionError):  # Traced under jit.
-      index = None
-    if index is not None and index + length > cache.max_len:
-      raise ValueError(f"cache overflow: {index} tokens cached + {length} new "
-                       f"> max_len {cache.max_len}")
+    cache.check_room(length)
     cache_mask = jax.lax.dynamic_update_slice(cache.mask, mask,
                                               (0, cache.index))  # [B, S]
     query_slots = cache.index + jnp.arange(length)  # [T]

@@ -353,14 +353,7 @@ class OptDecoder(nnx.Module):
     if mask is None:
       mask = jnp.ones((batch, length), bool)
     mask = jnp.asarray(mask).astype(bool)
-    try:
-      index = int(cache.index)
-    except (jax.errors.ConcretizationTypeError,
-            jax.errors.TracerIntegerConversionError):  # Traced under jit.
-      index = None
-    if index is not None and index + length > cache.max_len:
-      raise ValueError(f"cache overflow: {index} tokens cached + {length} new "
-                       f"> max_len {cache.max_len}")
+    cache.check_room(length)
     slots = jnp.arange(cache.max_len)  # [S]
     cache_mask = jax.lax.dynamic_update_slice(cache.mask, mask,
                                               (0, cache.index))  # [B, S]
