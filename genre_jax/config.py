@@ -160,6 +160,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.lm.cache = True
   # float32 | bfloat16 storage of the cache.
   c.model.lm.cache_dtype = "float32"
+  # Where the cache is read from: device (a copy on every device) | host
+  # (memory-mapped in host memory; each batch sends its distinct items' rows,
+  # so it needs train.dedup_items).
+  c.model.lm.cache_on = "device"
   # Storage of the frozen LM weights (embeddings and layers below tune_from,
   # or all base weights under LoRA): float32 | bfloat16 | int8 (weight-only,
   # per-output-channel scales, dequantized in the matmul; lm/quantize.py).
@@ -483,7 +487,7 @@ _DTYPES = choice("float32", "bfloat16")
 # (tests/test_config_validation.py checks every preset against this table).
 # Where data and caches live, not what a run computes: a run may move
 # between machines or caches and still resume (workdir.RESUMABLE_KEYS).
-CACHE_KEYS = ("data.data_dir", "model.lm.cache_dir")
+CACHE_KEYS = ("data.data_dir", "model.lm.cache_dir", "model.lm.cache_on")
 
 CONFIG_RULES: dict[str, Rule] = {
     "data.name": registered(registry.DATASETS),
@@ -550,6 +554,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "model.lm.tune_from": _COUNT,
     "model.lm.cache": flag(),
     "model.lm.cache_dtype": _DTYPES,
+    "model.lm.cache_on": choice("device", "host"),
     "model.lm.frozen_dtype": choice("float32", "bfloat16", "int8"),
     "model.lm.cache_dir": text(),
     "model.lm.lr": number(0),
@@ -675,6 +680,8 @@ def validate(config: ml_collections.ConfigDict, *,
                         f"{missing}")
   if not sections or {"data", "eval"} <= set(sections):
     _check_selection(tree, name)
+  if not sections or {"model", "train"} <= set(sections):
+    _check_cache_on(tree, name)
 
 
 def parse_validation(value: Any) -> tuple[str, float] | None:
@@ -694,6 +701,19 @@ def parse_validation(value: Any) -> tuple[str, float] | None:
   if not (math.isfinite(fraction) and 0 < fraction < 1):
     return None
   return kind, fraction
+
+
+def _check_cache_on(tree: Mapping[str, Any], name: str) -> None:
+  """model.lm.cache_on='host' sends each batch's distinct items' cache rows
+  with the batch: only the deduplicated layout has them."""
+  cache_on = tree.get("model", {}).get("lm", {}).get("cache_on", "device")
+  dedup = tree.get("train", {}).get("dedup_items", True)
+  if cache_on == "host" and not dedup:
+    raise ConfigError(
+        f"{name}.model.lm.cache_on='host' with {name}.train.dedup_items="
+        "False: a host cache reaches the devices as the rows of each batch's "
+        "distinct items, which only the deduplicated batch has; set "
+        "train.dedup_items=True or model.lm.cache_on='device'")
 
 
 def _check_selection(tree: Mapping[str, Any], name: str) -> None:

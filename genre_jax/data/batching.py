@@ -25,6 +25,33 @@ from genre_jax.errors import ConfigError
 _TOP_UP_DRAWS = 16
 _MAX_TOP_UP_ATTEMPTS = 64
 
+# Reserved batch-key prefix of host-resident item fields' rows (an item
+# table's "host" part, step.split_item_table): HOST_ROWS + "tokens/" + field
+# and HOST_ROWS + "masks/" + field hold the rows [U, ...] of item_ids.
+HOST_ROWS = "host_rows/"
+
+
+def host_rows(host_table: dict, ids: np.ndarray) -> dict[str, np.ndarray]:
+  """Rows `ids` [U] of every host-resident field, as flat batch keys.
+
+  host_table: {"tokens": {field: [N+1, ...]}, "masks": {...}} host arrays
+  (a memory-mapped cache is read only at these rows).
+  """
+  return {f"{HOST_ROWS}{kind}/{field}": np.asarray(table[ids])
+          for kind in ("tokens", "masks")
+          for field, table in host_table.get(kind, {}).items()}
+
+
+def batch_host_rows(batch: dict) -> tuple[dict, dict]:
+  """(tokens, masks) by field of the host rows a batch carries (host_rows'
+  keys; numpy or device arrays), empty without host fields."""
+  out = {"tokens": {}, "masks": {}}
+  for key, value in batch.items():
+    if key.startswith(HOST_ROWS):
+      kind, field = key[len(HOST_ROWS):].split("/", 1)
+      out[kind][field] = value
+  return out["tokens"], out["masks"]
+
 
 def _check_sizes(batch_size: int, history_len: int, process_index: int,
                  process_count: int) -> None:
@@ -117,7 +144,8 @@ class TrainBatcher:
   def __init__(self, behaviors: types.Behaviors, items: types.ItemTable, *,
                batch_size: int, history_len: int, num_negatives: int,
                seed: int, process_index: int = 0, process_count: int = 1,
-               drop_remainder: bool = False, unique_items: int = 0):
+               drop_remainder: bool = False, unique_items: int = 0,
+               host_items: dict | None = None):
     """Args as the attributes; unique_items > 0 adds the deduplicated layout.
 
     With unique_items = U, every batch also carries item_ids [U] (this
@@ -125,12 +153,15 @@ class TrainBatcher:
     candidate_pos [B, 1+K], positions into the global item_ids (the
     concatenation over processes), so the model encodes each distinct item
     once per batch. U is a fixed capacity (one compiled shape); see
-    max_unique_items for the smallest that fits.
+    max_unique_items for the smallest that fits. host_items (the item
+    table's host-resident fields) adds their rows of item_ids to each
+    deduplicated batch (host_rows).
     """
     _check_sizes(batch_size, history_len, process_index, process_count)
     if unique_items < 0:
       raise ConfigError(f"unique_items must be >= 0, got {unique_items}")
     self.unique_items = unique_items
+    self.host_items = host_items
     if num_negatives < 0:
       raise ConfigError(
           f"data.num_negatives must be >= 0, got {num_negatives}")
@@ -271,6 +302,8 @@ class TrainBatcher:
     if self.unique_items:
       batch.update(self._deduplicate(history, batch["candidates"],
                                      batch.get("profile")))
+      if self.host_items:
+        batch.update(host_rows(self.host_items, batch["item_ids"]))
     return batch
 
   def _deduplicate(self, history: np.ndarray, candidates: np.ndarray,

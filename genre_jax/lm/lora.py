@@ -6,6 +6,11 @@ zero, so a freshly adapted model computes exactly what the base model did.
 Adapter weights are `LoRAParam`s (flax's `nnx.LoRAParam`, a subclass of
 `nnx.Param`), so an optimizer trains only them with
 `nnx.Optimizer(model, tx, wrt=LoRAParam)`.
+
+The base may be an int8 `quantize.QuantizedLinear` (QLoRA-style: frozen int8
+weights, float adapters): `apply_lora` adapts one as it does an
+`nnx.Linear`, and `quantize.quantize_frozen` run after `apply_lora` converts
+each adapter's frozen `base`.
 """
 
 from __future__ import annotations
@@ -17,15 +22,21 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from genre_jax.lm import quantize
+
 LoRAParam = nnx.LoRAParam
+# The layers LoRA adapts: a float Linear, or an int8 one (QLoRA).
+ADAPTABLE = (nnx.Linear, quantize.QuantizedLinear)
 
 
 class LoRALinear(nnx.Module):
-  """A pretrained `nnx.Linear` plus a trainable low-rank update."""
+  """A pretrained `nnx.Linear` (or int8 `quantize.QuantizedLinear`) plus a
+  trainable low-rank update."""
 
-  def __init__(self, base: nnx.Linear, *, rank: int, alpha: float,
-               dropout: float = 0.0, deterministic: bool = True,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, base: nnx.Linear | quantize.QuantizedLinear, *,
+               rank: int, alpha: float, dropout: float = 0.0,
+               deterministic: bool = True, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if rank < 1:
       raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     self.base = base
@@ -46,12 +57,31 @@ class LoRALinear(nnx.Module):
     return y + update * jnp.asarray(self.scale, dtype)
 
   def merged(self) -> nnx.Linear:
-    """The base layer with `A @ B * scale` folded into its kernel."""
+    """The base layer with `A @ B * scale` folded into its kernel; an int8
+    base becomes a float32 `nnx.Linear` (its dequantized kernel plus the
+    update: re-quantizing would round the update away)."""
     base = self.base
     delta = (self.lora_a[...] @ self.lora_b[...]) * self.scale  # [in, out]
+    if isinstance(base, quantize.QuantizedLinear):
+      return _dequantized(base, base.dequantized_kernel() + delta)
     kernel = base.kernel[...].astype(jnp.float32) + delta
     base.kernel.set_value(kernel.astype(base.kernel.dtype))
     return base
+
+
+def _dequantized(base: quantize.QuantizedLinear,
+                 kernel: jax.Array) -> nnx.Linear:
+  """A float32 nnx.Linear computing x @ kernel + base's bias, its weights
+  of the variable type of base's."""
+  linear = nnx.Linear(base.in_features, base.out_features,
+                      use_bias=base.use_bias, dtype=base.dtype,
+                      param_dtype=jnp.float32, precision=base.precision,
+                      rngs=nnx.Rngs(0))
+  kind = type(base.codes)
+  linear.kernel = kind(kernel.astype(jnp.float32))
+  if base.bias is not None:
+    linear.bias = kind(base.bias[...].astype(jnp.float32))
+  return linear
 
 
 def _is_training(model: nnx.Module) -> bool:
@@ -64,7 +94,8 @@ def _is_training(model: nnx.Module) -> bool:
 def apply_lora(model: nnx.Module, targets: Sequence[str] = ("query", "value"),
                *, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                rngs: nnx.Rngs) -> list[str]:
-  """Wraps every `nnx.Linear` attribute named in `targets` with LoRA, in place.
+  """Wraps every `nnx.Linear` (or int8 `quantize.QuantizedLinear`) attribute
+  named in `targets` with LoRA, in place.
 
   Names are attribute names anywhere in the model: "query"/"value" for BERT,
   "q_proj"/"v_proj" etc. for Llama. New dropout follows the model's current
@@ -82,7 +113,7 @@ def apply_lora(model: nnx.Module, targets: Sequence[str] = ("query", "value"),
   linear_names = set()
   for path, module in list(nnx.iter_modules(model)):
     for name, child in list(vars(module).items()):
-      if not isinstance(child, nnx.Linear):
+      if not isinstance(child, ADAPTABLE):
         continue
       linear_names.add(name)
       if name in targets:

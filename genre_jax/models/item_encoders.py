@@ -42,7 +42,11 @@ class ItemEncoder(nnx.Module):
   arrays whose rows the model gathers for a batch's items and hands to
   `__call__` as the same two dicts. The default reads config.data.fields'
   tokenized text; an encoder with other inputs (an LM's own tokenization, a
-  cache, an extra array) overrides it.
+  cache, an extra array) overrides it. The table may add "host": {"tokens":
+  {...}, "masks": {...}}, fields kept in host memory rather than copied to
+  every device (a memory-mapped cache of GBs): their rows are gathered on
+  the host for each batch's distinct items (train.dedup_items) and each
+  evaluation chunk, and reach `__call__` in the same two dicts.
   """
 
   @classmethod

@@ -14,7 +14,10 @@ With frozen layers and `lm.cache=True`, the hidden states entering layer N are
 computed once for every item, stored on disk (memory-mapped) under a key that
 hashes the frozen weights themselves, the LM's config.json, the token ids (so
 the text, template, tokenizer and truncation) and N, and the recommender then
-runs only layers N..L-1 from them.
+runs only layers N..L-1 from them. The frozen weights may be stored in
+bfloat16 or int8 (`lm.frozen_dtype`, lm/quantize.py; with LoRA, QLoRA-style
+int8 base weights), and the cached hidden states are then computed with them
+(the key names the dtype, so float32 keys are as before).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from genre_jax.lm import families
 from genre_jax.lm import hf
 from genre_jax.lm import lora
 from genre_jax.lm import mlm
+from genre_jax.lm import quantize
 from genre_jax.models.item_encoders import ItemEncoder
 from genre_jax.models import layers
 from genre_jax.models.layers import compute_dtype
@@ -118,6 +122,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= float(lora_config.dropout) < 1:
     raise ConfigError(f"config.model.lm.lora.dropout={lora_config.dropout}: "
                       "must be in [0, 1)")
+  dtype = frozen_dtype(config)
+  if dtype != "float32" and not (int(lc.tune_from) > 0 or
+                                 int(lora_config.rank) > 0):
+    raise ConfigError(f"config.model.lm.frozen_dtype={dtype}: nothing is "
+                      "frozen (tune_from=0 and lora.rank=0); freeze layers "
+                      "with tune_from > 0 or use LoRA, or keep float32")
   max_len = int(lc.max_len)
   if max_len < 1:
     raise ConfigError(f"config.model.lm.max_len={lc.max_len}: must be >= 1")
@@ -130,6 +140,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(
           f"config.model.lm.max_len={max_len}: must be <= {limit}, the "
           f"max_position_embeddings of {lm_path(config)}")
+
+
+def frozen_dtype(config: ml_collections.ConfigDict) -> str:
+  """config.model.lm.frozen_dtype: float32 | bfloat16 | int8."""
+  dtype = config.model.lm.get("frozen_dtype", "float32")
+  if dtype not in quantize.FROZEN_DTYPES:
+    raise ConfigError(f"config.model.lm.frozen_dtype: '{dtype}' is not "
+                      f"{', '.join(quantize.FROZEN_DTYPES)}")
+  return dtype
 
 
 def uses_cache(config: ml_collections.ConfigDict) -> bool:
@@ -184,7 +203,8 @@ class LMItemEncoder(ItemEncoder):
 
   The LM's weights are variables.Pretrained (tuned at model.lm.lr); its
   embeddings and layers below tune_from, or all of them under LoRA, are
-  variables.Frozen; the projection trains at train.lr.
+  variables.Frozen, stored in model.lm.frozen_dtype (float32, bfloat16 or
+  int8: lm/quantize.py); the projection trains at train.lr.
   """
 
   @classmethod
@@ -238,6 +258,8 @@ class LMItemEncoder(ItemEncoder):
         lora.apply_lora(layer, tuple(lc.lora.targets), rank=int(lc.lora.rank),
                         alpha=float(lc.lora.alpha),
                         dropout=float(lc.lora.dropout), rngs=rngs)
+    # After LoRA: an adapter's frozen base is quantized too (QLoRA).
+    quantize.quantize_frozen(self.lm, frozen_dtype(config))
     self.pooling = lc.pooling
     self.dtype = compute_dtype(config)
     width = int(self.lm.config.hidden_size)
@@ -359,14 +381,16 @@ def cache_key(config, kind: str, frozen_state, ids: np.ndarray,
 
   `lm_config` is the LM's architecture config (a dataclass read from its
   config.json): activation, norm epsilon, heads and rope settings change the
-  hidden states as much as the weights do.
+  hidden states as much as the weights do. A frozen_dtype other than
+  float32 is part of the key (float32 keys are those of before the field).
   """
   arch = dataclasses.asdict(lm_config) if lm_config is not None else None
+  fields = {"kind": kind, "layer": n, "dtype": config.model.lm.cache_dtype,
+            "compute": config.model.dtype, "arch": arch}
+  if frozen_dtype(config) != "float32":
+    fields["frozen_dtype"] = frozen_dtype(config)
   h = hashlib.sha256()
-  h.update(json.dumps({"kind": kind, "layer": n,
-                       "dtype": config.model.lm.cache_dtype,
-                       "compute": config.model.dtype, "arch": arch},
-                      sort_keys=True, default=str).encode())
+  h.update(json.dumps(fields, sort_keys=True, default=str).encode())
   h.update(_weights_digest(frozen_state).encode())
   h.update(ids.tobytes())
   h.update(mask.tobytes())
@@ -385,7 +409,7 @@ def build_cache(config: ml_collections.ConfigDict, ids: np.ndarray,
   """Hidden states entering layer tune_from for every item, memory-mapped.
 
   Reused when the key (frozen weights, architecture, token ids, layer,
-  dtype) matches a finished cache file; written to a temporary name and
+  dtypes) matches a finished cache file; written to a temporary name and
   renamed, so an interrupted build is never mistaken for a finished one.
   """
   lc = config.model.lm
@@ -395,6 +419,10 @@ def build_cache(config: ml_collections.ConfigDict, ids: np.ndarray,
   lm, kind = load_lm(config, rngs=nnx.Rngs(0))
   n = tune_from(config, len(lm.layers))
   lm.eval()
+  if frozen_dtype(config) != "float32":  # as the encoder stores them
+    for part in _frozen_parts(lm, n):
+      variables.retype(part, variables.Frozen)
+    quantize.quantize_frozen(lm, frozen_dtype(config))
   frozen = [nnx.state(part, nnx.Param) for part in _frozen_parts(lm, n)]
   key = cache_key(config, kind, frozen, ids, mask, n, lm.config)
   os.makedirs(cache_dir, exist_ok=True)
@@ -439,7 +467,9 @@ def item_inputs(config: ml_collections.ConfigDict, dataset: Dataset):
   """({"tokens": {field: ...}, "masks": {...}}, ItemInputSpec) for the LM.
 
   The field is TEXT_FIELD (token ids) or, with cached frozen layers,
-  HIDDEN_FIELD (the cached hidden states [N+1, L, D_lm]).
+  HIDDEN_FIELD (the cached hidden states [N+1, L, D_lm]); with
+  lm.cache_on=host the cache is the table's "host" part (kept in host
+  memory, its rows sent with each batch) instead of a device field.
   """
   check_config(config)
   ids, mask = tokenize_text(config, item_text(config, dataset))
@@ -450,4 +480,7 @@ def item_inputs(config: ml_collections.ConfigDict, dataset: Dataset):
     field, table = TEXT_FIELD, ids
   spec = ItemInputSpec(vocab_size=0, fields=(field,), lengths=(ids.shape[1],),
                        num_users=len(dataset.user_vocab))
-  return {"tokens": {field: table}, "masks": {field: mask}}, spec
+  inputs = {"tokens": {field: table}, "masks": {field: mask}}
+  if field == HIDDEN_FIELD and config.model.lm.get("cache_on") == "host":
+    inputs = {"tokens": {}, "masks": {}, "host": inputs}
+  return inputs, spec

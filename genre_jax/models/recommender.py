@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from genre_jax.data import batching
 from genre_jax.data.types import ItemInputSpec
 from genre_jax.errors import ConfigError
 from genre_jax.models import layers
@@ -95,9 +96,12 @@ class Recommender(nnx.Module):
     has_profile = "profile" in batch
     if "item_ids" in batch:
       # Deduplicated: encode the U distinct items, then gather by position.
+      # Host-resident fields' rows [U, ...] come with the batch instead.
       ids = batch["item_ids"]  # [U]
-      vecs = self.encode_items(_gather_rows(item_tokens, ids),
-                               _gather_rows(item_masks, ids))  # [U, D]
+      host_tokens, host_masks = batching.batch_host_rows(batch)
+      vecs = self.encode_items(
+          {**_gather_rows(item_tokens, ids), **host_tokens},
+          {**_gather_rows(item_masks, ids), **host_masks})  # [U, D]
       hist = jnp.take(vecs, batch["history_pos"], axis=0)  # [B, H, D]
       cands = jnp.take(vecs, batch["candidate_pos"], axis=0)  # [B, C, D]
       profile = (jnp.take(vecs, batch["profile_pos"], axis=0)
@@ -125,7 +129,9 @@ class Recommender(nnx.Module):
         int32, candidate_mask [B, C], users [B] int32; optionally profile [B]
         (GENRE profile pseudo-items, 0 = none); optionally item_ids [U] with
         history_pos [B, H], candidate_pos [B, C] (and profile_pos [B]),
-        positions into item_ids, to encode each distinct item once.
+        positions into item_ids, to encode each distinct item once; with
+        item_ids, the rows [U, ...] of host-resident item fields under
+        batching.HOST_ROWS keys (not in item_tokens/item_masks).
       item_tokens: field -> [N_items + 1, L_f] int32 token table.
       item_masks: field -> [N_items + 1, L_f] bool.
 

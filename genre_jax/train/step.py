@@ -39,6 +39,23 @@ def model_inputs(config: ml_collections.ConfigDict, dataset: Dataset):
   return encoder.item_inputs(config, dataset)
 
 
+def split_item_table(table: dict) -> tuple[dict, dict | None]:
+  """(device table, host table or None) of an item_inputs table.
+
+  An item encoder may keep fields in host memory (a memory-mapped cache of
+  GBs) under the table's optional "host" key, {"tokens": {field: [N+1,
+  ...]}, "masks": {...}}. The device table {"tokens", "masks"} goes on the
+  devices; the host fields' rows are gathered on the host, for each batch's
+  item_ids (batching.host_rows) and each evaluation chunk. None: no host
+  fields.
+  """
+  device = {"tokens": table["tokens"], "masks": table["masks"]}
+  host = table.get("host") or {}
+  host = {"tokens": dict(host.get("tokens", {})),
+          "masks": dict(host.get("masks", {}))}
+  return device, (host if host["tokens"] or host["masks"] else None)
+
+
 @dataclasses.dataclass
 class Parts:
   """The static pieces of a run: how to rebuild the model from its state."""
