@@ -178,6 +178,12 @@ def base_config() -> ml_collections.ConfigDict:
       rank=0, alpha=16.0, dropout=0.0, targets=("query", "value")))
 
   # --- Training -----------------------------------------------------------
+  # --- Device mesh ----------------------------------------------------------
+  # data x fsdp = the device count (data=-1: what fsdp leaves). Batches are
+  # split over every device; with fsdp > 1 the large parameters and their
+  # optimizer state are split over the fsdp axis (train/mesh.py).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
   c.train = ml_collections.ConfigDict()
   c.train.seed = 0
   c.train.batch_size = 128
@@ -564,6 +570,9 @@ CONFIG_RULES: dict[str, Rule] = {
     "model.lm.lora.targets": sequence(text(nonempty=True), nonempty=True),
     "train.seed": _COUNT,
     "train.batch_size": _POSITIVE,
+    "mesh.data": Rule("-1 (the devices mesh.fsdp leaves) or an integer >= 1",
+                      lambda v: _is_int(v) and (v == -1 or v >= 1)),
+    "mesh.fsdp": _POSITIVE,
     "train.accumulate_steps": _POSITIVE,
     "train.epochs": _POSITIVE,
     "train.lr": number(0, lo_open=True),

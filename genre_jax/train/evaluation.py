@@ -18,7 +18,8 @@ from genre_jax import workdir as workdir_lib
 from genre_jax.data import batching
 from genre_jax.data.types import Behaviors, Dataset
 from genre_jax.errors import ConfigError
-from genre_jax.train.mesh import P, abstract, check_batch_size, make_mesh
+from genre_jax.train.mesh import P, abstract, batch_sharding
+from genre_jax.train.mesh import check_batch_size, make_mesh
 from genre_jax.train.mesh import to_global
 from genre_jax.train.step import Parts, init_model, merge, model_inputs
 from genre_jax.train.step import split_item_table
@@ -65,14 +66,12 @@ class Evaluator:
     self.batch_size = int(config.eval.batch_size)
     self.chunk = self.batch_size * 4
     replicated = jax.sharding.NamedSharding(mesh, P())
-    data = jax.sharding.NamedSharding(mesh, P("data"))
+    data = batch_sharding(mesh)
     self._replicated = replicated
-    self._encode = jax.jit(self._encode_chunk,
-                           in_shardings=(replicated,) * 4,
-                           out_shardings=replicated)
-    self._score = jax.jit(self._score_batch,
-                          in_shardings=(replicated, replicated, data),
-                          out_shardings=data)
+    # Input layouts come from the arguments: parameters replicated or
+    # FSDP-sharded as training left them, batches split over every device.
+    self._encode = jax.jit(self._encode_chunk, out_shardings=replicated)
+    self._score = jax.jit(self._score_batch, out_shardings=data)
 
   def _encode_chunk(self, params, items, ids, host_rows):
     model = merge(self.parts.eval_graphdef, params, self.parts.rest)
@@ -147,7 +146,7 @@ class Evaluator:
         behaviors, batch_size=self.batch_size,
         history_len=int(self.config.data.history_len),
         process_index=jax.process_index(), process_count=jax.process_count())
-    data = jax.sharding.NamedSharding(self.mesh, P("data"))
+    data = batch_sharding(self.mesh)
     width = batcher.max_candidates
     all_scores = np.zeros((len(behaviors), width), np.float32)
     for batch in batcher:

@@ -386,9 +386,9 @@ def _train_and_evaluate(config, workdir, *, dataset, init_from,
   # minute is spent on it.
   checks.check_trainable(dataset, selected)
   tc = config.train
-  mesh = mesh_lib.make_mesh()
+  mesh = mesh_lib.make_mesh(config)
   replicated = jax.sharding.NamedSharding(mesh, P())
-  data_sharding = jax.sharding.NamedSharding(mesh, P("data"))
+  data_sharding = mesh_lib.batch_sharding(mesh)
 
   batcher = batching.TrainBatcher(
       dataset.splits["train"], dataset.items, batch_size=int(tc.batch_size),
@@ -425,15 +425,16 @@ def _train_and_evaluate(config, workdir, *, dataset, init_from,
   items = jax.device_put(device_items, replicated)
 
   parts, state = step_lib.init_model(config, spec, total_steps)
-  state = jax.device_put(state, replicated)
+  state = jax.device_put(state, mesh_lib.state_sharding(state, mesh))
   checkpoints = ckpt_lib.Checkpoints(workdir)
 
   def from_other_run(state):
     params = restore_params_from(init_from, state["params"])
     logging.info("Initialised parameters from the best checkpoint of %s.",
                  init_from)
-    return jax.device_put({"params": params, "opt": parts.tx.init(params),
-                           "step": state["step"]}, replicated)
+    fresh = {"params": params, "opt": parts.tx.init(params),
+             "step": state["step"]}
+    return jax.device_put(fresh, mesh_lib.state_sharding(fresh, mesh))
 
   state, progress, resumed = restore_or_init(
       checkpoints, state, init_from=from_other_run if init_from else None)

@@ -1,8 +1,13 @@
-"""The device mesh, batch placement and host-to-device prefetch.
+"""The device mesh, how arrays are laid out on it, and host-to-device prefetch.
 
-The state is replicated and batches are sharded over a one-axis ("data") mesh
-of every device of every process, so the same code runs on one CPU, several
-fake CPU devices, one GPU or several hosts.
+The mesh has two axes over every device of every process: "data" and "fsdp"
+(config.mesh; product = device count). Batches are split over both. The
+train state follows one rule (state_sharding): with mesh.fsdp > 1, every
+parameter and optimizer-state array of at least MIN_SHARDED_SIZE elements is
+split over "fsdp" along its largest dimension that the axis divides (FSDP:
+each device holds 1/fsdp of the large weights, gathered by XLA where used);
+the rest is replicated. The same code runs on one CPU, fake CPU devices, one
+GPU or several hosts.
 """
 
 from __future__ import annotations
@@ -21,10 +26,57 @@ from genre_jax.errors import ConfigError
 P = jax.sharding.PartitionSpec
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  """A one-axis mesh over every device of every process ("data" parallel)."""
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+AXES = ("data", "fsdp")
+BATCH = P(AXES)  # the batch axis, split over every device
+# Arrays smaller than this (biases, norms, small layers) stay replicated.
+MIN_SHARDED_SIZE = 2**16
+
+
+def mesh_shape(config: ml_collections.ConfigDict | None = None
+               ) -> tuple[int, int]:
+  """(data, fsdp) sizes of config.mesh (data=-1: the devices fsdp leaves)."""
+  devices = jax.device_count()
+  mesh = config.get("mesh") if config is not None else None
+  fsdp = int(mesh.fsdp) if mesh is not None else 1
+  data = int(mesh.data) if mesh is not None else -1
+  if data == -1 and devices % fsdp == 0:
+    data = devices // fsdp
+  if data * fsdp != devices:
+    raise ConfigError(f"config.mesh.data={data if data != -1 else -1} x "
+                      f"config.mesh.fsdp={fsdp} must equal the number of "
+                      f"devices ({devices}); mesh.data=-1 takes the rest")
+  return data, fsdp
+
+
+def make_mesh(config: ml_collections.ConfigDict | None = None
+              ) -> jax.sharding.Mesh:
+  """The ("data", "fsdp") mesh over every device of every process; without
+  a config, all devices on "data" (pure data parallelism)."""
+  return jax.make_mesh(mesh_shape(config), AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int) -> jax.sharding.PartitionSpec:
+  """The one sharding rule of parameters and optimizer state (see above)."""
+  if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < MIN_SHARDED_SIZE:
+    return P()
+  for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+    if shape[axis] % fsdp == 0:
+      return P(*([None] * axis), "fsdp")
+  return P()
+
+
+def state_sharding(tree, mesh: jax.sharding.Mesh):
+  """NamedShardings of a train state (or any array tree) by param_spec."""
+  fsdp = int(mesh.shape["fsdp"])
+  return jax.tree.map(
+      lambda x: jax.sharding.NamedSharding(mesh,
+                                           param_spec(tuple(x.shape), fsdp)),
+      tree)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, BATCH)
 
 
 def maybe_initialize_distributed() -> None:

@@ -31,7 +31,6 @@ from genre_jax.models import lm_encoder
 from genre_jax.train import loop
 from genre_jax.train import mesh as mesh_lib
 from genre_jax.train import step as step_lib
-from genre_jax.train.mesh import P
 
 # What a resumed pretraining run may change: how long it trains (steps may
 # grow), how often it logs and saves, and where data and caches live.
@@ -139,14 +138,13 @@ def _pretrain(config, workdir, dataset):
     dataset = data_lib.load_dataset(config.data)
   workdir_lib.save_config(workdir, config)
   ids, mask, special, mask_id = corpus(config, dataset)
-  mesh = mesh_lib.make_mesh()
-  replicated = jax.sharding.NamedSharding(mesh, P())
-  data_sharding = jax.sharding.NamedSharding(mesh, P("data"))
+  mesh = mesh_lib.make_mesh(config)
+  data_sharding = mesh_lib.batch_sharding(mesh)
 
   model = mlm.build_mlm(config, rngs=nnx.Rngs(int(config.train.seed)))
   vocab_size = model.encoder.config.vocab_size
   parts, state = step_lib.split_model(model, lambda _: optimizer(pc))
-  state = jax.device_put(state, replicated)
+  state = jax.device_put(state, mesh_lib.state_sharding(state, mesh))
   checkpoints = ckpt_lib.Checkpoints(workdir)
   state, progress, resumed = loop.restore_or_init(checkpoints, state)
   if resumed:

@@ -24,6 +24,7 @@ from genre_jax.data.types import Dataset, ItemInputSpec
 from genre_jax.errors import ConfigError
 from genre_jax.models import recommender
 from genre_jax.registry import ITEM_ENCODERS
+from genre_jax.train import mesh as mesh_lib
 from genre_jax.train import optim
 from genre_jax.train.mesh import P
 
@@ -166,11 +167,13 @@ def compile_train_step(parts: Parts, state, batch_shapes, items, mesh,
   shape fails loudly instead of silently recompiling every step.
   """
   replicated = jax.sharding.NamedSharding(mesh, P())
-  data = jax.sharding.NamedSharding(mesh, P("data"))
+  data = mesh_lib.batch_sharding(mesh)
+  # The state keeps its layout (replicated, or FSDP-sharded) across steps.
+  state_sharding = mesh_lib.state_sharding(state, mesh)
   step = jax.jit(functools.partial(train_step, parts=parts, seed=seed,
                                    loss_fn=loss_fn),
-                 in_shardings=(replicated, data, replicated),
-                 out_shardings=(replicated, replicated),
+                 in_shardings=(state_sharding, data, replicated),
+                 out_shardings=(state_sharding, replicated),
                  donate_argnums=(0,))
   batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=data)
                     for k, v in batch_shapes.items()}
