@@ -13,6 +13,10 @@ sys.path, so `import common_flags` works for any `python experiments/x.py`.
   --set            config overrides (repeatable).
   --workdir_root   one run workdir per run is created under it.
   --seed           the seed of the script's randomness.
+  --seeds          the training seeds of a grid, one run each.
+  --out_dir        where a grid's results and run records go.
+  --finished_only  tabulate a grid's finished runs, train nothing.
+  --wandb_mode     Weights & Biases logging of each run trained.
   --splits         the dataset splits to score.
   --cold_threshold users with at most this many history items are cold.
 """
@@ -94,6 +98,36 @@ def seed(default: int = 0) -> flags.FlagHolder[int]:
   return flags.DEFINE_integer(
       "seed", default, "The seed of the script's randomness "
       "(config.train.seed where a model is trained).")
+
+
+def seeds(default: list[str]) -> flags.FlagHolder[list[str]]:
+  """--seeds: the training seeds of a grid (config.train.seed), one run
+  each; the script checks they are non-negative integers."""
+  return flags.DEFINE_list("seeds", default, "Training seeds.")
+
+
+def out_dir(default: str, when_empty: str = "") -> flags.FlagHolder[str]:
+  """--out_dir: where a grid's results.md, results.json and run records
+  (run_metrics/) go; `when_empty` says where they go when it is empty."""
+  return flags.DEFINE_string(
+      "out_dir", default, "Where results.md, results.json and the run records "
+      "(run_metrics/) go" + (f"; empty: {when_empty}." if when_empty else "."))
+
+
+def finished_only() -> flags.FlagHolder[bool]:
+  """--finished_only: tabulate a grid's finished runs, train nothing."""
+  return flags.DEFINE_bool(
+      "finished_only", False, "Train nothing: tabulate the grid's finished "
+      "runs (a cell shows how many seeds it has; empty cells are left out).")
+
+
+def wandb_mode() -> flags.FlagHolder[str]:
+  """--wandb_mode: Weights & Biases logging of each run a script trains
+  (train_and_evaluate's wandb_mode)."""
+  return flags.DEFINE_enum(
+      "wandb_mode", "disabled", ["disabled", "offline", "online"],
+      "Weights & Biases logging of each run trained (disabled: no network, "
+      "no files).")
 
 
 def splits(default: list[str]) -> flags.FlagHolder[list[str]]:

@@ -53,29 +53,32 @@ where a gain is the AUC change over `original` (the first of --gains_over)
 averaged over the seeds both cells finished (the table's last column), and
 "gains_over" holds the same over each further variant of --gains_over. A
 one-seed cell's std is null (a spread needs two seeds).
+
+The grid is a sweep.Grid (experiments/sweep.py): the models are its presets,
+each variant a named set of config overrides (VARIANT_OVERRIDES), and
+sweep.py's functions build each run's config, train it or read it back,
+keep its record and compute the means, spreads and paired gains; this
+script adds the variants, the record-keeping of its results folders and
+its tables. --wandb_mode logs every run trained to Weights & Biases.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import statistics
 import time
 from typing import Sequence
 
 from absl import app
 from absl import flags
-from absl import logging
 
-from genre_jax import config as config_lib
-from genre_jax.errors import (
-    ConfigError, DataFormatError, exit_on_input_error)
+from genre_jax.errors import ConfigError, exit_on_input_error
 from genre_jax.logs import json_line, quiet_library_logging, strict_json
 from genre_jax import workdir as workdir_lib
 
 import common_flags
+import sweep
 
 # This script's results folder, beside it.
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -87,14 +90,12 @@ _MODELS = flags.DEFINE_list("models", ["naml", "nrms", "fastformer"],
 _VARIANTS = flags.DEFINE_list(
     "variants", ["original", "summarizer", "profiler", "generator", "all"],
     "Data variants.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+_SEEDS = common_flags.seeds(["0", "1", "2"])
 _QUICK = flags.DEFINE_bool(
     "quick", False, "Reduced grid for a CPU: nrms, original vs summarizer, "
     "one seed, 1/4 epoch each (overrides --models/--variants/--seeds).")
 _WORKDIR_ROOT = common_flags.workdir_root(os.path.join(HERE, "runs"))
-_OUT_DIR = flags.DEFINE_string(
-    "out_dir", HERE, "Where results.md, results.json and the run records "
-    "(run_metrics/) go.")
+_OUT_DIR = common_flags.out_dir(HERE)
 _CACHE_DIR = common_flags.cache_dir()
 _SET = common_flags.overrides()
 _GAINS_OVER = flags.DEFINE_list(
@@ -102,59 +103,71 @@ _GAINS_OVER = flags.DEFINE_list(
     "with, paired by seed: the first fills the table's last column and "
     "\"gains\", each further one gets a table of its own (e.g. "
     "original,summarizer: does `all` add anything to summaries?).")
-_FINISHED_ONLY = flags.DEFINE_bool(
-    "finished_only", False, "Train nothing: tabulate the grid's finished "
-    "runs (a cell shows how many seeds it has; empty cells are left out).")
+_FINISHED_ONLY = common_flags.finished_only()
+_WANDB_MODE = common_flags.wandb_mode()
 
 METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 VARIANTS = ("original", "summarizer", "profiler", "generator", "all")
+# Each variant of the release's generations is a named override set.
+_SUMMARIZER = ["data.genre.summarizer=release",
+               "data.genre.summary_field=title"]
+_PROFILER = ["data.genre.profiler=release"]
+_GENERATOR = ["data.genre.generator=('release:generator_v1',)"]
+VARIANT_OVERRIDES = {
+    "original": [], "summarizer": _SUMMARIZER, "profiler": _PROFILER,
+    "generator": _GENERATOR, "all": _SUMMARIZER + _PROFILER + _GENERATOR}
 # The quick grid: a quarter epoch of Goodreads at batch 128.
 _QUICK_STEPS = 200
+# What the tables read of each run (sweep metric name -> final_metrics path).
+FIGURES = ({k: f"test.all.{k}" for k in METRICS}
+           | {f"cold_{k}": f"test.cold.{k}" for k in METRICS})
+# What a run record must hold, in the order checked.
+_REQUIRED = [f"test.{split}.{key}" for split in ("all", "cold")
+             for key in METRICS] + ["train_seconds"]
+
+
+def summary_in_title(config) -> None:
+  """With the summary in the title field, cut the title at the summary's
+  length (after the overrides, so that --set=data.max_len.summary=N
+  reaches it)."""
+  genre = config.data.genre
+  if genre.summarizer and genre.summary_field == "title":
+    config.data.max_len.title = config.data.max_len.summary
+
+
+def _settings() -> list[str]:
+  """What gives runs workdirs of their own: --quick and the overrides."""
+  return (["quick"] if _QUICK.value else []) + list(_SET.value)
+
+
+def ablation_grid(models: Sequence[str], variants: Sequence[str],
+         seeds: Sequence[int]) -> sweep.Grid:
+  """The ablation as a sweep grid: models x variants x seeds on Goodreads."""
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown:
+    raise app.UsageError(f"unknown variant '{unknown[0]}'; choose from "
+                         f"{list(VARIANTS)}")
+  return sweep.Grid(
+      presets=list(models),
+      overrides={v: VARIANT_OVERRIDES[v] for v in variants},
+      seeds=list(seeds), dataset="goodreads", metrics=list(FIGURES),
+      baselines=list(_GAINS_OVER.value),
+      common=([f"train.max_steps={_QUICK_STEPS}"] if _QUICK.value else [])
+      + list(_SET.value),
+      finalize=summary_in_title, digest_of=_settings(),
+      title="GENRE ablation on Goodreads")
 
 
 def variant_config(model: str, variant: str, seed: int):
   """The Goodreads config of `model` with the data variant applied."""
-  if variant not in VARIANTS:
-    raise app.UsageError(f"unknown variant '{variant}'; choose from "
-                         f"{list(VARIANTS)}")
-  config = config_lib.load_preset(model, "goodreads")
-  config.data.path = os.path.abspath(os.path.expanduser(_DATA_DIR.value))
-  if _CACHE_DIR.value:
-    config.data.data_dir = _CACHE_DIR.value
-  config.train.seed = seed
-  genre = config.data.genre
-  if variant in ("summarizer", "all"):
-    genre.summarizer = "release"
-    genre.summary_field = "title"
-  if variant in ("profiler", "all"):
-    genre.profiler = "release"
-  if variant in ("generator", "all"):
-    genre.generator = ("release:generator_v1",)
-  if _QUICK.value:
-    config.train.max_steps = _QUICK_STEPS
-  config_lib.apply_overrides(config, _SET.value)
-  if genre.summarizer and genre.summary_field == "title":
-    # The title field holds the summary: cut it at the summary's length,
-    # after the overrides so that --set=data.max_len.summary=N reaches it.
-    config.data.max_len.title = config.data.max_len.summary
-  return config
+  return sweep.cell_config(ablation_grid([model], [variant], [seed]), model,
+                           variant, seed, data_dir=_DATA_DIR.value,
+                           cache_dir=_CACHE_DIR.value)
 
 
 def run_name(model: str, variant: str, seed: int) -> str:
   """The run's workdir name; overrides (and --quick) get their own runs."""
-  name = f"{model}-{variant}-s{seed}"
-  settings = (["quick"] if _QUICK.value else []) + list(_SET.value)
-  if settings:
-    digest = hashlib.sha256("\n".join(settings).encode()).hexdigest()[:8]
-    name += f"-{digest}"
-  return name
-
-
-def _workdir_config(workdir: str) -> dict:
-  try:
-    return json.loads(workdir_lib.load_config(workdir).to_json_best_effort())
-  except ConfigError as e:  # unreadable config.json: say where, no traceback
-    raise app.UsageError(str(e)) from e
+  return sweep.run_name(model, variant, seed, _settings())
 
 
 def record_path(name: str) -> str:
@@ -162,89 +175,15 @@ def record_path(name: str) -> str:
   return os.path.join(_OUT_DIR.value, "run_metrics", f"{name}.json")
 
 
-def record_config(config) -> dict:
-  """The run's config as its record keeps it: without where its data and
-  prepared cache lay (workdir.LOCATION_KEYS), which is not what the run was
-  (never compared) and would put a machine's folders in a results folder."""
-  saved = json.loads(config.to_json_best_effort())
-  for key in workdir_lib.LOCATION_KEYS:
-    *parents, leaf = key.split(".")
-    node = saved
-    for part in parents:
-      node = node.get(part, {})
-    node.pop(leaf, None)
-  return saved
-
-
-def write_record(name: str, config, final: dict) -> None:
-  workdir_lib.atomic_write_text(record_path(name), strict_json(
-      {"run": name, "config": record_config(config), "final_metrics": final},
-      indent=2))
-
-
-def read_record(path: str, config) -> dict:
-  """The final metrics a run record holds, once its config is `config`."""
-  with open(path, encoding="utf-8") as f:
-    try:
-      record = json.load(f)
-    except json.JSONDecodeError as e:
-      raise app.UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})"
-                           ) from e
-  missing = [k for k in ("config", "final_metrics")
-             if not isinstance(record, dict) or not isinstance(record.get(k),
-                                                               dict)]
-  if missing:
-    raise app.UsageError(f"{path}: not a run record (no {' or '.join(missing)}"
-                         " object)")
-  final = record["final_metrics"]
-  # Every figure the tables read must be there, as a number.
-  for field in [f"test.{split}.{key}" for split in ("all", "cold")
-                for key in METRICS] + ["train_seconds"]:
-    value = final
-    for part in field.split("."):
-      value = value.get(part) if isinstance(value, dict) else None
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-      raise app.UsageError(f"{path}: final_metrics.{field} is missing or "
-                           "not a number")
-  workdir_lib.check_same_config(path, record["config"], config)
-  return final
-
-
 def run_one(model: str, variant: str, seed: int) -> dict | None:
   """Trains (or reads back) one cell's run; its final metrics (None when
   --finished_only and the run has not finished)."""
   name = run_name(model, variant, seed)
-  workdir = os.path.join(_WORKDIR_ROOT.value, name)
-  config = variant_config(model, variant, seed)
-  config_path = os.path.join(workdir, "config.json")
-  if os.path.isfile(config_path):
-    workdir_lib.check_same_config(config_path, _workdir_config(workdir),
-                                  config)
-  final = os.path.join(workdir, "final_metrics.json")
-  if os.path.isfile(final):
-    with open(final, encoding="utf-8") as f:
-      logging.info("Reusing the finished run %s", workdir)
-      result = json.load(f)
-    # Recorded once: re-tabulating leaves an up-to-date record untouched.
-    recorded = record_path(name)
-    if not os.path.isfile(recorded) or read_record(recorded, config) != result:
-      write_record(name, config, result)
-    return result
-  if os.path.isfile(record_path(name)):
-    logging.info("Reusing the record of a finished run %s", record_path(name))
-    return read_record(record_path(name), config)
-  if _FINISHED_ONLY.value:
-    return None
-  logging.info("Training %s on %s (seed %d) in %s", model, variant, seed,
-               workdir)
-  # Imported here: tabulating finished runs (--finished_only) needs no JAX.
-  from genre_jax import train  # pylint: disable=g-import-not-at-top
-  try:
-    result = train.train_and_evaluate(config, workdir)
-  except (ConfigError, DataFormatError, FileNotFoundError) as e:
-    raise app.UsageError(f"{name}: {e}") from e  # bad input: no traceback
-  write_record(name, config, result)
-  return result
+  return sweep.run_cell(
+      name, variant_config(model, variant, seed),
+      os.path.join(_WORKDIR_ROOT.value, name), record_path(name),
+      train=not _FINISHED_ONLY.value, wandb_mode=_WANDB_MODE.value,
+      required=_REQUIRED, description=f"{model} on {variant} (seed {seed})")
 
 
 _RECORD_NAME = re.compile(
@@ -323,30 +262,20 @@ def check_nothing_dropped(path: str,
         "another --out_dir, or move the file away to replace it")
 
 
-def _mean_std(values: Sequence[float]) -> list[float | None]:
-  """[mean, sample std]; the std is None for one seed (no spread measured)."""
-  mean = statistics.fmean(values)
-  std = round(statistics.stdev(values), 5) if len(values) > 1 else None
-  return [round(mean, 5), std]
-
-
 def summarize(runs: dict[tuple[str, str], dict[int, dict]]) -> list[dict]:
   """One cell per (model, variant): mean and std over its finished seeds."""
   cells = []
   for (model, variant), by_seed in runs.items():
-    results = list(by_seed.values())
+    cell = sweep.summarize_cell(by_seed, FIGURES)
     cells.append({
-        "model": model, "variant": variant, "n_seeds": len(results),
-        "seeds": sorted(by_seed),
-        "test": {k: _mean_std([r["test"]["all"][k] for r in results])
-                 for k in METRICS},
-        "test_cold": {k: _mean_std([r["test"]["cold"][k] for r in results])
-                      for k in METRICS},
-        "train_seconds": round(statistics.fmean(
-            r["train_seconds"] for r in results), 1),
-        "per_seed": {str(seed): {"auc": round(r["test"]["all"]["auc"], 5),
-                                 "cold_auc": round(r["test"]["cold"]["auc"], 5)}
-                     for seed, r in sorted(by_seed.items())},
+        "model": model, "variant": variant, "n_seeds": cell["n_seeds"],
+        "seeds": cell["seeds"],
+        "test": {k: cell["metrics"][k] for k in METRICS},
+        "test_cold": {k: cell["metrics"][f"cold_{k}"] for k in METRICS},
+        "train_seconds": cell["train_seconds"],
+        "per_seed": {seed: {"auc": figures["auc"],
+                            "cold_auc": figures["cold_auc"]}
+                     for seed, figures in cell["per_seed"].items()},
     })
   return cells
 
@@ -361,18 +290,10 @@ def gains(cells: list[dict], baseline: str = "original"
   for c in cells:
     if c["variant"] == baseline or c["model"] not in base:
       continue
-    b = base[c["model"]]["per_seed"]
-    seeds = [s for s in c["per_seed"] if s in b]
-    if not seeds:
-      continue
-    change = {key: [c["per_seed"][s][key] - b[s][key] for s in seeds]
-              for key in ("auc", "cold_auc")}
-    out.setdefault(c["model"], {})[c["variant"]] = {
-        key: round(statistics.fmean(values), 5)
-        for key, values in change.items()} | {
-            "seeds": [int(s) for s in seeds],
-            "per_seed_auc": [round(v, 5) for v in change["auc"]],
-            "per_seed_cold_auc": [round(v, 5) for v in change["cold_auc"]]}
+    gain = sweep.paired_gains(c["per_seed"], base[c["model"]]["per_seed"],
+                              ("auc", "cold_auc"))
+    if gain is not None:
+      out.setdefault(c["model"], {})[c["variant"]] = gain
   return out
 
 
@@ -476,6 +397,7 @@ def main(argv: Sequence[str]) -> None:
   if unknown or not _GAINS_OVER.value:
     raise app.UsageError(f"--gains_over={','.join(_GAINS_OVER.value)}: "
                          f"compare with variants of this grid ({tabulated})")
+  ablation_grid(models, variants, seeds)  # an unknown variant: now
   start = time.time()
   grid = [(m, v, s) for m in models for v in variants for s in seeds]
   name = "results_quick" if _QUICK.value else "results"

@@ -941,3 +941,115 @@ def test_lm_parity_checks_every_family_on_tiny_random_models():
              for states in row.values())  # embeddings + 2 layers, each pad
   assert figures["failed"] == []
   assert "minilm (real)" in table
+
+
+# sweep.py at its smallest: the synthetic data, two steps a run.
+_SWEEP_TINY = ("--set=train.max_steps=2", "--set=data.synthetic.num_users=200",
+               "--set=data.synthetic.num_items=300", "--set=model.embed_dim=32",
+               "--set=model.hidden_dim=32", "--set=model.num_heads=2")
+
+
+@pytest.mark.slow  # 90 s on a busy 2-core CPU: eight tiny runs, then re-reads
+def test_sweep_tabulates_pairs_gains_by_seed_and_never_retrains(tmp_path):
+  import statistics  # pylint: disable=g-import-not-at-top
+
+  runs = tmp_path / "runs"
+  grid = ["--presets=nrms,naml", "--seeds=0,1", f"--workdir_root={runs}",
+          f"--cache_dir={tmp_path}/cache", *_SWEEP_TINY]
+  args = [*grid, "--grid=plain=;short=data.max_len.title=8",
+          "--baseline=plain", "--metrics=auc,mrr,cold_auc"]
+  figures, table = _run("sweep.py", *args)
+  cells = {c["cell"]: c for c in figures["cells"]}
+  assert list(cells) == ["nrms/plain", "nrms/short", "naml/plain",
+                         "naml/short"]
+  assert figures["grid_complete"] is True
+  assert json.loads((runs / "results.json").read_text()) == figures
+  assert (runs / "results.md").read_text() in table
+
+  # One record a run, <preset>-<set>-s<seed>-<digest of --set>, with no
+  # machine path, holding the workdir's final metrics.
+  final = {}
+  for path in sorted((runs / "run_metrics").glob("*.json")):
+    text = path.read_text()
+    assert str(tmp_path) not in text
+    record = json.loads(text)
+    assert not {"path", "data_dir"} & set(record["config"]["data"])
+    assert record["final_metrics"] == json.loads(
+        (runs / path.stem / "final_metrics.json").read_text())
+    final[path.stem.rsplit("-", 1)[0]] = record["final_metrics"]
+  assert sorted(final) == sorted(f"{p}-{s}-s{seed}" for p in ("nrms", "naml")
+                                 for s in ("plain", "short") for seed in (0, 1))
+
+  def auc(preset, set_name, seed):
+    return final[f"{preset}-{set_name}-s{seed}"]["test"]["all"]["auc"]
+
+  # Mean ± sample sd over the seeds, in the JSON and the table.
+  for name, cell in cells.items():
+    values = [auc(*name.split("/"), seed) for seed in (0, 1)]
+    assert cell["seeds"] == [0, 1]
+    mean, sd = cell["metrics"]["auc"]
+    assert (mean, sd) == pytest.approx(
+        (statistics.fmean(values), statistics.stdev(values)), abs=1e-5)
+    assert f"| {name} | 2 | {mean:.4f} ± {sd:.4f} |" in table
+  # A gain over the baseline is the mean of the per-seed differences.
+  assert set(figures["gains"]["plain"]) == {"nrms/short", "naml/short"}
+  for preset in ("nrms", "naml"):
+    gain = figures["gains"]["plain"][f"{preset}/short"]
+    diffs = [auc(preset, "short", s) - auc(preset, "plain", s) for s in (0, 1)]
+    assert gain["over"] == f"{preset}/plain"
+    assert gain["seeds"] == [0, 1]
+    assert gain["per_seed_auc"] == pytest.approx(diffs, abs=2e-5)
+    assert gain["auc"] == pytest.approx(statistics.fmean(diffs), abs=2e-5)
+    assert f"| {preset}/short | {preset}/plain | 0,1 | {gain['auc']:+.4f} (" in (
+        table)
+    assert f"| {gain['auc']:+.4f} (seeds 0,1) |" in table
+
+  # The same command again reads every run back: nothing trained, no JAX
+  # loaded, every checkpoint file as it was.
+  def checkpoint_files():
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in runs.glob("*/checkpoints/**/*") if p.is_file()}
+
+  before = checkpoint_files()
+  assert before
+  again = subprocess.run(
+      [sys.executable, str(ROOT / "experiments" / "sweep.py"), *args],
+      capture_output=True, text=True, cwd=ROOT, timeout=300, env=LIST_IMPORTS)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "Training" not in again.stderr
+  assert not imported_modules(again.stderr) & {"jax", "flax", "orbax"}
+  assert _strict_json(again.stdout.strip().splitlines()[-1])["cells"] == (
+      figures["cells"])
+  assert checkpoint_files() == before
+
+  # A grid-spec module gives the same grid; a flag replaces its value, and a
+  # cell (preset/set) as the baseline compares every cell with that one.
+  spec = tmp_path / "grid_spec.py"
+  spec.write_text(
+      "GRID = {'presets': ['nrms', 'naml'],\n"
+      "        'overrides': {'plain': [], 'short': ['data.max_len.title=8']},\n"
+      "        'seeds': [0, 1], 'metrics': ['auc'],\n"
+      "        'baselines': ['nrms/plain']}\n")
+  by_spec, _ = _run("sweep.py", f"--spec={spec}", "--seeds=1",
+                    "--finished_only", f"--workdir_root={tmp_path}/gone",
+                    f"--out_dir={runs}", *_SWEEP_TINY)
+  assert [(c["cell"], c["seeds"]) for c in by_spec["cells"]] == [
+      (name, [1]) for name in cells]
+  over_nrms = by_spec["gains"]["nrms/plain"]
+  assert set(over_nrms) == {"nrms/short", "naml/plain", "naml/short"}
+  assert over_nrms["naml/plain"]["per_seed_auc"] == pytest.approx(
+      [auc("naml", "plain", 1) - auc("nrms", "plain", 1)], abs=2e-5)
+  assert not (tmp_path / "gone").exists()
+
+  # A set redefined under the same name finds workdirs of another config:
+  # one error line, before anything is trained.
+  other = subprocess.run(
+      [sys.executable, str(ROOT / "experiments" / "sweep.py"), *grid,
+       "--grid=plain=;short=data.max_len.title=6", "--verbosity=-1"],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert other.returncode == 2
+  [line] = other.stderr.strip().splitlines()
+  assert line.startswith(f"error: {runs}/nrms-short-s0-")
+  assert ("this holds a run with another config (data.max_len.title: 8 "
+          "there, 6 now)") in line
+  assert checkpoint_files() == before
