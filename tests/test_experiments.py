@@ -1053,3 +1053,24 @@ def test_sweep_tabulates_pairs_gains_by_seed_and_never_retrains(tmp_path):
   assert ("this holds a run with another config (data.max_len.title: 8 "
           "there, 6 now)") in line
   assert checkpoint_files() == before
+
+
+def test_memory_plan_on_tiny_shapes():
+  # Abstract parameters of a tiny Llama, no weights: 1 device replicated
+  # and 2 fake devices FSDP-sharded.
+  figures, out = _run("memory_plan.py", "--config=configs/llama_nrms.py",
+                      "--models=custom", "--hidden=128", "--layers=3",
+                      "--heads=4", "--intermediate=256", "--vocab=1000",
+                      "--devices=1,2", "--grid=headline", "--num_items=50",
+                      "--max_len=8", "--set=train.batch_size=4",
+                      "--set=model.lm.lora.rank=4", timeout=300)
+  assert "| FSDP |" in out
+  replicated, sharded = figures["rows"]
+  assert (replicated["devices"], replicated["fsdp"]) == (1, False)
+  assert (sharded["devices"], sharded["fsdp"]) == (2, True)
+  for row in figures["rows"]:
+    assert row["tune_from"] == 1 and row["cache_on"] == "host"
+    assert min(row["argument"], row["temp"], row["total"]) > 0
+    assert row["total"] == (row["argument"] + row["temp"] + row["output"] -
+                            row["alias"])
+  assert sharded["argument"] < replicated["argument"]

@@ -184,7 +184,32 @@ def compile_train_step(parts: Parts, state, batch_shapes, items, mesh,
                  "outputs %.1f MiB", memory.temp_size_in_bytes / 2**20,
                  memory.argument_size_in_bytes / 2**20,
                  memory.output_size_in_bytes / 2**20)
+    _warn_if_over_device_memory(memory, mesh)
   return compiled
+
+
+def _warn_if_over_device_memory(memory, mesh) -> None:
+  """One warning when the step's per-device total (argument + temp + output
+  - alias) exceeds the device's memory ("bytes_limit" of memory_stats();
+  CPU devices have none: no check)."""
+  device = mesh.devices.flat[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  limit = (stats or {}).get("bytes_limit")
+  if not limit:
+    return
+  total = (memory.argument_size_in_bytes + memory.temp_size_in_bytes +
+           memory.output_size_in_bytes - memory.alias_size_in_bytes)
+  if total > limit:
+    logging.warning(
+        "The compiled train step needs %.2f GiB per device (arguments + temp "
+        "+ outputs - aliased), more than the %.2f GiB of %s: expect an "
+        "out-of-memory error (try config.mesh.fsdp, model.lm.cache_on=host, "
+        "model.lm.frozen_dtype or a smaller train.batch_size; "
+        "experiments/memory_plan.py)", total / 2**30, limit / 2**30,
+        device.device_kind)
 
 
 # --- Divergence -------------------------------------------------------------
