@@ -1055,6 +1055,7 @@ def test_sweep_tabulates_pairs_gains_by_seed_and_never_retrains(tmp_path):
   assert checkpoint_files() == before
 
 
+@pytest.mark.slow
 def test_memory_plan_on_tiny_shapes():
   # Abstract parameters of a tiny Llama, no weights: 1 device replicated
   # and 2 fake devices FSDP-sharded.
