@@ -133,7 +133,8 @@ def saves(workdir, which="latest"):
      "of dev, test"),
     ("train.lr=nan", "config.train.lr=nan: must be a finite number > 0"),
     ("model.item_encoder=cnnn", "config.model.item_encoder='cnnn': must be "
-     "one of cnn, fastformer, lm, pooling, self_attention, transformer"),
+     "one of cnn, fastformer, hybrid, id, lm, pooling, self_attention, "
+     "transformer"),
 ])
 def test_a_setting_out_of_range_is_refused_before_any_work(override,
                                                            expected, tmp_path):
