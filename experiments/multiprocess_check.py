@@ -59,6 +59,7 @@ from absl import flags
 from genre_jax.errors import exit_on_input_error
 
 import common_flags
+import tiny_configs
 
 _STEPS = flags.DEFINE_integer("steps", 20, "Training steps of every run.",
                               lower_bound=2)
@@ -98,47 +99,28 @@ _METRICS = ("auc", "mrr", "ndcg5", "ndcg10")
 
 def tiny_config(preset: str, data_dir: str, steps: int, checkpoint_every: int,
                 seed: int):
-  """A preset shrunk to seconds on a CPU (as tests/helpers.shrink), training
+  """A preset shrunk to seconds on a CPU (tiny_configs.shrink), training
   `steps` steps of one epoch and logging every step's loss."""
   from genre_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
-  config = config_lib.load_preset(preset, None)
-  config.data.data_dir = data_dir
-  config.data.synthetic.num_users = 150
-  config.data.synthetic.num_items = 200
-  config.data.synthetic.num_topics = 4
-  config.data.history_len = 10
-  for field in config.data.max_len:
-    config.data.max_len[field] = min(config.data.max_len[field], 8)
-  config.model.embed_dim = 16
-  config.model.hidden_dim = 16
-  config.model.num_heads = 2
-  config.model.attention_dim = 8
-  config.model.cnn.num_filters = 16
-  config.model.transformer.mlp_dim = 32
-  config.model.poly.num_interests = 4
-  config.model.poly.code_dim = 8
-  config.model.mlp.hidden = (16,)
-  config.model.dcn.hidden = (16,)
+  config = tiny_configs.shrink(config_lib.load_preset(preset, None),
+                               data_dir)
   # With train.dedup_items each process encodes its own rows' distinct items,
   # and dropout draws by position in that list: 2 processes draw other (as
   # good) masks than 1. Without dropout (or without dedup_items) the runs
   # are the same computation.
   config.model.dropout = 0.0
   config.train.batch_size = 16  # global: 8 rows per process of 2
-  config.train.epochs = 1
   config.train.max_steps = steps
   config.train.log_every = 1  # every step's loss reaches loss_callback
   config.train.checkpoint_every = checkpoint_every
-  config.train.warmup_steps = 2
   config.train.seed = seed
-  config.eval.batch_size = 32
   config_lib.apply_overrides(config, _SET.value)
   return config
 
 
 class _Interrupted(Exception):
-  pass
+  """Raised by the step callback to stop a run mid-way, as a kill would."""
 
 
 def worker() -> None:

@@ -224,7 +224,7 @@ def test_a_run_interrupted_mid_accumulation_resumes_exactly(data_dir,
   assert written["steps"] == 8 and written["updates"] == 4
 
   class Crash(Exception):
-    pass
+    """A simulated crash after a given step."""
 
   def crash_at_five(step):
     if step == 5:
