@@ -116,7 +116,7 @@ from genre_jax.config import load_preset
 from tests.helpers import shrink
 
 class Crash(Exception):
-  """A simulated crash after a given step."""
+  'A simulated crash after a given step.'
 
 def crash_at_three(step):
   if step == 3:
