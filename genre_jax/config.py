@@ -156,6 +156,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Layers 0..tune_from-1 (and the embeddings when > 0) are frozen;
   # 0 = full fine-tuning, num_layers = everything frozen.
   c.model.lm.tune_from = 0
+  # Run the tuned layers on packed rows (several item texts per row,
+  # attention kept inside each; lm/packing.py): same outputs, without the
+  # padding's compute. False: padded rows.
+  c.model.lm.pack = True
   # Cache the hidden states entering layer tune_from on disk (when > 0).
   c.model.lm.cache = True
   # float32 | bfloat16 storage of the cache.
@@ -558,6 +562,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "model.lm.max_len": integer(2),
     "model.lm.pooling": choice("cls", "mean", "last", "attention"),
     "model.lm.tune_from": _COUNT,
+    "model.lm.pack": flag(),
     "model.lm.cache": flag(),
     "model.lm.cache_dtype": _DTYPES,
     "model.lm.cache_on": choice("device", "host"),

@@ -41,3 +41,11 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     implementation = "xla"
   return jax.nn.dot_product_attention(q, k, v, mask=key_mask,
                                       implementation=implementation)
+
+
+def same_segment(segments: jax.Array) -> jax.Array:
+  """[B, L] segment ids (0: empty slot) -> [B, 1, L, L] bool: query and key
+  belong to the same packed sequence (lm/packing.py)."""
+  segments = jnp.asarray(segments)
+  same = segments[:, :, None] == segments[:, None, :]  # [B, L, L]
+  return (same & (segments[:, None, :] > 0))[:, None]

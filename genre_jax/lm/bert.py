@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from genre_jax.lm import hf
-from genre_jax.lm.attention import dot_product_attention
+from genre_jax.lm.attention import dot_product_attention, same_segment
 from genre_jax.lm.hf import BertConfig
 
 
@@ -88,13 +88,13 @@ class BertLayer(nnx.Module):
     self.output_dropout = dropout(cfg.hidden_dropout)
     self.output_norm = _layer_norm(cfg, dtype, param_dtype, rngs)
 
-  def _attention(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+  def _attention(self, x: jax.Array, keep: jax.Array) -> jax.Array:
+    """keep [B, 1, 1 or L, L]: True where a query may attend to a key."""
     batch, length, width = x.shape
     heads = (batch, length, self.num_heads, width // self.num_heads)
     q = self.query(x).reshape(heads)  # [B, L, N, H]
     k = self.key(x).reshape(heads)
     v = self.value(x).reshape(heads)
-    keep = mask[:, None, None, :]  # [B, 1, 1, L]: attend to real tokens.
     if self.attention_dropout.deterministic or not self.attention_dropout.rate:
       y = dot_product_attention(q, k, v, keep)  # [B, L, N, H]
     else:  # Dropout on the attention probabilities needs them explicitly.
@@ -105,9 +105,10 @@ class BertLayer(nnx.Module):
       y = jnp.einsum("bnqk,bknh->bqnh", probs, v)
     return self.attention_output(y.reshape(batch, length, width))
 
-  def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, keep: jax.Array) -> jax.Array:
+    """x [B, L, D]; keep [B, 1, 1 or L, L] (see _attention)."""
     x = self.attention_norm(
-        x + self.attention_output_dropout(self._attention(x, mask)))
+        x + self.attention_output_dropout(self._attention(x, keep)))
     h = hf.ACTIVATIONS[self.activation](self.intermediate(x))  # [B, L, I]
     return self.output_norm(x + self.output_dropout(self.output(h)))
 
@@ -152,15 +153,19 @@ class BertEncoder(nnx.Module):
     return self.embeddings(input_ids, token_type_ids)
 
   def run_layers(self, hidden: jax.Array, mask: jax.Array, start: int,
-                 stop: int) -> jax.Array:
+                 stop: int, segments: jax.Array | None = None) -> jax.Array:
     """Runs layers start..stop-1 on hidden [B, L, D]; mask [B, L] marks real
-    tokens. `start` and `stop` are Python ints (static under jit)."""
+    tokens. `start` and `stop` are Python ints (static under jit).
+    segments [B, L] (packed rows, lm/packing.py) keep attention inside each
+    sequence; positions were added by `embed`, before packing."""
     if not 0 <= start <= stop <= self.num_layers:
       raise ValueError(f"need 0 <= start <= stop <= {self.num_layers}, got "
                        f"start={start}, stop={stop}")
-    mask = mask.astype(bool)
+    keep = mask.astype(bool)[:, None, None, :]  # [B, 1, 1, L]: real keys
+    if segments is not None:
+      keep = keep & same_segment(segments)  # [B, 1, L, L]
     for layer in self.layers[start:stop]:
-      hidden = layer(hidden, mask)
+      hidden = layer(hidden, keep)
     return hidden
 
   def __call__(self, input_ids: jax.Array, mask: jax.Array,

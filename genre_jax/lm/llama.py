@@ -39,7 +39,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from genre_jax.lm import hf
+from genre_jax.lm.attention import same_segment
 from genre_jax.lm.hf import LlamaConfig
+
+
+def positions_in_segments(mask: jax.Array, segments: jax.Array) -> jax.Array:
+  """[B, L] positions of packed rows: each real token's count of real tokens
+  before it in its own (contiguous) segment."""
+  count = jnp.cumsum(jnp.asarray(mask).astype(jnp.int32), axis=-1)  # [B, L]
+  segments = jnp.asarray(segments)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segments[:, :1], bool),
+       segments[:, 1:] != segments[:, :-1]], axis=-1)  # first slot of each
+  before = jnp.where(starts, count - jnp.asarray(mask).astype(jnp.int32), 0)
+  return jnp.maximum(count - 1 - jax.lax.cummax(before, axis=1), 0)
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -293,20 +306,27 @@ class LlamaDecoder(nnx.Module):
     return self.embed_tokens(input_ids)
 
   def run_layers(self, hidden: jax.Array, mask: jax.Array, start: int,
-                 stop: int, positions: jax.Array | None = None) -> jax.Array:
+                 stop: int, positions: jax.Array | None = None,
+                 segments: jax.Array | None = None) -> jax.Array:
     """Runs layers start..stop-1 (causally) on hidden [B, L, D].
 
     mask [B, L] marks real tokens; positions [B, L] default to
-    `positions_from_mask(mask)`. The output is not final-normed.
+    `positions_from_mask(mask)`, or with segments [B, L] (packed rows,
+    lm/packing.py) to each real token's count from its sequence's start;
+    segments also keep attention inside each sequence. The output is not
+    final-normed.
     """
     if not 0 <= start <= stop <= self.num_layers:
       raise ValueError(f"need 0 <= start <= stop <= {self.num_layers}, got "
                        f"start={start}, stop={stop}")
     mask = jnp.asarray(mask).astype(bool)
     if positions is None:
-      positions = positions_from_mask(mask)
+      positions = (positions_from_mask(mask) if segments is None else
+                   positions_in_segments(mask, segments))
     slots = jnp.arange(hidden.shape[1])  # [L]
     masks = self._masks(slots, slots, mask, range(start, stop))
+    if segments is not None:
+      masks = {w: m & same_segment(segments) for w, m in masks.items()}
     cos, sin = self._rotary(positions, hidden.dtype)
     for i in range(start, stop):
       hidden, _ = self.layers[i](hidden, cos, sin,

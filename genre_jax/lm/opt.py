@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from genre_jax.errors import DataFormatError
 from genre_jax.lm import hf
+from genre_jax.lm.attention import same_segment
 from genre_jax.lm.llama import KVCache
 
 MODEL_TYPES = ("opt",)
@@ -281,10 +282,12 @@ class OptDecoder(nnx.Module):
     return hidden + self.embed_positions(positions + POSITION_OFFSET)
 
   def run_layers(self, hidden: jax.Array, mask: jax.Array, start: int,
-                 stop: int) -> jax.Array:
+                 stop: int, segments: jax.Array | None = None) -> jax.Array:
     """Runs layers start..stop-1 (causally) on hidden [B, L, D]; mask [B, L]
     marks real tokens. The output is not final-normed. `start` and `stop`
-    are Python ints (static under jit)."""
+    are Python ints (static under jit). segments [B, L] (packed rows,
+    lm/packing.py) keep attention inside each sequence; positions were
+    added by `embed`, before packing."""
     if not 0 <= start <= stop <= self.num_layers:
       raise ValueError(f"need 0 <= start <= stop <= {self.num_layers}, got "
                        f"start={start}, stop={stop}")
@@ -292,6 +295,8 @@ class OptDecoder(nnx.Module):
     length = hidden.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))  # [L, L]
     attend = causal[None, None] & mask[:, None, None, :]  # [B, 1, L, L]
+    if segments is not None:
+      attend = attend & same_segment(segments)
     for layer in self.layers[start:stop]:
       hidden, _ = layer(hidden, attend)
     return hidden

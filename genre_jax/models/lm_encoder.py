@@ -44,6 +44,7 @@ from genre_jax.lm import families
 from genre_jax.lm import hf
 from genre_jax.lm import lora
 from genre_jax.lm import mlm
+from genre_jax.lm import packing
 from genre_jax.lm import quantize
 from genre_jax.models.item_encoders import ItemEncoder
 from genre_jax.models import layers
@@ -261,6 +262,7 @@ class LMItemEncoder(ItemEncoder):
     # After LoRA: an adapter's frozen base is quantized too (QLoRA).
     quantize.quantize_frozen(self.lm, frozen_dtype(config))
     self.pooling = lc.pooling
+    self.pack = bool(lc.get("pack", True))
     self.dtype = compute_dtype(config)
     width = int(self.lm.config.hidden_size)
     self.projection = nnx.Linear(width, int(config.model.hidden_dim),
@@ -276,6 +278,19 @@ class LMItemEncoder(ItemEncoder):
     hidden = self.lm.embed(ids)  # [N, L, D]
     return self.lm.run_layers(hidden, mask, 0, self.tune_from)
 
+  def tuned_layers(self, hidden: jax.Array, mask: jax.Array) -> jax.Array:
+    """Layers tune_from.. on [N, L, D_lm]: on packed rows (lm.pack, the
+    default: the same outputs at real tokens without computing padding),
+    or padded."""
+    start, stop = self.tune_from, self.num_layers
+
+    def run(lm, h, m, segments):
+      return lm.run_layers(h, m, start, stop, segments=segments)
+
+    if not self.pack or start == stop:
+      return run(self.lm, hidden, mask, None)
+    return packing.run_packed(run, self.lm, hidden, mask)
+
   def __call__(self, tokens: dict[str, jax.Array],
                masks: dict[str, jax.Array]) -> jax.Array:
     if self.cached:
@@ -286,7 +301,7 @@ class LMItemEncoder(ItemEncoder):
       hidden = self.lower(tokens[TEXT_FIELD], mask)
       if self.tune_from > 0:
         hidden = jax.lax.stop_gradient(hidden)
-    hidden = self.lm.run_layers(hidden, mask, self.tune_from, self.num_layers)
+    hidden = self.tuned_layers(hidden, mask)
     hidden = self.lm.final_norm(hidden)  # [N, L, D_lm]
     if self.attention is not None:
       per_token = self.projection(hidden.astype(self.dtype))  # [N, L, D]
