@@ -2,7 +2,10 @@ r"""Fastformer with item identity: the Fastformer item vector plus a learnt
 vector per item seen in training (content alone for the others).
 
 `:goodreads` reads the GENRE summaries in place of the titles (the release's
-GPT-3.5 descriptions: +0.012 test AUC for plain Fastformer, README).
+GPT-3.5 descriptions: +0.012 test AUC for plain Fastformer, README) and
+trains two epochs: a step on 32-piece summaries costs twice one on titles,
+and the identity table has converged by then (nrms_id gains 0.002 dev AUC
+in its third epoch while its training loss keeps falling).
 
   python run.py --config=configs/fastformer_id.py:goodreads \
       --config.data.path=../shared/data/goodreads --workdir=/tmp/fastformer_id
@@ -24,4 +27,5 @@ def get_config(arg=None):
     c.data.genre.summarizer = "release"
     c.data.genre.summary_field = "title"
     c.data.max_len.title = c.data.max_len.summary
+    c.train.epochs = 2
   return c

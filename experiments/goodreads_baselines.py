@@ -19,7 +19,9 @@ Reference (the issue's plain PyTorch runs): TF-IDF 0.571, mean-pooled MiniLM
 0.640, NRMS 0.754 (5 epochs), NAML 0.764 (8 epochs) test AUC.
 
 Prints a table (test AUC, MRR, nDCG@5, nDCG@10 on all and on cold users,
-wall time, samples/s) and ends with one line of JSON:
+any further test metrics --set=eval.metrics=... names, wall time,
+samples/s; a finished workdir is re-evaluated with those metrics, not
+retrained) and ends with one line of JSON:
 {preset: {"workdir", "test", "test_cold", "test_unseen_items" (impressions
 whose clicked item never appears in training), "dev", "train_seconds",
 "wall_seconds", "samples_per_s", "steps"}}.
@@ -101,8 +103,21 @@ def permuted_titles_copy(source: str, target: str, seed: int) -> str:
   return target
 
 
+def extra_metrics(results: dict[str, dict]) -> list[str]:
+  """Test metrics beyond METRICS (--set=eval.metrics=...), in order."""
+  names = []
+  for r in results.values():
+    for key in r["test"]:
+      if key not in METRICS and not key.startswith("num_") and (
+          key not in names):
+        names.append(key)
+  return names
+
+
 def table(results: dict[str, dict]) -> str:
+  extra = extra_metrics(results)
   header = (f"{'preset':<12}{'AUC':>7}{'MRR':>7}{'nDCG5':>7}{'nDCG10':>7}"
+            + "".join(f"{k:>{max(8, len(k) + 1)}}" for k in extra) +
             f"{'coldAUC':>8}{'coldMRR':>8}{'coldN5':>7}{'coldN10':>8}"
             f"{'newAUC':>8}{'newMRR':>8}"
             f"{'train s':>9}{'wall s':>8}{'smp/s':>7}")
@@ -114,6 +129,8 @@ def table(results: dict[str, dict]) -> str:
                                        "mrr": float("nan")}
     lines.append(
         f"{name:<12}" + "".join(f"{t[k]:>7.4f}" for k in METRICS) +
+        "".join(f"{t.get(k, float('nan')):>{max(8, len(k) + 1)}.4f}"
+                for k in extra) +
         f"{c['auc']:>8.4f}{c['mrr']:>8.4f}{c['ndcg5']:>7.4f}"
         f"{c['ndcg10']:>8.4f}{u['auc']:>8.4f}{u['mrr']:>8.4f}"
         f"{r['train_seconds']:>9.0f}"
