@@ -17,7 +17,8 @@ Only the train split is read for the counts, as the models are trained on it.
 
   python experiments/goodreads_cooccurrence.py --data_dir=../shared/data/goodreads
 
-Prints a table (AUC, MRR, nDCG@5, nDCG@10 for all and cold users per split)
+Prints a table (--metrics, by default AUC, MRR, nDCG@5, nDCG@10, for all and
+cold users per split)
 and ends with one line of JSON: {scorer: {split: {"all": {...}, "cold":
 {...}}}}.
 """
@@ -28,6 +29,7 @@ import os
 from typing import Sequence
 
 from absl import app
+from absl import flags
 import numpy as np
 
 from genre_jax import metrics
@@ -41,6 +43,9 @@ import common_flags
 _DATA_DIR = common_flags.data_dir()
 _SPLITS = common_flags.splits(["dev", "test"])
 _COLD = common_flags.cold_threshold()
+_METRICS = flags.DEFINE_list(
+    "metrics", list(metrics.METRIC_KEYS),
+    f"Metrics to report ({metrics.METRIC_FORMS}).")
 
 
 def user_item_pairs(train: types.Behaviors) -> tuple[np.ndarray, np.ndarray]:
@@ -118,6 +123,11 @@ def main(argv: Sequence[str]) -> None:
   missing = [s for s in splits if s not in dataset.splits]
   if missing:
     raise app.UsageError(f"--data_dir={data_dir} has no split {missing}")
+  wanted = tuple(_METRICS.value)
+  unknown = [m for m in wanted if not metrics.is_metric_name(m)]
+  if unknown or not wanted:
+    raise app.UsageError(f"--metrics: {unknown or 'none'}: use "
+                         f"{metrics.METRIC_FORMS}")
   train = dataset.splits["train"]
   cooc = Cooccurrence(*user_item_pairs(train), len(dataset.items.ids))
   popularity = dataset.items.popularity.astype(np.float64)
@@ -125,9 +135,9 @@ def main(argv: Sequence[str]) -> None:
   for name in splits[1:]:
     split = dataset.splits[name]
     results["cooccurrence"][name] = metrics.behaviors_metrics(
-        split, cooc.scores(split), _COLD.value)
+        split, cooc.scores(split), _COLD.value, wanted)
     results["popularity"][name] = metrics.behaviors_metrics(
-        split, popularity[split.cand_items], _COLD.value)
+        split, popularity[split.cand_items], _COLD.value, wanted)
   # The folder as given: a results folder keeps this table.
   print(f"Content-free scorers on {_DATA_DIR.value} (counts from train: "
         f"{len(train)} impressions, {len(cooc.keys)} co-occurring item pairs)")

@@ -362,15 +362,19 @@ def behaviors_metrics(split, flat_scores: np.ndarray, cold_threshold: int,
 def format_table(labels: Sequence[tuple[str, int]],
                  rows: Sequence[tuple[Sequence[str], dict]]) -> str:
   """A text table of behaviors_metrics results, one row each: label
-  columns (name, width) first, then METRIC_KEYS for all and cold users."""
-  header = ("".join(f"{name:<{width}}" for name, width in labels)
-            + "".join(f"{k:>8}" for k in METRIC_KEYS)
-            + "".join(f"{'cold ' + k:>12}" for k in METRIC_KEYS))
+  columns (name, width) first, then the rows' metrics (METRIC_KEYS by
+  default) for all and cold users."""
+  keys = [k for k in (rows[0][1]["all"] if rows else METRIC_KEYS)
+          if not k.startswith("num_")]
+  width = max([8] + [len(k) + 1 for k in keys])
+  header = ("".join(f"{name:<{w}}" for name, w in labels)
+            + "".join(f"{k:>{width}}" for k in keys)
+            + "".join(f"{'cold ' + k:>{width + 4}}" for k in keys))
   lines = [header, "-" * len(header)]
   for values, r in rows:
     lines.append("".join(f"{v:<{w}}" for v, (_, w) in zip(values, labels))
-                 + "".join(f"{r['all'][k]:>8.4f}" for k in METRIC_KEYS)
-                 + "".join(f"{r['cold'][k]:>12.4f}" for k in METRIC_KEYS))
+                 + "".join(f"{r['all'][k]:>{width}.4f}" for k in keys)
+                 + "".join(f"{r['cold'][k]:>{width + 4}.4f}" for k in keys))
   return "\n".join(lines)
 
 

@@ -141,7 +141,8 @@ LOCATION_KEYS = ("data.path", "data.data_dir")
 RESUMABLE_KEYS = config_lib.CACHE_KEYS + (
     "train.epochs", "train.max_steps", "train.patience", "train.log_every",
     "train.checkpoint_every", "train.prefetch", "train.dedup_items",
-    "eval.batch_size", "eval.metrics", "mesh.data", "mesh.fsdp")
+    "model.lm.pack", "eval.batch_size", "eval.metrics", "mesh.data",
+    "mesh.fsdp")
 
 
 def config_differences(saved: dict[str, Any],

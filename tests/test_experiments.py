@@ -561,6 +561,15 @@ def test_cooccurrence_matches_a_brute_force_reference(tmp_path):
   # what it is, but both read the same impressions.
   assert figures["cooccurrence"]["test"]["all"]["auc"] > 0.6
 
+  # Any metrics: the same scores, the columns asked for.
+  chosen, table = _run("goodreads_cooccurrence.py", f"--data_dir={tmp_path}",
+                       "--splits=test", "--cold_threshold=2",
+                       "--metrics=auc,gauc,hit@1")
+  got = chosen["cooccurrence"]["test"]["all"]
+  assert got["auc"] == figures["cooccurrence"]["test"]["all"]["auc"]
+  assert {"gauc", "hit@1"} <= set(got) and "mrr" not in got
+  assert "hit@1" in table.splitlines()[1] and "mrr" not in table
+
 
 def write_tsv(path: pathlib.Path, rows: list[list[str]]) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
