@@ -367,14 +367,15 @@ def format_table(labels: Sequence[tuple[str, int]],
   keys = [k for k in (rows[0][1]["all"] if rows else METRIC_KEYS)
           if not k.startswith("num_")]
   width = max([8] + [len(k) + 1 for k in keys])
+  cold_width = max([12] + [len(k) + 6 for k in keys])  # "cold " + k, a space
   header = ("".join(f"{name:<{w}}" for name, w in labels)
             + "".join(f"{k:>{width}}" for k in keys)
-            + "".join(f"{'cold ' + k:>{width + 4}}" for k in keys))
+            + "".join(f"{'cold ' + k:>{cold_width}}" for k in keys))
   lines = [header, "-" * len(header)]
   for values, r in rows:
     lines.append("".join(f"{v:<{w}}" for v, (_, w) in zip(values, labels))
                  + "".join(f"{r['all'][k]:>{width}.4f}" for k in keys)
-                 + "".join(f"{r['cold'][k]:>{width + 4}.4f}" for k in keys))
+                 + "".join(f"{r['cold'][k]:>{cold_width}.4f}" for k in keys))
   return "\n".join(lines)
 
 
