@@ -108,7 +108,7 @@ def test_sharded_losses_equal_one_device_and_weights_are_split(data_dir):
 
 
 _RESUME_SCRIPT = r"""
-import json, sys
+import contextlib, json, sys
 sys.path.insert(0, {root!r})
 import jax, numpy as np
 from genre_jax import checkpoint as ckpt_lib, train
@@ -130,10 +130,8 @@ def run(workdir, callback=None):
   return train.train_and_evaluate(config, workdir, step_callback=callback)
 
 full = run({tmp!r} + "/full")
-try:
-  run({tmp!r} + "/resumed", crash_at_three)  # killed after step 3
-except Crash:
-  pass
+with contextlib.suppress(Crash):  # the kill asked for, after step 3
+  run({tmp!r} + "/resumed", crash_at_three)
 resumed = run({tmp!r} + "/resumed")  # from the sharded step-2 save
 def params(workdir):
   checkpoints = ckpt_lib.Checkpoints(workdir)
