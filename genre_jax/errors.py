@@ -45,21 +45,29 @@ def exit_on_input_error(main: Callable, *also: type[BaseException]
       return main(argv)
     except (ConfigError, DataFormatError, FileNotFoundError,
             app.UsageError, *also) as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      end_with_error(str(e))
     except Exception as e:  # pylint: disable=broad-except
       message = storage_error_message(e)
       if message is None:
         raise
-      print(f"error: {message}", file=sys.stderr)
-      sys.stdout.flush()
-      sys.stderr.flush()
-      # Not sys.exit: at shutdown the failed write's leftover asyncio tasks
-      # (Orbax, TensorStore) print tracebacks of their own. Every output is
-      # complete or absent already, and the lock goes with the process.
-      os._exit(2)  # pylint: disable=protected-access
+      end_with_error(message)
 
   return wrapped
+
+
+def end_with_error(message: str) -> None:
+  """Prints `error: message` and ends the process with status 2 at once.
+
+  Not sys.exit: a failed Orbax/TensorStore read or write leaves asyncio
+  callbacks behind, and at interpreter shutdown they print tracebacks of
+  their own under the one error line. Every output is complete or absent
+  already (written under a temporary name, then renamed) and the workdir
+  lock goes with the process, so nothing is lost by skipping shutdown.
+  """
+  print(f"error: {message}", file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(2)  # pylint: disable=protected-access
 
 
 # Errors of the storage rather than of the program: a full disk, a quota, a
