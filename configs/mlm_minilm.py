@@ -12,8 +12,11 @@ model as an item encoder (Gururangan et al., "Don't Stop Pretraining", ACL
   python run.py --config=configs/bert_nrms.py \
       --config.model.lm.init=/tmp/mlm --workdir=/tmp/bert_nrms_mlm
 
-`--config.pretrain.from_scratch=True` trains the same architecture from a
-random initialisation instead. Dataset argument as for the recommender
+`--config.pretrain.accumulate_steps=K` makes each update the mean gradient
+of K batches of `pretrain.batch_size` (`pretrain.steps` counts batches,
+`warmup_steps` updates, as in training); the K batches hold the rows one
+batch of K x batch_size would. `--config.pretrain.from_scratch=True` trains
+the same architecture from a random initialisation instead. Dataset argument as for the recommender
 presets (`configs/mlm_minilm.py:goodreads`).
 """
 
@@ -29,7 +32,8 @@ def get_config(arg=None):
   c.data.fields = ("title", "abstract")
   c.model.lm.max_len = 64
   c.pretrain = ml_collections.ConfigDict(dict(
-      from_scratch=False, mask_rate=0.15, steps=300, batch_size=32, lr=5e-5,
-      warmup_steps=30, log_every=20, checkpoint_every=100))
+      from_scratch=False, mask_rate=0.15, steps=300, batch_size=32,
+      accumulate_steps=1, lr=5e-5, warmup_steps=30, log_every=20,
+      checkpoint_every=100))
   apply_dataset(c, arg)
   return c

@@ -604,6 +604,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "pretrain.mask_rate": number(0, 1, lo_open=True),
     "pretrain.steps": _POSITIVE,
     "pretrain.batch_size": _POSITIVE,
+    "pretrain.accumulate_steps": _POSITIVE,
     "pretrain.lr": number(0, lo_open=True),
     "pretrain.warmup_steps": _COUNT,
     "pretrain.log_every": _POSITIVE,

@@ -3,8 +3,8 @@
 The model, masking and loss are lm/mlm.py's; this runs them through the
 recommender's step, restore, checkpoint and divergence machinery (loop.py),
 one "epoch" of config.pretrain.steps steps with no dev evaluation. Each
-step's batch is drawn and masked from a generator seeded by (seed, step), so
-a resumed run sees the batches an uninterrupted one would.
+optimizer update's rows are drawn and masked by a generator seeded by (seed,
+update), so a resumed run sees the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -38,14 +38,30 @@ RESUMABLE_KEYS = CACHE_KEYS + ("pretrain.steps", "pretrain.log_every",
                                "pretrain.checkpoint_every")
 
 
+def accumulate_steps(pc: ml_collections.ConfigDict) -> int:
+  """config.pretrain.accumulate_steps: batches per optimizer update (1 also
+  for a workdir's config from before the field)."""
+  k = pc.get("accumulate_steps", 1)
+  if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
+    raise ConfigError(f"config.pretrain.accumulate_steps={k!r}: must be an "
+                      "integer >= 1")
+  return k
+
+
 def optimizer(pc: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW (weight decay 0.01), clipped at norm 1, under linear warm-up and
-  cosine decay over config.pretrain.steps: BERT's recipe."""
-  steps = int(pc.steps)
+  cosine decay: BERT's recipe. With accumulate_steps = k > 1 the mean
+  gradient of k batches makes one update (optax.MultiSteps), and the
+  schedule and warm-up count updates, pretrain.steps // k of them."""
+  k = accumulate_steps(pc)
+  updates = max(int(pc.steps) // k, 1)
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, float(pc.lr), min(int(pc.warmup_steps), steps - 1), steps)
-  return optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, weight_decay=0.01))
+      0.0, float(pc.lr), min(int(pc.warmup_steps), updates - 1), updates)
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.adamw(schedule, weight_decay=0.01))
+  if k == 1:
+    return tx
+  return optax.MultiSteps(tx, every_k_schedule=k).gradient_transformation()
 
 
 def mlm_objective(model, batch, items, *, loss=mlm.mlm_loss):
@@ -85,6 +101,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   config.model.lm field, before anything is built or written."""
   loop.validate_config(config)
   mesh_lib.check_batch_size(config, "pretrain")
+  k = accumulate_steps(config.pretrain)
+  if config.train.get("accumulate_steps", 1) != 1:
+    raise ConfigError(
+        f"config.train.accumulate_steps={config.train.accumulate_steps}: "
+        "that is the recommender's; masked-LM pretraining accumulates "
+        "config.pretrain.accumulate_steps batches")
+  if int(config.pretrain.steps) % k:
+    logging.warning(
+        "config.pretrain.accumulate_steps=%d: the last %d of the %d steps "
+        "make no update (fewer than %d left)", k,
+        int(config.pretrain.steps) % k, int(config.pretrain.steps), k)
   lm_encoder.check_config(config)
 
 
@@ -101,22 +128,44 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str,
     return _pretrain(config, workdir, dataset)
 
 
+def update_batches(config, ids, mask, special, mask_id, vocab_size, start,
+                   steps):
+  """Host batches {inputs, mask, positions, targets} of steps start..steps-1.
+
+  The rows of one optimizer update (pretrain.batch_size x accumulate_steps)
+  are drawn and masked together by a generator seeded by (seed, update), and
+  step s takes its share: accumulating k batches of B sees the rows of one
+  batch of k x B, and a resumed run the batches of an uninterrupted one.
+  """
+  pc = config.pretrain
+  size, k = int(pc.batch_size), accumulate_steps(pc)
+  drawn, drawn_for = None, None
+  for s in range(start, steps):
+    update = s // k
+    if drawn_for != update:
+      rng = np.random.default_rng([int(config.train.seed), update])
+      rows = rng.integers(0, len(ids), size * k)
+      inputs, positions, targets = mlm.mask_tokens(
+          ids[rows], mask[rows], special[rows], rate=float(pc.mask_rate),
+          vocab_size=vocab_size, mask_id=mask_id, rng=rng)
+      drawn = {"inputs": inputs, "mask": mask[rows], "positions": positions,
+               "targets": targets}
+      drawn_for = update
+    share = slice((s % k) * size, (s % k + 1) * size)
+    yield {name: value[share] for name, value in drawn.items()}
+
+
 def _batches(config, ids, mask, special, mask_id, vocab_size, start, steps,
              sharding):
-  """(samples, device batch) of steps start..steps-1, each drawn and masked
-  by a generator seeded with (seed, step)."""
-  pc = config.pretrain
-  local = pc.batch_size // jax.process_count()
-  for s in range(start, steps):
-    rng = np.random.default_rng([int(config.train.seed), s])
-    rows = rng.integers(0, len(ids), pc.batch_size)
-    rows = rows[jax.process_index() * local:(jax.process_index() + 1) * local]
-    inputs, positions, targets = mlm.mask_tokens(
-        ids[rows], mask[rows], special[rows], rate=float(pc.mask_rate),
-        vocab_size=vocab_size, mask_id=mask_id, rng=rng)
-    yield int(pc.batch_size), mesh_lib.to_global(
-        {"inputs": inputs, "mask": mask[rows], "positions": positions,
-         "targets": targets}, sharding)
+  """(samples, device batch) of update_batches, each process's rows put on
+  its devices."""
+  size = int(config.pretrain.batch_size)
+  local = size // jax.process_count()
+  mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+  for batch in update_batches(config, ids, mask, special, mask_id, vocab_size,
+                              start, steps):
+    yield size, mesh_lib.to_global(
+        {name: value[mine] for name, value in batch.items()}, sharding)
 
 
 def _pretrain(config, workdir, dataset):
