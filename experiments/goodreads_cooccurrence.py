@@ -9,6 +9,10 @@ them as item identities; this script measures what item identity alone gives:
                 n(h, c) / sqrt(n(h) n(c)), where n(h, c) counts the train
                 users who have both h and c (in a history or clicked) and
                 n(i) those who have i: item-based collaborative filtering.
+  spectral      score(c) = sum over history items h of <e_h, e_c>, e the
+                --spectral_dim top spectral vectors of those normalised
+                counts (data/cooccurrence.py; what model.hybrid.spectral_dim
+                gives the id and hybrid item encoders).
   popularity    score(c) = how often c was shown in train impressions; the
                 Goodreads negatives are drawn in proportion to popularity,
                 so this should sit near 0.5.
@@ -34,6 +38,7 @@ import numpy as np
 
 from genre_jax import metrics
 from genre_jax.data import mind
+from genre_jax.data.cooccurrence import spectral_item_vectors, user_item_pairs
 from genre_jax.data import types
 from genre_jax.errors import exit_on_input_error
 from genre_jax.logs import json_line
@@ -43,20 +48,11 @@ import common_flags
 _DATA_DIR = common_flags.data_dir()
 _SPLITS = common_flags.splits(["dev", "test"])
 _COLD = common_flags.cold_threshold()
+_SPECTRAL_DIM = flags.DEFINE_integer(
+    "spectral_dim", 256, "Dimensions of the spectral scorer (0: skip it).")
 _METRICS = flags.DEFINE_list(
     "metrics", list(metrics.METRIC_KEYS),
     f"Metrics to report ({metrics.METRIC_FORMS}).")
-
-
-def user_item_pairs(train: types.Behaviors) -> tuple[np.ndarray, np.ndarray]:
-  """The distinct (user, item) pairs of train: history items and clicks."""
-  rows = np.repeat(np.arange(len(train)), train.history_lengths())
-  cand_rows = np.repeat(np.arange(len(train)), train.num_candidates())
-  clicked = train.cand_labels == 1
-  users = np.concatenate([train.users[rows], train.users[cand_rows[clicked]]])
-  items = np.concatenate([train.history_items, train.cand_items[clicked]])
-  pairs = np.unique(np.stack([users, items], 1).astype(np.int64), axis=0)
-  return pairs[:, 0], pairs[:, 1]
 
 
 class Cooccurrence:
@@ -105,6 +101,21 @@ class Cooccurrence:
                        minlength=len(split.cand_items))
 
 
+def spectral_scores(split: types.Behaviors, vectors: np.ndarray,
+                    chunk: int = 65536) -> np.ndarray:
+  """[sum_c] candidate scores sum_h <e_h, e_c> (vectors [N+1, k])."""
+  rows = np.repeat(np.arange(len(split)), split.history_lengths())
+  users = np.zeros((len(split), vectors.shape[1]))
+  np.add.at(users, rows, vectors[split.history_items])  # [R, k]
+  cand_rows = np.repeat(np.arange(len(split)), split.num_candidates())
+  scores = np.empty(len(split.cand_items))
+  for start in range(0, len(scores), chunk):
+    at = slice(start, start + chunk)
+    scores[at] = np.einsum("ck,ck->c", vectors[split.cand_items[at]],
+                           users[cand_rows[at]])
+  return scores
+
+
 def table(results: dict[str, dict[str, dict]]) -> str:
   return metrics.format_table(
       [("scorer", 14), ("split", 7)],
@@ -131,16 +142,28 @@ def main(argv: Sequence[str]) -> None:
   train = dataset.splits["train"]
   cooc = Cooccurrence(*user_item_pairs(train), len(dataset.items.ids))
   popularity = dataset.items.popularity.astype(np.float64)
+  if _SPECTRAL_DIM.value < 0:
+    raise app.UsageError(f"--spectral_dim={_SPECTRAL_DIM.value}: must be >= 0")
+  vectors = (spectral_item_vectors(train, dataset.items.num_items,
+                                   _SPECTRAL_DIM.value)
+             if _SPECTRAL_DIM.value else None)
   results: dict[str, dict[str, dict]] = {"cooccurrence": {}, "popularity": {}}
+  if vectors is not None:
+    results = {"cooccurrence": {}, "spectral": {}, "popularity": {}}
   for name in splits[1:]:
     split = dataset.splits[name]
     results["cooccurrence"][name] = metrics.behaviors_metrics(
         split, cooc.scores(split), _COLD.value, wanted)
+    if vectors is not None:
+      results["spectral"][name] = metrics.behaviors_metrics(
+          split, spectral_scores(split, vectors), _COLD.value, wanted)
     results["popularity"][name] = metrics.behaviors_metrics(
         split, popularity[split.cand_items], _COLD.value, wanted)
   # The folder as given: a results folder keeps this table.
   print(f"Content-free scorers on {_DATA_DIR.value} (counts from train: "
-        f"{len(train)} impressions, {len(cooc.keys)} co-occurring item pairs)")
+        f"{len(train)} impressions, {len(cooc.keys)} co-occurring item pairs"
+        + (f"; spectral: {_SPECTRAL_DIM.value} dimensions" if vectors
+           is not None else "") + ")")
   print(table(results))
   print(json_line(results))
 

@@ -128,7 +128,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.fastformer = ml_collections.ConfigDict(dict(num_layers=1))
   # item_encoder="hybrid": this content encoder's vector plus a learnt
   # vector per item seen in training (item_encoder="id": the table alone).
-  c.model.hybrid = ml_collections.ConfigDict(dict(content="self_attention"))
+  # spectral_dim (id and hybrid): k > 0 adds to that vector a learnt map of
+  # the item's top-k spectral co-occurrence dimensions, computed from the
+  # train split (data/cooccurrence.py); 0 = off.
+  c.model.hybrid = ml_collections.ConfigDict(dict(content="self_attention",
+                                                  spectral_dim=0))
   c.model.gru = ml_collections.ConfigDict(dict(use_user_id=True, num_users=0))
   # disagreement_weight: weight of MINER's disagreement regulariser (mean
   # pairwise cosine of the interests) added to the loss (0 = off).
@@ -547,6 +551,7 @@ CONFIG_RULES: dict[str, Rule] = {
     "model.transformer.pooling": choice("mean", "first"),
     "model.fastformer.num_layers": _POSITIVE,
     "model.hybrid.content": registered(registry.ITEM_ENCODERS),
+    "model.hybrid.spectral_dim": _COUNT,
     "model.gru.use_user_id": flag(),
     "model.gru.num_users": _COUNT,
     "model.poly.num_interests": _POSITIVE,
@@ -697,6 +702,8 @@ def validate(config: ml_collections.ConfigDict, *,
     _check_selection(tree, name)
   if not sections or {"model", "train"} <= set(sections):
     _check_cache_on(tree, name)
+  if not sections or "model" in sections:
+    _check_spectral(tree, name)
 
 
 def parse_validation(value: Any) -> tuple[str, float] | None:
@@ -729,6 +736,19 @@ def _check_cache_on(tree: Mapping[str, Any], name: str) -> None:
         "False: a host cache reaches the devices as the rows of each batch's "
         "distinct items, which only the deduplicated batch has; set "
         "train.dedup_items=True or model.lm.cache_on='device'")
+
+
+def _check_spectral(tree: Mapping[str, Any], name: str) -> None:
+  """model.hybrid.spectral_dim feeds the id and hybrid item encoders only;
+  another encoder would silently ignore it."""
+  model = tree.get("model", {})
+  k = model.get("hybrid", {}).get("spectral_dim", 0)
+  encoder = model.get("item_encoder", "")
+  if k and encoder not in ("id", "hybrid"):
+    raise ConfigError(
+        f"{name}.model.hybrid.spectral_dim={k}: only the id and hybrid item "
+        f"encoders read it, and {name}.model.item_encoder is '{encoder}'; "
+        "set item_encoder=hybrid (content + identity) or spectral_dim=0")
 
 
 def _check_selection(tree: Mapping[str, Any], name: str) -> None:

@@ -32,7 +32,9 @@ def _encode(config, dataset, params=None, rows=None):
 
 
 def test_seen_items_are_those_of_the_train_split(dataset):
-  seen = id_encoders.identity_inputs(dataset)[id_encoders.SEEN_FIELD][:, 0]
+  config = load_preset("nrms_id")
+  seen = id_encoders.identity_inputs(config, dataset)[
+      id_encoders.SEEN_FIELD][:, 0]
   train_split = dataset.splits["train"]
   want = np.zeros(dataset.items.num_items + 1, bool)
   want[train_split.history_items] = True
@@ -41,8 +43,10 @@ def test_seen_items_are_those_of_the_train_split(dataset):
   assert seen.any()
 
 
-def test_hybrid_starts_as_its_content_model(data_dir, dataset):
+@pytest.mark.parametrize("spectral_dim", [0, 8])
+def test_hybrid_starts_as_its_content_model(data_dir, dataset, spectral_dim):
   hybrid = shrink(load_preset("nrms_id"), data_dir)
+  hybrid.model.hybrid.spectral_dim = spectral_dim
   content = shrink(load_preset("nrms"), data_dir)
   content_params = train.init_model(
       content, train.model_inputs(content, dataset)[1], 10)[1]["params"]
@@ -113,3 +117,68 @@ def test_metrics_of_impressions_whose_clicked_item_is_unseen(
           behaviors.cand_labels[s:s + c] > 0], hidden).any()
       and 0 < behaviors.cand_labels[s:s + c].sum() < c)
   assert result["unseen_items"]["num_impressions"] == want > 0
+
+
+def test_spectral_features_are_the_train_splits_and_train_end_to_end(
+    data_dir, dataset, tmp_path):
+  # The id table plus a learnt map of each item's spectral co-occurrence
+  # vector (data/cooccurrence.py, from the train split), through training,
+  # evaluation and recommendation from the saved run.
+  import json
+  import subprocess
+  import sys
+
+  from genre_jax.data import cooccurrence
+  from tests.helpers import ROOT, shrink_flags
+
+  config = shrink(load_preset("nrms_id"), data_dir)
+  config.model.hybrid.spectral_dim = 8
+  host_items, _ = train.model_inputs(config, dataset)
+  np.testing.assert_array_equal(
+      host_items["tokens"][id_encoders.SPECTRAL_FIELD],
+      cooccurrence.spectral_item_vectors(dataset.splits["train"],
+                                         dataset.items.num_items, 8))
+  workdir = tmp_path / "run"
+  run = lambda *args: subprocess.run(
+      [sys.executable, str(ROOT / "run.py"), *args], capture_output=True,
+      text=True, cwd=ROOT, timeout=600)
+  trained = run("--config=configs/nrms_id.py", *shrink_flags(data_dir),
+                "--config.model.hybrid.spectral_dim=8",
+                "--config.train.max_steps=6", f"--workdir={workdir}")
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  final = json.loads((workdir / "final_metrics.json").read_text())
+  assert np.isfinite(final["test"]["all"]["auc"])
+  _, state = train.init_model(config, train.model_inputs(config, dataset)[1],
+                              total_steps=10)
+  params = train.restore_params_from(str(workdir), state["params"],
+                                     which="latest")
+  kernel = np.asarray(params["item_encoder"]["identity"]["spectral"]
+                      ["kernel"][...])
+  assert kernel.shape == (8, config.model.hidden_dim) and np.abs(kernel).sum()
+  evaluated = run("--mode=eval", f"--workdir={workdir}", "--split=test")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  # The features are rebuilt from the train split: the same scores.
+  assert json.loads(evaluated.stdout.strip().splitlines()[-1])[
+      "auc"] == pytest.approx(final["test"]["all"]["auc"], abs=1e-6)
+  user = dataset.user_vocab[1]
+  recommended = run("--mode=recommend", f"--workdir={workdir}",
+                    f"--user_ids={user}")
+  assert recommended.returncode == 0, recommended.stderr[-3000:]
+
+
+def test_spectral_dim_without_an_identity_encoder_is_one_error_line(
+    data_dir, tmp_path):
+  import subprocess
+  import sys
+
+  from tests.helpers import ROOT, shrink_flags
+
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "run.py"), "--config=configs/nrms.py",
+       *shrink_flags(data_dir), "--config.model.hybrid.spectral_dim=8",
+       f"--workdir={tmp_path / 'run'}"],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert ("error: config.model.hybrid.spectral_dim=8: only the id and hybrid "
+          "item encoders read it") in result.stderr
+  assert "Traceback" not in result.stderr

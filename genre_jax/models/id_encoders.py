@@ -2,6 +2,11 @@
 table added to any content encoder's vector (`hybrid`, Legommenders' ID-based
 variants), which falls back to content alone for items unseen in training so
 that cold items still score.
+
+With model.hybrid.spectral_dim = k > 0 an item's identity vector also holds a
+learnt linear map of its k spectral co-occurrence dimensions
+(data/cooccurrence.py, computed from the train split whenever the inputs are
+built): collaborative structure a table learns slowly from next-item clicks.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from genre_jax.data import cooccurrence
 from genre_jax.data.types import Dataset, ItemInputSpec
 from genre_jax.errors import ConfigError
 from genre_jax.models.item_encoders import ItemEncoder
@@ -21,10 +27,18 @@ from genre_jax.registry import ITEM_ENCODERS
 
 ROW_FIELD = "item_row"  # [N+1, 1] int32: each item's own row
 SEEN_FIELD = "seen_in_train"  # [N+1, 1] bool: in a train history or impression
+SPECTRAL_FIELD = "item_spectral"  # [N+1, k] float32: co-occurrence dimensions
 
 
-def identity_inputs(dataset: Dataset) -> dict[str, np.ndarray]:
-  """Each item's row and whether training ever shows it ([N+1, 1] each)."""
+def spectral_dim(config: ml_collections.ConfigDict) -> int:
+  """model.hybrid.spectral_dim (0 for a config from before the field)."""
+  return int(config.model.hybrid.get("spectral_dim", 0))
+
+
+def identity_inputs(config: ml_collections.ConfigDict,
+                    dataset: Dataset) -> dict[str, np.ndarray]:
+  """Each item's row and whether training ever shows it ([N+1, 1] each), and
+  with spectral_dim k > 0 its spectral co-occurrence vector [N+1, k]."""
   items = dataset.items
   rows = np.arange(items.num_items + 1, dtype=np.int32)[:, None]
   if items.popularity is None:
@@ -33,30 +47,55 @@ def identity_inputs(dataset: Dataset) -> dict[str, np.ndarray]:
                       "dataset does not carry")
   seen = (np.asarray(items.popularity) > 0)[:, None]
   seen[0] = False
-  return {ROW_FIELD: rows, SEEN_FIELD: seen}
+  inputs = {ROW_FIELD: rows, SEEN_FIELD: seen}
+  k = spectral_dim(config)
+  if k:
+    if "train" not in dataset.splits:
+      raise ConfigError(f"config.model.hybrid.spectral_dim={k}: the "
+                        "co-occurrence vectors come from the train split, "
+                        "which this dataset does not have")
+    inputs[SPECTRAL_FIELD] = cooccurrence.spectral_item_vectors(
+        dataset.splits["train"], items.num_items, k)
+  return inputs
 
 
-def _random_identity(num_items: int, rng: np.random.Generator):
+def _random_identity(config, num_items: int, rng: np.random.Generator):
   rows = np.arange(num_items + 1, dtype=np.int32)[:, None]
   seen = rng.random((num_items + 1, 1)) < 0.9
   seen[0] = False
-  return {ROW_FIELD: rows, SEEN_FIELD: seen}
+  inputs = {ROW_FIELD: rows, SEEN_FIELD: seen}
+  k = spectral_dim(config)
+  if k:
+    inputs[SPECTRAL_FIELD] = (rng.standard_normal((num_items + 1, k)) *
+                              seen).astype(np.float32)
+  return inputs
 
 
 class _Identity(nnx.Module):
-  """A [N+1, D] table read at seen items' rows; zero for unseen items."""
+  """A [N+1, D] table read at seen items' rows, plus (spectral_dim k > 0) a
+  learnt [k, D] map of the items' spectral vectors; zero for unseen items."""
 
-  def __init__(self, num_items: int, dim: int, init, *, rngs: nnx.Rngs):
+  def __init__(self, num_items: int, dim: int, init, *, spectral: int,
+               rngs: nnx.Rngs):
+    """`init` initialises the table and the spectral map alike."""
     if num_items < 1:
       raise ConfigError("the id item table needs the number of items "
                         "(ItemInputSpec.num_items); build the inputs with "
                         "the encoder's item_inputs")
     self.table = nnx.Embed(num_items + 1, dim, embedding_init=init, rngs=rngs)
+    self.spectral = nnx.data(None)
+    if spectral:
+      self.spectral = nnx.Linear(spectral, dim, use_bias=False,
+                                 kernel_init=init, rngs=rngs)
 
   def __call__(self, tokens: dict[str, jax.Array]) -> jax.Array:
     rows = tokens[ROW_FIELD][:, 0]  # [N]
     seen = tokens[SEEN_FIELD].astype(jnp.float32)  # [N, 1]
-    return self.table(rows) * seen  # [N, D]
+    vectors = self.table(rows)  # [N, D]
+    if self.spectral is not None:
+      vectors = vectors + self.spectral(
+          tokens[SPECTRAL_FIELD].astype(jnp.float32))  # [N, k] -> [N, D]
+    return vectors * seen  # [N, D]
 
 
 @ITEM_ENCODERS.register("id")
@@ -65,7 +104,7 @@ class IdItemEncoder(ItemEncoder):
 
   @classmethod
   def item_inputs(cls, config: ml_collections.ConfigDict, dataset: Dataset):
-    tokens = identity_inputs(dataset)
+    tokens = identity_inputs(config, dataset)
     masks = {ROW_FIELD: tokens[SEEN_FIELD].copy()}
     spec = ItemInputSpec(vocab_size=0, fields=(ROW_FIELD,), lengths=(1,),
                          num_users=len(dataset.user_vocab),
@@ -75,7 +114,7 @@ class IdItemEncoder(ItemEncoder):
   @classmethod
   def random_inputs(cls, config, num_items, length, vocab, rng):
     del length, vocab
-    tokens = _random_identity(num_items, rng)
+    tokens = _random_identity(config, num_items, rng)
     spec = ItemInputSpec(vocab_size=0, fields=(ROW_FIELD,), lengths=(1,),
                          num_users=100, num_items=num_items)
     return {"tokens": tokens, "masks": {ROW_FIELD: tokens[SEEN_FIELD]}}, spec
@@ -83,7 +122,8 @@ class IdItemEncoder(ItemEncoder):
   def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
                *, rngs: nnx.Rngs):
     self.identity = _Identity(spec.num_items, int(config.model.hidden_dim),
-                              nnx.initializers.normal(0.1), rngs=rngs)
+                              nnx.initializers.normal(0.1),
+                              spectral=spectral_dim(config), rngs=rngs)
 
   def __call__(self, tokens, masks):
     del masks
@@ -108,7 +148,7 @@ class HybridItemEncoder(ItemEncoder):
   @classmethod
   def item_inputs(cls, config: ml_collections.ConfigDict, dataset: Dataset):
     items, spec = _content_encoder(config).item_inputs(config, dataset)
-    items["tokens"].update(identity_inputs(dataset))
+    items["tokens"].update(identity_inputs(config, dataset))
     return items, dataclasses.replace(spec,
                                       num_items=dataset.items.num_items)
 
@@ -116,14 +156,15 @@ class HybridItemEncoder(ItemEncoder):
   def random_inputs(cls, config, num_items, length, vocab, rng):
     items, spec = _content_encoder(config).random_inputs(
         config, num_items, length, vocab, rng)
-    items["tokens"].update(_random_identity(num_items, rng))
+    items["tokens"].update(_random_identity(config, num_items, rng))
     return items, dataclasses.replace(spec, num_items=num_items)
 
   def __init__(self, config: ml_collections.ConfigDict, spec: ItemInputSpec,
                *, rngs: nnx.Rngs):
     self.content = _content_encoder(config)(config, spec, rngs=rngs)
     self.identity = _Identity(spec.num_items, int(config.model.hidden_dim),
-                              nnx.initializers.zeros, rngs=rngs)
+                              nnx.initializers.zeros,
+                              spectral=spectral_dim(config), rngs=rngs)
 
   def __call__(self, tokens, masks):
     content = self.content(tokens, masks)  # [N, D]
