@@ -29,6 +29,10 @@ data, with each distinct item encoded once per batch (our "dedup" extra).
   # Encoding each distinct item once vs every slot, on real batches:
   python experiments/benchmark.py --presets=nrms --data_dir=DIR \
       --batch_size=128 --history_len=8 --title_len=16 --dedup_ablation
+  # The tuned LM layers on padded rows vs packed rows (model.lm.pack), on
+  # real batches (random titles all hold --title_len tokens: nothing to pack):
+  python experiments/benchmark.py --presets=once_nrms --data_dir=DIR \
+      --batch_size=128 --history_len=8 --title_len=20 --pack_ablation
 
 With --anchor, the anchor (`third_party/torch_anchor/torch_anchor.py`, which
 picks CUDA when PyTorch sees a GPU, else the CPU) runs first, in its own
@@ -120,6 +124,11 @@ _CACHE_DIR = common_flags.cache_dir()
 _DEDUP_ABLATION = flags.DEFINE_bool(
     "dedup_ablation", False, "With --data_dir: time the same real batches "
     "with every item slot encoded, then with each distinct item once.")
+_PACK_ABLATION = flags.DEFINE_bool(
+    "pack_ablation", False, "For LM item-encoder presets: time the same "
+    "batches with the tuned LM layers on padded rows (model.lm.pack=False), "
+    "then on packed rows (True). Use --data_dir: random titles all hold "
+    "--title_len real tokens, so packing has nothing to remove.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Samples per step.")
 _HISTORY = flags.DEFINE_integer("history_len", 50, "History items per sample.")
 _CANDIDATES = flags.DEFINE_integer("num_candidates", 5, "1 + K negatives.")
@@ -379,6 +388,14 @@ def cudnn_attention_calls(compiled) -> int:
 # --- One row ------------------------------------------------------------------
 
 
+def _encodes_items_with_lm(config) -> bool:
+  """Whether item text goes through model.lm (alone or inside a hybrid)."""
+  encoder = config.model.item_encoder
+  if encoder == "hybrid":
+    encoder = config.model.hybrid.content
+  return encoder == "lm"
+
+
 def bench_row(label: str, config, shape: Shape, *, steps: int, warmup: int,
               group: int, with_eval: bool, eval_impressions: int,
               matmul_rate: float, data_path: str = "",
@@ -445,6 +462,8 @@ def bench_row(label: str, config, shape: Shape, *, steps: int, warmup: int,
       "batch": shape.batch, "history": shape.history,
       "candidates": shape.candidates, "title_len": shape.title,
       "data": data_path or "random", "dtype": config.model.dtype,
+      "lm_pack": (bool(config.model.lm.pack)
+                  if _encodes_items_with_lm(config) else None),
       "item_encodings_per_step": titles,
       "step_ms": 1e3 * step_seconds,
       "samples_per_s": shape.batch / step_seconds,
@@ -665,13 +684,20 @@ def main(argv):
                    _TITLE.value, _NUM_ITEMS.value, _VOCAB.value))
     if _DEDUP_ABLATION.value and not _DATA_DIR.value:
       raise app.UsageError("--dedup_ablation needs --data_dir")
+    # (label suffix, overrides) of each variant timed per preset.
+    variants = [("", ())]
+    if _PACK_ABLATION.value:
+      variants = [(" padded", ("model.lm.pack=False",)),
+                  (" packed", ("model.lm.pack=True",))]
     for preset in _PRESETS.value:
       label = f"{preset} smoke" if _SMOKE.value else preset
-      if _DEDUP_ABLATION.value:
-        plans.append((f"{label} every slot", preset, shape,
-                      tuple(_SET.value), _DATA_DIR.value, False))
-      plans.append((label, preset, shape, tuple(_SET.value),
-                    _DATA_DIR.value))
+      for suffix, extra in variants:
+        overrides = tuple(_SET.value) + extra
+        if _DEDUP_ABLATION.value:
+          plans.append((f"{label}{suffix} every slot", preset, shape,
+                        overrides, _DATA_DIR.value, False))
+        plans.append((f"{label}{suffix}", preset, shape, overrides,
+                      _DATA_DIR.value))
   for name, value, least in (("steps", _STEPS.value, 1),
                               ("group", _GROUP.value, 1),
                               ("warmup", _WARMUP.value, 0),
@@ -687,6 +713,14 @@ def main(argv):
   # Every config is built first: a typo fails before minutes of measuring.
   configs = [load_preset(preset, "", overrides)
              for _, preset, _, overrides, *_ in plans]
+  if _PACK_ABLATION.value:
+    not_lm = sorted({preset for (_, preset, *_), config in zip(plans, configs)
+                     if not _encodes_items_with_lm(config)})
+    if not_lm:
+      raise app.UsageError(
+          f"--pack_ablation: {','.join(not_lm)} encode items without an LM "
+          "(model.item_encoder, or hybrid.content, is not 'lm'); nothing is "
+          "packed")
   anchor, anchor_source, anchor_missing = None, "", ""
   if _ANCHOR.value and _ONLY_ROW.value < 0:
     if _ANCHOR_RESULTS.value:

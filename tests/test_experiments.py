@@ -75,6 +75,8 @@ def _strict_json(line: str):
     ("benchmark.py", ["--anchor", "--anchor_models=nrms,dien"],
      "error: --anchor_models=nrms,dien: choose from nrms,bert_full,"
      "bert_last1"),
+    ("benchmark.py", ["--smoke", "--pack_ablation", "--presets=nrms"],
+     "error: --pack_ablation: nrms encode items without an LM"),
 ])
 def test_bad_input_to_a_script_is_one_line(script, args, expected, tmp_path):
   # A typo in a preset, an override or a path: one line, exit status 2, no
@@ -840,6 +842,24 @@ def test_benchmark_smoke_rows_in_their_own_processes_and_mfu_per_device():
   assert nrms["mfu"] == pytest.approx(
       nrms["flops_per_step_analytic"] / 2 / (nrms["step_ms"] / 1e3) /
       nrms["matmul_flops_per_s"])
+
+
+def test_benchmark_pack_ablation_times_padded_then_packed_rows():
+  # The same preset and batches, tuned LM layers on padded rows and then on
+  # packed ones: the speed claim for model.lm.pack comes from this script.
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "experiments" / "benchmark.py"),
+       "--presets=once_nrms", "--smoke", "--pack_ablation", "--eval=False"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = _strict_json(result.stdout.strip().splitlines()[-1])
+  padded, packed = figures["rows"]
+  assert (padded["label"], packed["label"]) == (
+      "once_nrms smoke padded", "once_nrms smoke packed")
+  assert (padded["lm_pack"], packed["lm_pack"]) == (False, True)
+  for row in (padded, packed):
+    assert row["samples_per_s"] > 0 and np.isfinite(row["final_loss"])
+  assert "once_nrms smoke packed" in result.stdout
 
 
 def test_benchmark_anchor_side_by_side_at_smoke_size(tmp_path):
