@@ -25,6 +25,9 @@ setuptools.setup(
         "absl-py>=2.0",
         "ml_collections>=1.0",
         "numpy>=1.26",
+        # Truncated sparse SVD of the item co-occurrence matrix
+        # (data/cooccurrence.py); jax already depends on it.
+        "scipy>=1.11",
         # WordPiece tokenization of item text (tokenizer.json of any HF model).
         "tokenizers>=0.19",
         # The training progress bar on a terminal (rate, ETA).
