@@ -89,8 +89,8 @@ def leave_temporary(path) -> str:
 shrink = tiny_configs.shrink  # a preset shrunk to seconds on a CPU
 
 
-def shrink_flags(data_dir) -> list[str]:
-  """run.py's --config.* flags for what `shrink` sets (one epoch)."""
+def shrink_flags(data_dir, epochs: int = 1) -> list[str]:
+  """run.py's --config.* flags for what `shrink` sets."""
   return [
       f"--config.data.data_dir={data_dir}",
       "--config.data.synthetic.num_users=150",
@@ -99,7 +99,7 @@ def shrink_flags(data_dir) -> list[str]:
       "--config.data.max_len.title=8", "--config.model.embed_dim=16",
       "--config.model.hidden_dim=16", "--config.model.num_heads=2",
       "--config.model.attention_dim=8", "--config.train.batch_size=16",
-      "--config.train.epochs=1", "--config.train.warmup_steps=2",
+      f"--config.train.epochs={epochs}", "--config.train.warmup_steps=2",
       "--config.train.log_every=1000", "--config.eval.batch_size=32",
       "--demo_recommend_users=0"]
 

@@ -158,18 +158,19 @@ def test_pretraining_checkpoint_from_before_the_head_module_is_named(
   assert "'head' since 4be8edd" in message
 
 
-def test_pretraining_continues_from_the_checkpoints_head(tmp_path):
-  # run.py --mode=pretrain's path: the head the checkpoint was saved with is
-  # the head that trains (a few small steps move it by little), not a new one.
+def _pretraining_setup(tmp_path, *, bert=None, **pretrain):
+  """(config, reference): a config pretraining a tiny BERT (BertConfig
+  `bert` overrides; its head bias random, so a fresh head would show) on
+  tiny demo titles, and that model as transformers built it."""
   import os
 
-  from genre_jax import checkpoint as ckpt_lib
   from genre_jax.lm import hf
   from tests.helpers import shrink
 
   torch.manual_seed(0)
   reference = transformers.BertForMaskedLM(transformers.BertConfig(
-      **{**_TINY, "vocab_size": 30522, "max_position_embeddings": 64}))
+      **{**_TINY, "vocab_size": 30522, "max_position_embeddings": 64,
+         **(bert or {})}))
   with torch.no_grad():
     reference.cls.predictions.bias.normal_()
   model_dir = tmp_path / "model"
@@ -180,8 +181,17 @@ def test_pretraining_continues_from_the_checkpoints_head(tmp_path):
   config.data = shrink(load_preset("nrms"), str(tmp_path / "data")).data
   config.data.fields = ("title",)
   config.model.lm.max_len = 16
-  config.pretrain.update(steps=2, batch_size=4, log_every=1,
-                         checkpoint_every=2)
+  config.pretrain.update(log_every=1, **pretrain)
+  return config, reference
+
+
+def test_pretraining_continues_from_the_checkpoints_head(tmp_path):
+  # run.py --mode=pretrain's path: the head the checkpoint was saved with is
+  # the head that trains (a few small steps move it by little), not a new one.
+  from genre_jax import checkpoint as ckpt_lib
+
+  config, reference = _pretraining_setup(tmp_path, steps=2, batch_size=4,
+                                         checkpoint_every=2)
   summary = pretrain_lib.pretrain(config, str(tmp_path / "run"))
   assert len(summary["losses"]) == 2
   assert all(np.isfinite(r["loss"]) for r in summary["losses"])
@@ -197,29 +207,6 @@ def test_pretraining_continues_from_the_checkpoints_head(tmp_path):
       saved, reference.cls.predictions.bias.detach().numpy(), atol=1e-3)
 
 
-def _pretraining_setup(tmp_path, **pretrain):
-  """A config pretraining a dropout-free tiny BERT on tiny demo titles."""
-  import os
-
-  from genre_jax.lm import hf
-  from tests.helpers import shrink
-
-  torch.manual_seed(0)
-  reference = transformers.BertForMaskedLM(transformers.BertConfig(
-      **{**_TINY, "vocab_size": 30522, "max_position_embeddings": 64,
-         "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
-  model_dir = tmp_path / "model"
-  reference.save_pretrained(model_dir)
-  os.symlink(os.path.join(hf.model_dir(), hf.TOKENIZER_FILE),
-             model_dir / hf.TOKENIZER_FILE)
-  config = _config(model_dir)
-  config.data = shrink(load_preset("nrms"), str(tmp_path / "data")).data
-  config.data.fields = ("title",)
-  config.model.lm.max_len = 16
-  config.pretrain.update(log_every=1, **pretrain)
-  return config
-
-
 def test_accumulated_pretraining_is_one_update_of_the_mean_gradient(
     tmp_path):
   # Two batches of 4 accumulated: the rows of one batch of 8, and one AdamW
@@ -227,9 +214,11 @@ def test_accumulated_pretraining_is_one_update_of_the_mean_gradient(
   from genre_jax import checkpoint as ckpt_lib
   from genre_jax import data as data_lib
 
-  config = _pretraining_setup(tmp_path, steps=2, batch_size=4,
-                              accumulate_steps=2, warmup_steps=0,
-                              checkpoint_every=2, lr=1e-3)
+  config, _ = _pretraining_setup(
+      tmp_path, bert={"hidden_dropout_prob": 0.0,
+                      "attention_probs_dropout_prob": 0.0},
+      steps=2, batch_size=4, accumulate_steps=2, warmup_steps=0,
+      checkpoint_every=2, lr=1e-3)
   dataset = data_lib.load_dataset(config.data)
   corpus = pretrain_lib.corpus(config, dataset)
   vocab = 30522

@@ -21,7 +21,7 @@ import time
 import pytest
 
 from genre_jax import workdir as workdir_lib
-from tests.helpers import TINY_NEWS, write_tsv
+from tests.helpers import TINY_NEWS, shrink_flags, write_tsv
 
 # Every test here runs a script or run.py end to end: the full suite's.
 pytestmark = pytest.mark.slow
@@ -36,18 +36,9 @@ def tiny_flags(data_dir, epochs=2):
   raising train.epochs to two gives the same model as two epochs at once, so
   a resumed or recovered run can be compared with an uninterrupted one.
   """
-  return [
-      "--config=configs/nrms.py", f"--config.data.data_dir={data_dir}",
-      "--config.data.synthetic.num_users=150",
-      "--config.data.synthetic.num_items=200",
-      "--config.data.synthetic.num_topics=4", "--config.data.history_len=10",
-      "--config.data.max_len.title=8", "--config.model.embed_dim=16",
-      "--config.model.hidden_dim=16", "--config.model.num_heads=2",
-      "--config.model.attention_dim=8", "--config.train.batch_size=16",
-      f"--config.train.epochs={epochs}", "--config.train.warmup_steps=2",
-      "--config.train.decay=constant", "--config.train.dedup_items=False",
-      "--config.train.checkpoint_every=4", "--config.train.log_every=1000",
-      "--config.eval.batch_size=32", "--demo_recommend_users=0"]
+  return ["--config=configs/nrms.py", *shrink_flags(data_dir, epochs),
+          "--config.train.decay=constant", "--config.train.dedup_items=False",
+          "--config.train.checkpoint_every=4"]
 
 
 def run_py(*args, preexec_fn=None, timeout=600):
