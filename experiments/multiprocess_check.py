@@ -15,7 +15,10 @@ final_metrics.json. The runs:
   * 2 processes, --steps steps (skipped with --nouninterrupted);
   * 2 processes interrupted after step --interrupt_at (both stop there),
     then 2 fresh processes resuming from the shared workdir's last
-    checkpoint (a multiple of --checkpoint_every) to the end;
+    checkpoint (a multiple of --checkpoint_every) to the end; with
+    --damage_newest that checkpoint's parameters are truncated first, and
+    the processes must agree to move it to checkpoints/damaged/ (once) and
+    resume from the save before it;
   * 1 process, the same config and global batch: the reference. Every
     step's training loss and the final dev/test metrics of the 2-process
     runs must match it.
@@ -81,6 +84,11 @@ _UNINTERRUPTED = flags.DEFINE_bool(
     "uninterrupted", True, "Also train the 2 processes without interruption "
     "(--nouninterrupted: the interrupted and resumed run alone is compared "
     "with the 1-process run, one launch less).")
+_DAMAGE_NEWEST = flags.DEFINE_bool(
+    "damage_newest", False, "Truncate the parameters of the interrupted "
+    "run's newest save before resuming: the resume must move it aside once "
+    "and start from the save before it (--interrupt_at must then be at "
+    "least twice --checkpoint_every).")
 _TIMEOUT = flags.DEFINE_integer("timeout", 600,
                                 "Seconds each launch may take.")
 _SEED = common_flags.seed()
@@ -271,6 +279,39 @@ def _check_workdir(workdir: str) -> list[str]:
   return problems
 
 
+def damage_newest_save(workdir: str) -> str:
+  """Truncates every parameter file of the newest latest save of `workdir`,
+  as a failing disk might; returns the save's folder."""
+  saves = os.path.join(workdir, "checkpoints", "latest")
+  newest = os.path.join(saves, max((e for e in os.listdir(saves)
+                                    if e.isdigit()), key=int))
+  params = os.path.join(newest, "params")
+  data = [os.path.join(folder, name) for folder, _, names in os.walk(params)
+          if os.path.basename(folder) == "d" for name in names]
+  if not data:
+    raise RuntimeError(f"{params}: no parameter files to damage")
+  for path in data:
+    os.truncate(path, os.path.getsize(path) // 2)
+  return newest
+
+
+def _check_damaged(workdir: str, logs_dir: str, name: str) -> list[str]:
+  """What is wrong with how the resumed processes handled a damaged save:
+  it must be moved aside exactly once, and every process must say so."""
+  problems = []
+  damaged = os.path.join(workdir, "checkpoints", "damaged")
+  moved = sorted(os.listdir(damaged)) if os.path.isdir(damaged) else []
+  if len(moved) != 1:
+    problems.append(f"{len(moved)} saves under checkpoints/damaged/ "
+                    f"({moved}), not 1")
+  for log in sorted(os.listdir(logs_dir)):
+    if log.startswith(f"{name}-p") and log.endswith(".log"):
+      with open(os.path.join(logs_dir, log), encoding="utf-8") as f:
+        if "is damaged" not in f.read():
+          problems.append(f"{log}: no line saying the save is damaged")
+  return problems
+
+
 def check(root: str) -> dict:
   """The runs and their comparison (the JSON line's fields)."""
   steps = _STEPS.value
@@ -283,6 +324,8 @@ def check(root: str) -> dict:
   resumed_dir = os.path.join(root, "resumed")
   runs["interrupted"] = launch("interrupted", root, resumed_dir, 2,
                                stop_at=_INTERRUPT_AT.value)
+  if _DAMAGE_NEWEST.value:
+    damage_newest_save(resumed_dir)
   # Side by side (the data is prepared, the workdirs differ).
   resumed = start("resumed", root, resumed_dir, 2)
   one = start("one", root, os.path.join(root, "one"), 1)
@@ -301,6 +344,9 @@ def check(root: str) -> dict:
     problems += [f"two: {p}"
                  for p in _check_workdir(os.path.join(root, "two"))]
   problems += [f"resumed: {p}" for p in _check_workdir(resumed_dir)]
+  if _DAMAGE_NEWEST.value:
+    problems += [f"resumed: {p}" for p in _check_damaged(
+        resumed_dir, os.path.join(root, "logs"), "resumed")]
 
   ref = runs["one"][0]["losses"]
   mp = runs["two"][0]["losses"] if "two" in runs else {}
@@ -310,6 +356,8 @@ def check(root: str) -> dict:
   resumed_losses.update(runs["resumed"][0]["losses"])
   expected_resume = (_INTERRUPT_AT.value // _CHECKPOINT_EVERY.value *
                      _CHECKPOINT_EVERY.value)
+  if _DAMAGE_NEWEST.value:  # the save before the damaged one
+    expected_resume -= _CHECKPOINT_EVERY.value
   if resumed_at != expected_resume:
     problems.append(f"resumed at step {resumed_at}, not at the checkpoint of "
                     f"step {expected_resume}")
@@ -354,6 +402,7 @@ def check(root: str) -> dict:
           "max_loss_diff_resumed": max(resumed_diffs, default=math.nan),
           "interrupted_at": _INTERRUPT_AT.value, "resumed_at": resumed_at,
           "checkpoint_every": _CHECKPOINT_EVERY.value,
+          "damaged_newest": _DAMAGE_NEWEST.value,
           "max_metric_diff": metric_diff,
           "dev_auc": {n: m.get("dev.auc") for n, m in metrics.items()},
           "test_auc": {n: m.get("test.auc") for n, m in metrics.items()},
@@ -374,6 +423,12 @@ def main(argv: Sequence[str]) -> None:
         f"--interrupt_at={_INTERRUPT_AT.value}: must be at least "
         f"--checkpoint_every={_CHECKPOINT_EVERY.value} (a checkpoint to "
         "resume from)")
+  if (_DAMAGE_NEWEST.value and
+      _INTERRUPT_AT.value < 2 * _CHECKPOINT_EVERY.value):
+    raise app.UsageError(
+        f"--damage_newest: --interrupt_at={_INTERRUPT_AT.value} must be at "
+        f"least twice --checkpoint_every={_CHECKPOINT_EVERY.value} (a save "
+        "before the damaged one)")
   from genre_jax.logs import json_line  # pylint: disable=g-import-not-at-top
 
   # A bad --preset or --set fails here, in one line, before any launch.

@@ -25,6 +25,8 @@ import threading
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 from genre_jax.errors import ConfigError
@@ -195,19 +197,38 @@ def _reason(error: BaseException) -> str:
   return text if len(text) <= 200 else text[:197] + "..."
 
 
+def _on_every_process(ok: bool) -> bool:
+  """Whether `ok` holds on every process of the run (a collective: each
+  process must call it, in the same order)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def move_aside(manager, step: int) -> str:
   """Moves a damaged save of `manager` to checkpoints/damaged/ (kept for
-  inspection, never listed again); returns where it went."""
+  inspection, never listed again); returns where it went.
+
+  Each process of a multi-process run calls it; process 0 alone moves the
+  folder, between two barriers, so that the processes name the same target
+  and none lists the save again before it is gone.
+  """
   folder = os.path.join(os.fspath(manager.directory), str(step))
   damaged = os.path.join(os.path.dirname(os.fspath(manager.directory)),
                          "damaged")
-  os.makedirs(damaged, exist_ok=True)
   name = f"{os.path.basename(os.fspath(manager.directory))}-{step}"
   target, n = os.path.join(damaged, name), 1
   while os.path.exists(target):
     n += 1
     target = os.path.join(damaged, f"{name}.{n}")
-  shutil.move(folder, target)
+  several = jax.process_count() > 1
+  if several:
+    multihost_utils.sync_global_devices(f"damaged save {folder}: named")
+  if jax.process_index() == 0:
+    os.makedirs(damaged, exist_ok=True)
+    shutil.move(folder, target)
+  if several:
+    multihost_utils.sync_global_devices(f"damaged save {folder}: moved")
   manager.reload()
   return target
 
@@ -220,23 +241,30 @@ def newest_intact(managers, read):
   A save that fails to read (any error but a ConfigError, which says the
   save is intact but of another model) is reported in one warning line and
   moved to checkpoints/damaged/. Raises CheckpointDamagedError when saves
-  exist but none reads.
+  exist but none reads. In a multi-process run a save counts as read only
+  when every process read it, so all resume from the same one.
   """
   failures = []
   for manager in managers:
     for step in sorted(manager.all_steps(), reverse=True):
+      error, result = None, None
       try:
         with _library_noise_held():
-          return read(manager, step)
+          result = read(manager, step)
       except ConfigError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        where = os.path.join(os.fspath(manager.directory), str(step))
-        failures.append(f"{where} ({_reason(e)})")
-        target = move_aside(manager, step)
-        logging.warning("Checkpoint %s is damaged and cannot be read (%s); "
-                        "moved it to %s and trying the previous one.", where,
-                        _reason(e), target)
+        error = e
+      if _on_every_process(error is None):
+        return result
+      where = os.path.join(os.fspath(manager.directory), str(step))
+      reason = ("read here, but not by another process of this run"
+                if error is None else _reason(error))
+      failures.append(f"{where} ({reason})")
+      target = move_aside(manager, step)
+      logging.warning("Checkpoint %s is damaged and cannot be read (%s); "
+                      "moved it to %s and trying the previous one.", where,
+                      reason, target)
   if failures:
     raise CheckpointDamagedError(
         f"no checkpoint of this run can be read: {'; '.join(failures)} (now "
