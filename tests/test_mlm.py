@@ -270,3 +270,63 @@ def test_recommender_accumulation_in_a_pretraining_run_is_a_config_error(
   with pytest.raises(ConfigError, match=r"config\.train\.accumulate_steps=4:"
                      r".*config\.pretrain\.accumulate_steps"):
     pretrain_lib.pretrain(config, str(tmp_path / "run"), dataset=object())
+
+
+@pytest.mark.slow
+def test_run_py_pretrains_with_accumulation_then_a_recommender_starts_from_it(
+    tmp_path):
+  # The README's two commands, tiny: run.py --mode=pretrain (two batches per
+  # update), the same command again (finished: its recorded summary), then
+  # bert_nrms with lm.init = that workdir through train and eval; a
+  # recommender workdir as lm.init is one error line.
+  import json
+  import subprocess
+  import sys
+
+  from tests.helpers import ROOT, shrink_flags
+
+  _pretraining_setup(tmp_path)  # the tiny BERT directory and its tokenizer
+  model_dir, data_dir = tmp_path / "model", tmp_path / "data"
+  common = [f"--config.model.lm.path={model_dir}",
+            "--config.model.lm.max_len=16", *shrink_flags(data_dir)]
+
+  def run_py(*args):
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args],
+                          capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+
+  pretrain = ["--mode=pretrain", "--config=configs/mlm_minilm.py",
+              f"--workdir={tmp_path / 'mlm'}", *common,
+              "--config.pretrain.steps=4", "--config.pretrain.batch_size=4",
+              "--config.pretrain.accumulate_steps=2",
+              "--config.pretrain.warmup_steps=0",
+              "--config.pretrain.checkpoint_every=2",
+              "--config.pretrain.log_every=1"]
+  first = run_py(*pretrain)
+  assert first.returncode == 0, first.stderr[-3000:]
+  summary = json.loads(first.stdout.strip().splitlines()[-1])
+  assert summary["steps"] == 4 and np.isfinite(summary["last_loss"])
+  again = run_py(*pretrain)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads(again.stdout.strip().splitlines()[-1]) == summary
+
+  rec = tmp_path / "bert_nrms"
+  common.append("--config.model.lm.tune_from=1")  # the tiny BERT has 2
+  train = run_py("--config=configs/bert_nrms.py", f"--workdir={rec}", *common,
+                 f"--config.model.lm.init={tmp_path / 'mlm'}",
+                 f"--config.model.lm.cache_dir={tmp_path / 'cache'}",
+                 "--config.train.max_steps=2")
+  assert train.returncode == 0, train.stderr[-3000:]
+  evaluated = run_py("--mode=eval", f"--workdir={rec}", "--split=test")
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert np.isfinite(json.loads(
+      evaluated.stdout.strip().splitlines()[-1])["auc"])
+
+  wrong = run_py("--config=configs/bert_nrms.py",
+                 f"--workdir={tmp_path / 'wrong'}", *common,
+                 f"--config.model.lm.init={rec}")
+  assert wrong.returncode == 2, wrong.stderr[-3000:]
+  assert "Traceback" not in wrong.stderr
+  errors = [l for l in wrong.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "not a masked-LM pretraining workdir" in (
+      errors[0]), wrong.stderr[-3000:]
