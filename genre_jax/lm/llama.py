@@ -227,6 +227,17 @@ class KVCache:
   mask: jax.Array  # [B, S] bool.
   index: jax.Array  # [] int32: the next slot to write.
 
+  @classmethod
+  def empty(cls, batch: int, max_len: int, num_layers: int, num_heads: int,
+            head_dim: int, dtype) -> "KVCache":
+    """No token cached yet: `num_layers` zero key and value arrays."""
+    shape = (batch, max_len, num_heads, head_dim)
+    return cls(
+        keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+        values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+        mask=jnp.zeros((batch, max_len), bool),
+        index=jnp.zeros((), jnp.int32))
+
   @property
   def max_len(self) -> int:
     return self.mask.shape[1]
@@ -243,6 +254,29 @@ class KVCache:
     if index + length > self.max_len:
       raise ValueError(f"cache overflow: {index} tokens cached + {length} new "
                        f"> max_len {self.max_len}")
+
+  def slots_for(self, input_ids: jax.Array, mask: jax.Array | None
+               ) -> tuple[jax.Array, jax.Array]:
+    """Where a decoder step's T new tokens go: (the cache's mask with theirs
+    written at slots index..index+T-1 [B, S], those slots [T]).
+
+    `mask` [B, T] is True on real tokens (None: all real); raises ValueError
+    when they would overflow the cache (see check_room).
+    """
+    batch, length = input_ids.shape
+    if mask is None:
+      mask = jnp.ones((batch, length), bool)
+    self.check_room(length)
+    cache_mask = jax.lax.dynamic_update_slice(
+        self.mask, jnp.asarray(mask).astype(bool), (0, self.index))  # [B, S]
+    return cache_mask, self.index + jnp.arange(length)
+
+  def advanced(self, keys, values, cache_mask: jax.Array,
+               length: int) -> "KVCache":
+    """The cache after a step of `length` new tokens: every layer's updated
+    keys and values, the mask from `slots_for`, the write slot past them."""
+    return KVCache(keys=tuple(keys), values=tuple(values), mask=cache_mask,
+                   index=self.index + length)
 
 
 class LlamaDecoder(nnx.Module):
@@ -348,14 +382,9 @@ class LlamaDecoder(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` tokens."""
-    dtype = self.dtype if dtype is None else dtype
     cfg = self.config
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(
-        keys=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-        values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-        mask=jnp.zeros((batch, max_len), bool),
-        index=jnp.zeros((), jnp.int32))
+    return KVCache.empty(batch, max_len, cfg.num_layers, cfg.num_kv_heads,
+                         cfg.head_dim, self.dtype if dtype is None else dtype)
 
   def step(self, input_ids: jax.Array, cache: KVCache, positions: jax.Array,
            mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -377,14 +406,7 @@ class LlamaDecoder(nnx.Module):
     Returns:
       Logits [B, T, V] and the updated cache.
     """
-    batch, length = input_ids.shape
-    if mask is None:
-      mask = jnp.ones((batch, length), bool)
-    mask = jnp.asarray(mask).astype(bool)
-    cache.check_room(length)
-    cache_mask = jax.lax.dynamic_update_slice(cache.mask, mask,
-                                              (0, cache.index))  # [B, S]
-    query_slots = cache.index + jnp.arange(length)  # [T]
+    cache_mask, query_slots = cache.slots_for(input_ids, mask)  # [B, S], [T]
     masks = self._masks(query_slots, jnp.arange(cache.max_len), cache_mask,
                         range(self.num_layers))  # Each [B, 1, T, S].
     hidden = self.embed(input_ids)  # [B, T, D]
@@ -396,8 +418,7 @@ class LlamaDecoder(nnx.Module):
                              (cache.keys[i], cache.values[i], cache.index))
       keys.append(k)
       values.append(v)
-    new_cache = KVCache(keys=tuple(keys), values=tuple(values),
-                        mask=cache_mask, index=cache.index + length)
+    new_cache = cache.advanced(keys, values, cache_mask, input_ids.shape[1])
     return self.logits(self.norm(hidden)), new_cache
 
 

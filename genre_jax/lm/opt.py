@@ -325,13 +325,8 @@ class OptDecoder(nnx.Module):
     if max_len > cfg.max_position_embeddings:
       raise ValueError(f"a cache of {max_len} tokens exceeds OPT's "
                        f"max_position_embeddings {cfg.max_position_embeddings}")
-    dtype = self.dtype if dtype is None else dtype
-    shape = (batch, max_len, cfg.num_heads, cfg.head_dim)
-    return KVCache(
-        keys=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-        values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-        mask=jnp.zeros((batch, max_len), bool),
-        index=jnp.zeros((), jnp.int32))
+    return KVCache.empty(batch, max_len, cfg.num_layers, cfg.num_heads,
+                         cfg.head_dim, self.dtype if dtype is None else dtype)
 
   def step(self, input_ids: jax.Array, cache: KVCache, positions: jax.Array,
            mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -354,15 +349,8 @@ class OptDecoder(nnx.Module):
     Returns:
       Logits [B, T, V] and the updated cache.
     """
-    batch, length = input_ids.shape
-    if mask is None:
-      mask = jnp.ones((batch, length), bool)
-    mask = jnp.asarray(mask).astype(bool)
-    cache.check_room(length)
+    cache_mask, query_slots = cache.slots_for(input_ids, mask)  # [B, S], [T]
     slots = jnp.arange(cache.max_len)  # [S]
-    cache_mask = jax.lax.dynamic_update_slice(cache.mask, mask,
-                                              (0, cache.index))  # [B, S]
-    query_slots = cache.index + jnp.arange(length)  # [T]
     causal = slots[None, :] <= query_slots[:, None]  # [T, S]
     attend = causal[None, None] & cache_mask[:, None, None, :]  # [B, 1, T, S]
     hidden = self.embed(input_ids, positions=positions)  # [B, T, D]
@@ -372,8 +360,7 @@ class OptDecoder(nnx.Module):
                              (cache.keys[i], cache.values[i], cache.index))
       keys.append(k)
       values.append(v)
-    new_cache = KVCache(keys=tuple(keys), values=tuple(values),
-                        mask=cache_mask, index=cache.index + length)
+    new_cache = cache.advanced(keys, values, cache_mask, input_ids.shape[1])
     return self.logits(self._project_out(self.final_norm(hidden))), new_cache
 
 
