@@ -115,6 +115,20 @@ class RMSNorm(nnx.Module):
     return self.weight[...] * h.astype(x.dtype)
 
 
+def write_to_cache(k: jax.Array, v: jax.Array, cache):
+  """(keys, values, updated) for attention: with a layer's cache (keys
+  [B, S, K, H], values [B, S, K, H], index []) the new k, v [B, T, K, H]
+  written at slots index..index+T-1, the whole cache attended to and
+  returned as updated; without one, k and v themselves and None."""
+  if cache is None:
+    return k, v, None
+  keys, values, index = cache
+  start = (0, index, 0, 0)
+  k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
+  v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
+  return k, v, (k, v)
+
+
 class LlamaAttention(nnx.Module):
   """Rotary self-attention with `num_kv_heads` shared key/value heads."""
 
@@ -164,13 +178,7 @@ class LlamaAttention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
-    updated = None
-    if cache is not None:
-      keys, values, index = cache
-      start = (0, index, 0, 0)
-      k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
-      v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
-      updated = (k, v)
+    k, v, updated = write_to_cache(k, v, cache)
     # Grouped-query attention: jax broadcasts each K/V head over N/K queries.
     y = jax.nn.dot_product_attention(
         q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)  # [B, T, N, H]

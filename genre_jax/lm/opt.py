@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from genre_jax.errors import DataFormatError
 from genre_jax.lm import hf
 from genre_jax.lm.attention import same_segment
-from genre_jax.lm.llama import KVCache
+from genre_jax.lm.llama import KVCache, write_to_cache
 
 MODEL_TYPES = ("opt",)
 POSITION_OFFSET = 2  # HF OPTLearnedPositionalEmbedding.offset
@@ -163,13 +163,7 @@ class OptAttention(nnx.Module):
          ).reshape(heads)
     k = self.k_proj(x).reshape(heads)
     v = self.v_proj(x).reshape(heads)
-    updated = None
-    if cache is not None:
-      keys, values, index = cache
-      start = (0, index, 0, 0)
-      k = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), start)
-      v = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), start)
-      updated = (k, v)
+    k, v, updated = write_to_cache(k, v, cache)
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     if self.attention_dropout.deterministic or not self.attention_dropout.rate:
       y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)
