@@ -26,7 +26,6 @@ from genre_jax import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-_SENTENCES = tiny_lms.SENTENCES
 CAUSAL_LM_CLASSES = tiny_lms.CAUSAL_LM_CLASSES
 build_tiny_causal_lm = tiny_lms.build_tiny_causal_lm
 build_tiny_opt = tiny_lms.build_tiny_opt
@@ -115,29 +114,9 @@ def imported_modules(stderr: str) -> set[str]:
 
 
 def build_tiny_llama(model_dir: pathlib.Path) -> pathlib.Path:
-  """Saves a tiny random LlamaForCausalLM and a WordLevel tokenizer.json."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(
-      unk_token="<unk>"))
-  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-  trainer = tokenizers.trainers.WordLevelTrainer(
-      special_tokens=["<pad>", "<s>", "</s>", "<unk>"])
-  tokenizer.train_from_iterator(_SENTENCES, trainer)
-  tokenizer.post_processor = tokenizers.processors.TemplateProcessing(
-      single="<s> $A", special_tokens=[("<s>", 1)])
-  torch.manual_seed(0)
-  config = transformers.LlamaConfig(
-      vocab_size=tokenizer.get_vocab_size(), hidden_size=32,
-      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-      intermediate_size=64,
-      max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
-      eos_token_id=2, tie_word_embeddings=False)
-  model = transformers.LlamaForCausalLM(config).eval()
-  model.save_pretrained(model_dir, safe_serialization=True)
-  tokenizer.save(str(model_dir / "tokenizer.json"))
-  return model_dir
+  """Saves a tiny random LlamaForCausalLM and a WordLevel tokenizer.json
+  (experiments/tiny_lms.py, transformers' initialisation)."""
+  return tiny_lms.build_tiny_causal_lm(model_dir, "llama")
 
 
 class FakeServer:
