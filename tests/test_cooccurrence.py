@@ -90,3 +90,31 @@ def test_more_dimensions_than_the_rank_are_zero_padded():
   assert not vectors[:, 5:].any()  # 5 users: rank 5
   np.testing.assert_allclose(vectors @ vectors.T, _reference(train, 30, 5),
                              atol=2e-5)
+
+
+def test_cached_vectors_are_computed_once_per_train_split_and_dim(
+    tmp_path, monkeypatch):
+  rng = np.random.default_rng(2)
+  train = _behaviors(rng, 30, 40, 120)
+  other = _behaviors(rng, 30, 40, 120)
+  first = cooccurrence.cached_spectral_item_vectors(train, 40, 6, tmp_path)
+  np.testing.assert_array_equal(
+      first, cooccurrence.spectral_item_vectors(train, 40, 6))
+  assert [p.name.startswith("spectral6_") for p in tmp_path.iterdir()] == [
+      True]
+
+  def not_again(*args):
+    raise AssertionError(f"computed again: {args[1:]}")
+
+  real = cooccurrence.spectral_item_vectors
+  monkeypatch.setattr(cooccurrence, "spectral_item_vectors", not_again)
+  np.testing.assert_array_equal(
+      cooccurrence.cached_spectral_item_vectors(train, 40, 6, tmp_path), first)
+  # Another split or another dim is another file.
+  monkeypatch.setattr(cooccurrence, "spectral_item_vectors", real)
+  np.testing.assert_array_equal(
+      cooccurrence.cached_spectral_item_vectors(other, 40, 6, tmp_path),
+      real(other, 40, 6))
+  assert cooccurrence.cached_spectral_item_vectors(
+      train, 40, 4, tmp_path).shape == (41, 4)
+  assert len(list(tmp_path.iterdir())) == 3

@@ -157,7 +157,9 @@ def test_spectral_features_are_the_train_splits_and_train_end_to_end(
   assert kernel.shape == (8, config.model.hidden_dim) and np.abs(kernel).sum()
   evaluated = run("--mode=eval", f"--workdir={workdir}", "--split=test")
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  # The features are rebuilt from the train split: the same scores.
+  # The features come back from their cache (same train split): the same
+  # scores.
+  assert "Spectral co-occurrence cache hit" in evaluated.stderr
   assert json.loads(evaluated.stdout.strip().splitlines()[-1])[
       "auc"] == pytest.approx(final["test"]["all"]["auc"], abs=1e-6)
   user = dataset.user_vocab[1]

@@ -5,13 +5,15 @@ that cold items still score.
 
 With model.hybrid.spectral_dim = k > 0 an item's identity vector also holds a
 learnt linear map of its k spectral co-occurrence dimensions
-(data/cooccurrence.py, computed from the train split whenever the inputs are
-built): collaborative structure a table learns slowly from next-item clicks.
+(data/cooccurrence.py, computed from the train split once and cached under
+data.data_dir): collaborative structure a table learns slowly from
+next-item clicks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +37,13 @@ def spectral_dim(config: ml_collections.ConfigDict) -> int:
   return int(config.model.hybrid.get("spectral_dim", 0))
 
 
+def spectral_cache_dir(config: ml_collections.ConfigDict) -> str:
+  """Where the spectral vectors are kept: beside the prepared data (they
+  depend on the train split only, not on the run)."""
+  return os.path.join(os.path.expanduser(config.data.data_dir),
+                      "cooccurrence_cache")
+
+
 def identity_inputs(config: ml_collections.ConfigDict,
                     dataset: Dataset) -> dict[str, np.ndarray]:
   """Each item's row and whether training ever shows it ([N+1, 1] each), and
@@ -54,8 +63,8 @@ def identity_inputs(config: ml_collections.ConfigDict,
       raise ConfigError(f"config.model.hybrid.spectral_dim={k}: the "
                         "co-occurrence vectors come from the train split, "
                         "which this dataset does not have")
-    inputs[SPECTRAL_FIELD] = cooccurrence.spectral_item_vectors(
-        dataset.splits["train"], items.num_items, k)
+    inputs[SPECTRAL_FIELD] = cooccurrence.cached_spectral_item_vectors(
+        dataset.splits["train"], items.num_items, k, spectral_cache_dir(config))
   return inputs
 
 
