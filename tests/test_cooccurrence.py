@@ -118,3 +118,13 @@ def test_cached_vectors_are_computed_once_per_train_split_and_dim(
   assert cooccurrence.cached_spectral_item_vectors(
       train, 40, 4, tmp_path).shape == (41, 4)
   assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_a_damaged_cache_file_is_computed_again(tmp_path):
+  train = _behaviors(np.random.default_rng(3), 30, 40, 120)
+  want = cooccurrence.cached_spectral_item_vectors(train, 40, 6, tmp_path)
+  (path,) = tmp_path.iterdir()
+  path.write_bytes(path.read_bytes()[:100])  # truncated by a failing disk
+  np.testing.assert_array_equal(
+      cooccurrence.cached_spectral_item_vectors(train, 40, 6, tmp_path), want)
+  np.testing.assert_array_equal(np.load(path), want)  # rewritten whole
