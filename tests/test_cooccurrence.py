@@ -128,3 +128,12 @@ def test_a_damaged_cache_file_is_computed_again(tmp_path):
   np.testing.assert_array_equal(
       cooccurrence.cached_spectral_item_vectors(train, 40, 6, tmp_path), want)
   np.testing.assert_array_equal(np.load(path), want)  # rewritten whole
+
+
+def test_a_cache_folder_that_cannot_be_written_only_costs_time(tmp_path):
+  train = _behaviors(np.random.default_rng(4), 30, 40, 120)
+  blocked = tmp_path / "file"
+  blocked.write_text("")  # a file where the cache folder should be
+  np.testing.assert_array_equal(
+      cooccurrence.cached_spectral_item_vectors(train, 40, 6, blocked / "c"),
+      cooccurrence.spectral_item_vectors(train, 40, 6))

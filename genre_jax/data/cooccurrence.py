@@ -90,7 +90,8 @@ def cached_spectral_item_vectors(train: Behaviors, num_items: int, dim: int,
   """spectral_item_vectors, read from `cache_dir` when a finished file for
   the same (user, item) pairs, item count and `dim` is there, else computed
   and written there (atomically: an interrupted write leaves no file; a
-  file damaged later is computed and written again)."""
+  file damaged later is computed and written again; a folder that cannot
+  be written costs only the time)."""
   users, items = user_item_pairs(train)
   h = hashlib.sha256(f"v{_SPECTRAL_VERSION} items={num_items} dim={dim}"
                      .encode())
@@ -113,7 +114,11 @@ def cached_spectral_item_vectors(train: Behaviors, num_items: int, dim: int,
   logging.info("Computing %d spectral co-occurrence dimensions of %d items "
                "(cached at %s)", dim, num_items, path)
   vectors = spectral_item_vectors(train, num_items, dim)
-  with workdir_lib.atomic_output(path) as tmp:
-    with open(tmp, "xb") as f:
-      np.save(f, vectors)
+  try:
+    with workdir_lib.atomic_output(path) as tmp:
+      with open(tmp, "xb") as f:
+        np.save(f, vectors)
+  except OSError as e:  # a read-only or full data folder: only speed is lost
+    logging.warning("Spectral co-occurrence vectors not cached (%s); the "
+                    "next run computes them again", e)
   return vectors
